@@ -1,0 +1,184 @@
+"""A pure-functional Qwen2/Llama-style decoder block, the unit of calibration.
+
+``x -> x + Attn(RMSNorm(x)) -> h + SwiGLU(RMSNorm(h))`` with q/k/v biases (Qwen2) or none (Llama),
+grouped-query attention and rotary embeddings supplied from outside as ``(cos, sin)`` in the
+rotate-half convention (so 1-D RoPE and Qwen2.5-VL's M-RoPE are both just inputs).
+
+Block parameters (HF orientation, ``y = x @ w.T + b``)::
+
+    {"input_layernorm": {"scale": (d,)},
+     "q_proj": {"w": (H*hd, d), "b": (H*hd,)}, "k_proj": {...}, "v_proj": {...}, "o_proj": {"w": (d, H*hd)},
+     "post_attention_layernorm": {"scale": (d,)},
+     "gate_proj": {"w": (I, d)}, "up_proj": {"w": (I, d)}, "down_proj": {"w": (d, I)}}
+
+The seven linears form four groups that share an input (one activation quantizer each):
+``attn_in`` (q, k, v), ``attn_out`` (o), ``mlp_in`` (gate, up), ``mlp_out`` (down).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+GROUPS: dict[str, tuple[str, ...]] = {
+    "attn_in": ("q_proj", "k_proj", "v_proj"),
+    "attn_out": ("o_proj",),
+    "mlp_in": ("gate_proj", "up_proj"),
+    "mlp_out": ("down_proj",),
+}
+# The norm whose output feeds a group (where a diagonal scale can be folded), if any.
+GROUP_NORM = {"attn_in": "input_layernorm", "mlp_in": "post_attention_layernorm"}
+
+Linear = Callable[[str, jax.Array], dict[str, jax.Array]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class BlockConfig:
+    hidden: int
+    intermediate: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int | None = None
+    rms_eps: float = 1e-6
+    qkv_bias: bool = True
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        if self.head_dim is None:
+            if self.hidden % self.num_heads:
+                raise ValueError("hidden must be divisible by num_heads when head_dim is not given")
+            object.__setattr__(self, "head_dim", self.hidden // self.num_heads)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm computed in float32, cast back to ``x.dtype``."""
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+    h = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., h:], x[..., :h]], axis=-1)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """``x: (B, N, heads, hd)``, ``cos/sin: (B, N, hd)``."""
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention. ``q: (B, N, H, hd)``, ``k, v: (B, M, KV, hd)``, ``mask: (B, N, M)`` bool."""
+    b, n, h, hd = q.shape
+    kv = k.shape[2]
+    qg = q.reshape(b, n, kv, h // kv, hd)
+    s = jnp.einsum("bnkgd,bmkd->bkgnm", qg, k).astype(jnp.float32) / jnp.sqrt(jnp.float32(hd))
+    s = jnp.where(mask[:, None, None, :, :], s, jnp.finfo(jnp.float32).min)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    o = jnp.einsum("bkgnm,bmkd->bnkgd", p, v)
+    return o.reshape(b, n, h * hd)
+
+
+def dense_linear(params: dict[str, Any]) -> Linear:
+    """Full-precision group application from block parameters."""
+
+    def linear(group: str, x: jax.Array) -> dict[str, jax.Array]:
+        out = {}
+        for name in GROUPS[group]:
+            y = x @ params[name]["w"].T.astype(x.dtype)
+            if params[name].get("b") is not None:
+                y = y + params[name]["b"].astype(x.dtype)
+            out[name] = y
+        return out
+
+    return linear
+
+
+def block_forward(
+    norms: dict[str, Any],
+    linear: Linear,
+    x: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    mask: jax.Array,
+    cfg: BlockConfig,
+    *,
+    capture: dict[str, jax.Array] | None = None,
+) -> jax.Array:
+    """One decoder block. ``x: (B, N, d)`` -> ``(B, N, d)``.
+
+    Args:
+      norms: ``{"input_layernorm": {"scale"}, "post_attention_layernorm": {"scale"}}`` (block params
+        work as they are).
+      linear: ``linear(group, input) -> {name: output}`` (dense or quantized).
+      capture: if a dict, each group's input is stored in it (for statistics).
+    """
+    b, n, _ = x.shape
+    hd = cfg.head_dim
+
+    def run(group: str, inp: jax.Array) -> dict[str, jax.Array]:
+        if capture is not None:
+            capture[group] = inp
+        return linear(group, inp)
+
+    h = rms_norm(x, norms["input_layernorm"]["scale"], cfg.rms_eps)
+    qkv = run("attn_in", h)
+    q = apply_rope(qkv["q_proj"].reshape(b, n, cfg.num_heads, hd), cos, sin)
+    k = apply_rope(qkv["k_proj"].reshape(b, n, cfg.num_kv_heads, hd), cos, sin)
+    v = qkv["v_proj"].reshape(b, n, cfg.num_kv_heads, hd)
+    a = attention(q, k, v, mask)
+    x = x + run("attn_out", a)["o_proj"]
+    h = rms_norm(x, norms["post_attention_layernorm"]["scale"], cfg.rms_eps)
+    gu = run("mlp_in", h)
+    m = jax.nn.silu(gu["gate_proj"]) * gu["up_proj"]
+    return x + run("mlp_out", m)["down_proj"]
+
+
+def fp_block(params: dict[str, Any], x, cos, sin, mask, cfg: BlockConfig, capture=None) -> jax.Array:
+    """The full-precision block from its parameters."""
+    return block_forward(params, dense_linear(params), x, cos, sin, mask, cfg, capture=capture)
+
+
+def causal_mask(valid: jax.Array) -> jax.Array:
+    """``(B, N)`` bool (False = pad) -> ``(B, N, N)`` causal mask that never lets a query see pads.
+
+    Pad queries attend to themselves only, so their (ignored) outputs stay finite.
+    """
+    n = valid.shape[-1]
+    tri = jnp.tril(jnp.ones((n, n), bool))
+    m = tri[None] & valid[:, None, :]
+    return m | jnp.eye(n, dtype=bool)[None]
+
+
+def rope_1d(positions: jax.Array, head_dim: int, theta: float = 1e6) -> tuple[jax.Array, jax.Array]:
+    """Plain 1-D rotary tables ``(cos, sin)`` of shape ``(B, N, head_dim)`` for ``positions: (B, N)``."""
+    inv = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    ang = positions.astype(jnp.float32)[..., None] * inv
+    emb = jnp.concatenate([ang, ang], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def init_block_params(key: jax.Array, cfg: BlockConfig, scale: float = 0.02) -> dict[str, Any]:
+    """Random block parameters of the layout above (tests, benchmarks)."""
+    d, i, hd = cfg.hidden, cfg.intermediate, cfg.head_dim
+    shapes = {
+        "q_proj": (cfg.num_heads * hd, d), "k_proj": (cfg.num_kv_heads * hd, d),
+        "v_proj": (cfg.num_kv_heads * hd, d), "o_proj": (d, cfg.num_heads * hd),
+        "gate_proj": (i, d), "up_proj": (i, d), "down_proj": (d, i),
+    }
+    keys = jax.random.split(key, 2 * len(shapes) + 2)
+    p: dict[str, Any] = {}
+    for j, (name, shp) in enumerate(sorted(shapes.items())):
+        p[name] = {"w": scale * jax.random.normal(keys[2 * j], shp, jnp.float32)}
+        if cfg.qkv_bias and name in ("q_proj", "k_proj", "v_proj"):
+            p[name]["b"] = scale * jax.random.normal(keys[2 * j + 1], (shp[0],), jnp.float32)
+    p["input_layernorm"] = {"scale": 1.0 + 0.1 * jax.random.normal(keys[-2], (d,), jnp.float32)}
+    p["post_attention_layernorm"] = {"scale": 1.0 + 0.1 * jax.random.normal(keys[-1], (d,), jnp.float32)}
+    return p

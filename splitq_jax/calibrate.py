@@ -1,0 +1,328 @@
+"""Per-block calibration (spec Eq. 3 and the recipe): statistics, initialisation, jitted training step.
+
+Flow for one block::
+
+    stats = collect_stats(block_params, data, bcfg)              # group inputs -> MOCD split, maxima
+    qparams, qconsts = init_qblock(key, block_params, stats, cfg, bcfg)
+    result = calibrate_block(block_params, data, cfg, bcfg, key=key)   # does all of the above + training
+
+``data`` is a :class:`BlockData`: the block inputs (full-precision or quantized outputs of the previous
+block), the full-precision targets, rotary tables, attention mask and per-token modality.
+Modality codes: 0 pad, 1 text, 2 vision, 3 text that is part of an answer (counts as text).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from splitq_jax import split_linear as sl
+from splitq_jax.block import GROUPS, BlockConfig, block_forward, fp_block
+from splitq_jax.config import MethodConfig
+
+PAD, TEXT, VISION, ANSWER = 0, 1, 2, 3
+Tree = dict[str, Any]
+
+
+class BlockData(NamedTuple):
+    """Calibration data of one block; leading axis = samples.
+
+    x: (S, N, d) block inputs; y: (S, N, d) full-precision targets; cos, sin: (S, N, hd);
+    mask: (S, N, N) bool attention mask; modality: (S, N) int codes.
+    """
+
+    x: jax.Array
+    y: jax.Array
+    cos: jax.Array
+    sin: jax.Array
+    mask: jax.Array
+    modality: jax.Array
+
+    def batch(self, start: int, size: int) -> "BlockData":
+        return BlockData(*(a[start:start + size] for a in self))
+
+
+@functools.lru_cache(maxsize=16)
+def _fp(bcfg: BlockConfig) -> Callable:
+    return jax.jit(lambda p, x, c, s, m: fp_block(p, x, c, s, m, bcfg))
+
+
+def make_block_data(block_params, x, cos, sin, mask, modality, bcfg: BlockConfig, x_quant=None) -> BlockData:
+    """Targets are the full-precision block applied to ``x``; the quantized block reads ``x_quant``
+    (the previous block's quantized output) when given, else ``x`` too."""
+    check_inputs(x, bcfg)
+    y = _fp(bcfg)(block_params, x, cos, sin, mask)
+    return BlockData(x if x_quant is None else x_quant, y, cos, sin, mask, jnp.asarray(modality, jnp.int32))
+
+
+def check_inputs(x: jax.Array, bcfg: BlockConfig) -> None:
+    if x.ndim != 3 or x.shape[-1] != bcfg.hidden:
+        raise ValueError(f"block inputs have shape {x.shape}; expected (samples, tokens, {bcfg.hidden})")
+    if not bool(jnp.all(jnp.isfinite(x))):
+        raise ValueError(
+            "calibration inputs contain NaN or inf; check the previous block's outputs or the "
+            "calibration data (a float16 overflow is a common cause: use float32 or bfloat16)"
+        )
+
+
+def text_mask_of(modality: jax.Array, cfg: MethodConfig) -> jax.Array:
+    """Tokens that count as text (MOCD's T set, MAC's token mask) under ``cfg.text_tokens``."""
+    if cfg.text_tokens == "answer":
+        return modality == ANSWER
+    return (modality == TEXT) | (modality == ANSWER)
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+
+
+@dataclass
+class GroupStats:
+    absmax: jax.Array  # (d,) max |X| over valid tokens
+    text_idx: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int32))
+    vision_idx: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int32))
+
+
+@functools.lru_cache(maxsize=16)
+def _capture(bcfg: BlockConfig) -> Callable:
+    @jax.jit
+    def capture(params, x, cos, sin, mask):
+        cap: dict[str, jax.Array] = {}
+        fp_block(params, x, cos, sin, mask, bcfg, capture=cap)
+        return cap
+
+    return capture
+
+
+def collect_stats(block_params: Tree, data: BlockData, cfg: MethodConfig, bcfg: BlockConfig,
+                  batch_size: int = 4) -> dict[str, GroupStats]:
+    """Run the full-precision block over ``data.x`` and derive, per group, the activation maxima and
+    the channel split chosen by ``cfg.selector`` from the raw group inputs (before any transform)."""
+
+    pooled: dict[str, list[np.ndarray]] = {g: [] for g in GROUPS}
+    s = data.x.shape[0]
+    mod = np.asarray(data.modality)
+    for i in range(0, s, batch_size):
+        cap = _capture(bcfg)(block_params, data.x[i:i + batch_size], data.cos[i:i + batch_size], data.sin[i:i + batch_size],
+                      data.mask[i:i + batch_size])
+        for g in GROUPS:
+            pooled[g].append(np.asarray(cap[g]).reshape(-1, cap[g].shape[-1]))
+    modality = mod.reshape(-1)
+    valid = modality != PAD
+    # MOCD sees text tokens according to the text-token choice; other non-vision tokens are ignored.
+    tmask = np.asarray(text_mask_of(jnp.asarray(modality), cfg))
+    codes = np.where(modality == VISION, 2, np.where(tmask, 1, 0)).astype(np.int32)
+    stats = {}
+    for g in GROUPS:
+        xs = np.concatenate(pooled[g])
+        st = GroupStats(absmax=jnp.asarray(np.max(np.abs(xs[valid]), axis=0)))
+        do_split = cfg.split and (g != "attn_out" or cfg.mocd_o_proj)
+        if do_split:
+            from splitq_jax import mocd
+
+            k_t, k_v = mocd.channel_counts(xs.shape[-1], cfg.text_ratio, cfg.vision_ratio)
+            sel = mocd.select_channels(
+                xs, codes, k_t=k_t, k_v=k_v, selector=cfg.selector, n_clusters=cfg.n_clusters,
+                instability=cfg.instability, seed=cfg.seed, max_text_tokens=8192,
+            )
+            st.text_idx = np.asarray(sel.text, np.int32)
+            st.vision_idx = np.asarray(sel.vision, np.int32)
+        stats[g] = st
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantized block
+
+
+def init_qblock(key: jax.Array, block_params: Tree, stats: dict[str, GroupStats], cfg: MethodConfig,
+                bcfg: BlockConfig) -> tuple[Tree, Tree]:
+    """``(qparams, qconsts)`` of the quantized block: one split group per entry of ``GROUPS``."""
+    qparams: Tree = {}
+    qconsts: Tree = {"norms": {k: block_params[k] for k in ("input_layernorm", "post_attention_layernorm")}}
+    for g, key_g in zip(GROUPS, jax.random.split(key, len(GROUPS))):
+        weights = {n: block_params[n] for n in GROUPS[g]}
+        st = stats[g]
+        qparams[g], qconsts[g] = sl.init_group(
+            key_g, weights, cfg, text_idx=st.text_idx, vision_idx=st.vision_idx, act_absmax=st.absmax
+        )
+    return qparams, qconsts
+
+
+def qblock_forward(qparams: Tree, qconsts: Tree, x, cos, sin, mask, modality, cfg: MethodConfig,
+                   bcfg: BlockConfig, *, quantize: bool = True) -> jax.Array:
+    """The quantized (fake-quant) block. Shapes as :func:`splitq_jax.block.block_forward`."""
+    tmask = text_mask_of(modality, cfg)
+
+    def linear(group: str, inp: jax.Array) -> dict[str, jax.Array]:
+        return sl.group_forward(qparams[group], qconsts[group], inp, tmask, cfg, quantize=quantize)
+
+    return block_forward(qconsts["norms"], linear, x, cos, sin, mask, bcfg)
+
+
+def token_weights(modality: jax.Array, cfg: MethodConfig) -> jax.Array:
+    """Per-token loss weights: 0 on pads, the modality weights elsewhere."""
+    w = jnp.where(modality == VISION, cfg.loss_vision_weight, cfg.loss_text_weight)
+    return jnp.where(modality == PAD, 0.0, w).astype(jnp.float32)
+
+
+def block_mse(out: jax.Array, target: jax.Array, modality: jax.Array, cfg: MethodConfig) -> jax.Array:
+    """Token-weighted mean squared error of the block output (mean over channels and tokens)."""
+    err = jnp.mean(jnp.square(out.astype(jnp.float32) - target.astype(jnp.float32)), axis=-1)
+    w = token_weights(modality, cfg)
+    return jnp.sum(err * w) / jnp.maximum(jnp.sum(w), 1e-12)
+
+
+def loss_fn(qparams: Tree, qconsts: Tree, batch: BlockData, cfg: MethodConfig, bcfg: BlockConfig) -> jax.Array:
+    out = qblock_forward(qparams, qconsts, batch.x, batch.cos, batch.sin, batch.mask, batch.modality, cfg, bcfg)
+    return block_mse(out, batch.y, batch.modality, cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimiser
+
+
+def param_labels(qparams: Tree, cfg: MethodConfig) -> Tree:
+    """Optimiser group of every leaf: ``"clip"`` (clipping logits), ``"main"`` or ``"frozen"``."""
+
+    def label(path, _leaf) -> str:
+        keys = [getattr(p, "key", None) for p in path]
+        last = keys[-1]
+        if any(isinstance(k, str) and k.endswith("clip") for k in keys):
+            return "clip" if cfg.learn_clip else "frozen"
+        if isinstance(last, str) and last.endswith("_gate"):
+            return "main" if cfg.learn_gates else "frozen"
+        if last == "c":
+            return "main" if cfg.learn_diag else "frozen"
+        if last in ("p1", "p2", "p"):
+            return "main" if cfg.learn_transform else "frozen"
+        raise AssertionError(f"unlabelled parameter {keys}")
+
+    return jax.tree_util.tree_map_with_path(label, qparams)
+
+
+def make_optimizer(cfg: MethodConfig, total_steps: int) -> optax.GradientTransformation:
+    """AdamW with cosine decay to ``final_lr_ratio * lr``; clipping logits at ``clip_lr``."""
+    steps = max(total_steps, 1)
+
+    def adamw(lr: float) -> optax.GradientTransformation:
+        sched = optax.cosine_decay_schedule(lr, steps, alpha=cfg.final_lr_ratio)
+        return optax.adamw(sched, weight_decay=cfg.weight_decay)
+
+    return optax.multi_transform(
+        {"main": adamw(cfg.lr), "clip": adamw(cfg.clip_lr), "frozen": optax.set_to_zero()},
+        functools.partial(param_labels, cfg=cfg),
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def make_step(cfg: MethodConfig, bcfg: BlockConfig, total_steps: int) -> tuple[optax.GradientTransformation, Callable]:
+    """The optimiser and one jitted calibration step
+    ``(qparams, opt_state, qconsts, batch) -> (qparams, opt_state, loss)`` (cached per configuration)."""
+    opt = make_optimizer(cfg, total_steps)
+
+    def objective(qparams, qconsts, batch):
+        loss = loss_fn(qparams, qconsts, batch, cfg, bcfg)
+        # FlatQuant divides by the detached loss: the gradient scale no longer depends on the
+        # block's output magnitude, which differs by orders of magnitude across depth.
+        scaled = loss / jax.lax.stop_gradient(loss) if cfg.normalize_loss else loss
+        return scaled, loss
+
+    @jax.jit
+    def step(qparams, opt_state, qconsts, batch):
+        (_, loss), grads = jax.value_and_grad(objective, has_aux=True)(qparams, qconsts, batch)
+        updates, opt_state = opt.update(grads, opt_state, qparams)
+        return optax.apply_updates(qparams, updates), opt_state, loss
+
+    return opt, step
+
+
+@functools.lru_cache(maxsize=64)
+def _eval_sums(cfg: MethodConfig, bcfg: BlockConfig, quantize: bool) -> Callable:
+    @jax.jit
+    def sums(qp, qc, b):
+        out = qblock_forward(qp, qc, b.x, b.cos, b.sin, b.mask, b.modality, cfg, bcfg, quantize=quantize)
+        err = jnp.mean(jnp.square(out.astype(jnp.float32) - b.y.astype(jnp.float32)), axis=-1)
+        w = token_weights(b.modality, cfg)
+        return jnp.sum(err * w), jnp.sum(w)
+
+    return sums
+
+
+def evaluate(qparams: Tree, qconsts: Tree, data: BlockData, cfg: MethodConfig, bcfg: BlockConfig,
+             batch_size: int = 4, quantize: bool = True) -> float:
+    """Token-weighted block MSE over all of ``data`` (the reported block loss)."""
+    sums = _eval_sums(cfg, bcfg, quantize)
+    num = den = 0.0
+    for i in range(0, data.x.shape[0], batch_size):
+        n_, d_ = sums(qparams, qconsts, data.batch(i, batch_size))
+        num, den = num + float(n_), den + float(d_)
+    return num / max(den, 1e-12)
+
+
+@dataclass
+class CalibResult:
+    qparams: Tree
+    qconsts: Tree
+    init_loss: float
+    final_loss: float
+    epoch_losses: list[float]
+    stats: dict[str, GroupStats]
+
+
+def calibrate_block(
+    block_params: Tree,
+    data: BlockData,
+    cfg: MethodConfig,
+    bcfg: BlockConfig,
+    *,
+    key: jax.Array | None = None,
+    stats: dict[str, GroupStats] | None = None,
+    epochs: int | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> CalibResult:
+    """Calibrate one block: statistics, initialisation, ``epochs`` passes of the jitted step.
+
+    Steps per epoch are ``samples // batch_size`` (FlatQuant), in a fixed order.
+    """
+    check_inputs(data.x, bcfg)
+    key = jax.random.PRNGKey(cfg.seed) if key is None else key
+    if stats is None:
+        stats = collect_stats(block_params, data, cfg, bcfg, batch_size=cfg.batch_size)
+    qparams, qconsts = init_qblock(key, block_params, stats, cfg, bcfg)
+    init_loss = evaluate(qparams, qconsts, data, cfg, bcfg, cfg.batch_size)
+    epochs = cfg.epochs if epochs is None else epochs
+    if not cfg.trains:
+        epochs = 0
+    s = data.x.shape[0]
+    bs = min(cfg.batch_size, s)
+    per_epoch = s // bs
+    epoch_losses: list[float] = []
+    if epochs > 0:
+        opt, step = make_step(cfg, bcfg, epochs * per_epoch)
+        opt_state = opt.init(qparams)
+        t = 0
+        for _ in range(epochs):
+            total = 0.0
+            for j in range(per_epoch):
+                qparams, opt_state, loss = step(qparams, opt_state, qconsts, data.batch(j * bs, bs))
+                lv = float(loss)
+                if not math.isfinite(lv):
+                    raise FloatingPointError(
+                        f"calibration loss became {lv} at step {t}; lower the learning rates "
+                        "(lr, clip_lr) or check the inputs"
+                    )
+                total += lv
+                t += 1
+                if on_step is not None:
+                    on_step(t, lv)
+            epoch_losses.append(total / per_epoch)
+    final_loss = evaluate(qparams, qconsts, data, cfg, bcfg, cfg.batch_size) if epochs else init_loss
+    return CalibResult(qparams, qconsts, init_loss, final_loss, epoch_losses, stats)

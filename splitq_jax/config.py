@@ -1,0 +1,169 @@
+"""Method configuration: every method is a setting of one engine.
+
+``rtn``, ``smoothquant``, ``flatquant`` and ``splitq`` are presets of :class:`MethodConfig`; every
+component and every [choice] point of ``splitq-method.md`` is a field, so any ablation is a
+``dataclasses.replace`` away. Names match the CLI flags and reports (``w4a4``, ``main`` / ``text`` /
+``vision`` channel groups, ``cws``, ``mac``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from splitq_jax.quant import check_bits
+
+METHODS = ("rtn", "smoothquant", "flatquant", "splitq")
+BIT_PRESETS = ("w4a8", "w4a4", "w3a3", "w3a2")
+SELECTORS = ("none", "mocd", "random", "text_max", "vision_max", "all_max", "all_mean")
+
+
+class ConfigError(ValueError):
+    """An invalid method configuration."""
+
+
+def parse_bits(spec: str) -> tuple[int | None, int | None]:
+    """``"w4a8"`` -> ``(4, 8)``; ``"w16a16"`` means float (``(None, None)``)."""
+    m = re.fullmatch(r"w(\d+)a(\d+)", spec.strip().lower())
+    if not m:
+        raise ConfigError(f"bit width {spec!r} is not of the form wXaY (e.g. w4a4, w3a3, w4a8)")
+    w, a = (None if int(v) >= 16 else int(v) for v in m.groups())
+    check_bits(w)
+    check_bits(a)
+    return w, a
+
+
+@dataclass(frozen=True, kw_only=True)
+class MethodConfig:
+    method: str = "splitq"
+
+    # --- bit widths (None: that quantizer is off) -------------------------------------------
+    w_bits: int | None = 4
+    a_bits: int | None = 4
+    w_symmetric: bool = True
+    a_symmetric: bool = True
+    w_group_size: int | None = None
+
+    # --- main-path transform (Eq. 2, 15) ------------------------------------------------------
+    transform: bool = True  # Kronecker transform on the main path
+    rotation_init: str = "random"  # "random" orthogonal factors or "identity"
+    diag_init: str = "smooth"  # "smooth" (SmoothQuant-style c) or "ones"
+    smooth_alpha: float = 0.3
+    learn_transform: bool = True  # train P1, P2
+    learn_diag: bool = True  # train c
+    learn_clip: bool = True  # train weight/activation clipping logits
+
+    # --- channel split, MOCD (Eq. 4-14) -------------------------------------------------------
+    selector: str = "mocd"  # one of SELECTORS; "none" = no split
+    text_ratio: float = 0.02
+    vision_ratio: float = 0.02
+    n_clusters: int = 3  # K of Eq. 10
+    instability: str = "kmeans"  # [choice] "kmeans" (Eq. 10) or "variance"
+    outlier_init: str = "identity"  # [choice] P_t / P_v start: "identity" or "random"
+    main_path: str = "masked"  # [choice] "masked" (full width, zeroed columns) or "gathered"
+    mocd_o_proj: bool = False  # [choice] split o_proj's input too
+    text_tokens: str = "non_vision"  # [choice] "non_vision" or "answer" (answer tokens only)
+
+    # --- ACC (Eq. 16-21) ------------------------------------------------------------------------
+    cws: bool = True
+    mac: bool = True
+    cws_ratio: float = 0.02
+    mac_ratio: float = 0.03
+    mac_gate_init: float = 0.0  # [choice]
+    learn_gates: bool = True  # False = frozen SVD branches (paper A.2 ablation)
+    svd_of: str = "weight"  # [choice] SVD of W_m ("weight", Eq. 20) or of P0^-1 W_m ("transformed")
+
+    # --- calibration recipe -------------------------------------------------------------------
+    epochs: int = 15
+    batch_size: int = 4
+    lr: float = 5e-3  # transforms, scales, gates
+    clip_lr: float = 5e-2  # clipping logits
+    weight_decay: float = 0.01
+    final_lr_ratio: float = 1e-3
+    normalize_loss: bool = True  # FlatQuant: loss / stop_gradient(loss)
+    loss_text_weight: float = 1.0  # [choice] per-token modality weights of the block MSE
+    loss_vision_weight: float = 1.0
+    block_inputs: str = "fp"  # [choice] "fp" or "quantized" outputs of the previous block
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_bits(self.w_bits)
+        check_bits(self.a_bits)
+        _one_of("method", self.method, METHODS)
+        _one_of("selector", self.selector, SELECTORS)
+        _one_of("rotation_init", self.rotation_init, ("random", "identity"))
+        _one_of("diag_init", self.diag_init, ("smooth", "ones"))
+        _one_of("instability", self.instability, ("kmeans", "variance"))
+        _one_of("outlier_init", self.outlier_init, ("identity", "random"))
+        _one_of("main_path", self.main_path, ("masked", "gathered"))
+        _one_of("text_tokens", self.text_tokens, ("non_vision", "answer"))
+        _one_of("svd_of", self.svd_of, ("weight", "transformed"))
+        _one_of("block_inputs", self.block_inputs, ("fp", "quantized"))
+        for name in ("text_ratio", "vision_ratio", "cws_ratio", "mac_ratio"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                raise ConfigError(f"{name}={v} must lie in [0, 1)")
+        if self.text_ratio + self.vision_ratio >= 1.0:
+            raise ConfigError(
+                f"text_ratio + vision_ratio = {self.text_ratio + self.vision_ratio} leaves no main "
+                "channels; keep their sum well below 1 (the paper uses 0.02 each)"
+            )
+        if self.n_clusters < 1:
+            raise ConfigError(f"n_clusters must be >= 1, got {self.n_clusters}")
+        if self.epochs < 0 or self.batch_size < 1:
+            raise ConfigError("epochs must be >= 0 and batch_size >= 1")
+
+    @property
+    def bits(self) -> str:
+        return f"w{self.w_bits or 16}a{self.a_bits or 16}"
+
+    @property
+    def split(self) -> bool:
+        return self.selector != "none"
+
+    @property
+    def trains(self) -> bool:
+        """Whether anything is learned (rtn and smoothquant are closed-form)."""
+        return self.epochs > 0 and (
+            (self.transform and (self.learn_transform or self.learn_diag))
+            or self.learn_clip
+            or ((self.cws or self.mac) and self.learn_gates)
+        )
+
+    def replace(self, **kw: Any) -> "MethodConfig":
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"unknown {name} {value!r}: choose one of {', '.join(allowed)}")
+
+
+def method_config(method: str, bits: str = "w4a4", **overrides: Any) -> MethodConfig:
+    """The preset of ``method`` at ``bits``, with ``overrides`` applied.
+
+    * ``rtn``: round-to-nearest, no transform, nothing learned.
+    * ``smoothquant``: SmoothQuant channel scales (alpha 0.5), no rotation, nothing learned.
+    * ``flatquant``: learned Kronecker transform + clipping; no split, no branches.
+    * ``splitq``: FlatQuant + MOCD split + CWS + MAC (paper defaults; W3A2 uses larger ranks).
+    """
+    _one_of("method", method, METHODS)
+    w, a = parse_bits(bits)
+    base: dict[str, Any] = dict(method=method, w_bits=w, a_bits=a)
+    if method in ("rtn", "smoothquant"):
+        base.update(
+            transform=method == "smoothquant", rotation_init="identity", diag_init="smooth",
+            smooth_alpha=0.5, learn_transform=False, learn_diag=False, learn_clip=False,
+            selector="none", cws=False, mac=False, epochs=0,
+        )
+    elif method == "flatquant":
+        base.update(selector="none", cws=False, mac=False)
+    elif method == "splitq" and (w, a) == (3, 2):
+        base.update(cws_ratio=0.03, mac_ratio=0.05)
+    base.update(overrides)
+    return MethodConfig(**base)

@@ -1,0 +1,281 @@
+"""The split linear layer (spec Eq. 6, 13-21) for a *group* of linears sharing one input.
+
+Layers that read the same activation (q/k/v; gate/up) share the channel split, the main transform
+and the activation quantizer, so the activation is transformed and quantized once; each weight has
+its own clipping, outlier weights and ACC branches.
+
+For input ``X: (..., N, d)`` and each weight ``W: (d_out, d)``::
+
+    Y = Y_main + Y_text + Y_vision + b
+    Y_main   = Q(X_m P) Q(R)^T  +  Q(Q(X_m P) L1) Q(L2)  +  [text tokens] Q(Q(X_m P) L3) Q(L4)
+    R        = P^-1 W_m^T - L1 L2                       (recomputed from the current P, g_c)
+    L1 = P^-1 U_r diag(g_c), L2 = S_r V_r^T             (CWS, Eq. 16, 17, 21; g_c starts at 1)
+    L3 = P^-1 U_r' diag(g_t), L4 = S_r' V_r'^T          (MAC, Eq. 18, 19, 21; g_t starts at 0)
+    Y_text   = Q(X_t P_t) Q(P_t^-1 W_t^T)               (Eq. 13, at max(b, 4) bits)
+    Y_vision = Q(X_v P_v) Q(P_v^-1 W_v^T)               (Eq. 14, at max(b, 4) bits)
+
+With every quantizer off this equals ``X W^T + b`` exactly (Eq. 6 and the telescoping of R), which the
+tests check to float32 round-off.
+
+State is split in two pytrees: ``params`` (what training may change) and ``consts`` (weights, channel
+indices, SVD bases). Weights are kept in the ``(d_out, d)`` orientation; ``P^-1 W^T`` appears as its
+transpose ``W P^-T``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from splitq_jax import transforms as tf
+from splitq_jax.config import MethodConfig
+from splitq_jax.quant import aux_bits, fake_quant, init_clip
+
+Tree = dict[str, Any]
+
+
+class Bits(NamedTuple):
+    """Resolved bit widths of one forward pass; ``None`` entries are off."""
+
+    w: int | None
+    a: int | None
+    aux_w: int | None
+    aux_a: int | None
+
+    @classmethod
+    def of(cls, cfg: MethodConfig, quantize: bool = True) -> "Bits":
+        if not quantize:
+            return cls(None, None, None, None)
+        return cls(cfg.w_bits, cfg.a_bits, aux_bits(cfg.w_bits), aux_bits(cfg.a_bits))
+
+
+def rank_of(ratio: float, d_in: int, d_out: int) -> int:
+    """Branch rank ``ceil(ratio * min(d_in, d_out))`` (0 when the ratio is 0)."""
+    return int(math.ceil(ratio * min(d_in, d_out))) if ratio > 0 else 0
+
+
+def _svd_top(w_rows: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``r`` SVD of ``W^T`` for ``W: (d_out, d)``: ``U_r: (d, r)`` and ``S_r V_r^T: (r, d_out)``."""
+    u, s, vt = np.linalg.svd(np.asarray(w_rows, np.float64).T, full_matrices=False)
+    return u[:, :r].astype(np.float32), (s[:r, None] * vt[:r]).astype(np.float32)
+
+
+def init_group(
+    key: jax.Array,
+    weights: Mapping[str, Mapping[str, jax.Array]],
+    cfg: MethodConfig,
+    *,
+    text_idx: np.ndarray | None = None,
+    vision_idx: np.ndarray | None = None,
+    act_absmax: jax.Array | None = None,
+) -> tuple[Tree, Tree]:
+    """Build ``(params, consts)`` for a group of linears sharing an input of width ``d``.
+
+    Args:
+      weights: ``{name: {"w": (d_out, d), "b": (d_out,) optional}}``.
+      text_idx, vision_idx: outlier channel indices (Eq. 8, 11); None or empty = no such group.
+      act_absmax: ``(d,)`` per-channel max |X| over calibration data, for the SmoothQuant-style
+        initial diagonal (ignored with ``diag_init="ones"``).
+    """
+    names = sorted(weights)
+    d = int(weights[names[0]]["w"].shape[1])
+    for n in names:
+        if weights[n]["w"].ndim != 2 or weights[n]["w"].shape[1] != d:
+            raise ValueError(
+                f"weight {n!r} has shape {weights[n]['w'].shape}; every weight of a group must be "
+                f"(d_out, {d}) because they share one input"
+            )
+    text_idx = np.asarray([] if text_idx is None else text_idx, np.int32)
+    vision_idx = np.asarray([] if vision_idx is None else vision_idx, np.int32)
+    outliers = np.concatenate([text_idx, vision_idx])
+    if outliers.size and (outliers.min() < 0 or outliers.max() >= d):
+        raise ValueError(f"outlier channel index out of range for input width {d}")
+    if np.unique(outliers).size != outliers.size:
+        raise ValueError("text and vision outlier channels must be disjoint and unique")
+    main_mask = np.ones((d,), np.float32)
+    main_mask[outliers] = 0.0
+    main_idx = np.nonzero(main_mask)[0].astype(np.int32)
+    if main_idx.size == 0:
+        raise ValueError(f"the channel split leaves no main channels (d={d}); lower the ratios")
+    gathered = cfg.main_path == "gathered"
+    dm = int(main_idx.size) if gathered else d
+
+    k_main, k_text, k_vis = jax.random.split(key, 3)
+    params: Tree = {"weights": {}}
+    consts: Tree = {
+        "split": {
+            "main_mask": jnp.asarray(main_mask),
+            "main_idx": jnp.asarray(main_idx),
+            "text_idx": jnp.asarray(text_idx),
+            "vision_idx": jnp.asarray(vision_idx),
+        },
+        "weights": {},
+    }
+
+    def main_cols(w: np.ndarray) -> np.ndarray:
+        return w[:, main_idx] if gathered else w * main_mask[None, :]
+
+    # Main transform, with c initialised from activation and (all group) weight maxima.
+    transform = None
+    if cfg.transform:
+        c = None
+        if cfg.diag_init == "smooth" and act_absmax is not None:
+            w_absmax = jnp.max(
+                jnp.stack([jnp.max(jnp.abs(jnp.asarray(weights[n]["w"], jnp.float32)), 0) for n in names]),
+                0,
+            )
+            c = tf.smooth_scale(jnp.asarray(act_absmax), w_absmax, cfg.smooth_alpha)
+            c = c[main_idx] if gathered else c
+        transform = tf.init_kron(k_main, dm, rotation=cfg.rotation_init, c=c)
+    params["transform"] = transform
+    params["act_clip"] = init_clip(()) if cfg.learn_clip else None
+
+    for group, idx, k in (("text", text_idx, k_text), ("vision", vision_idx, k_vis)):
+        params[group] = (
+            {"transform": tf.init_dense(k, int(idx.size), rotation=cfg.outlier_init),
+             "act_clip": init_clip(()) if cfg.learn_clip else None}
+            if idx.size else None
+        )
+
+    for n in names:
+        w = np.asarray(weights[n]["w"], np.float32)
+        d_out = w.shape[0]
+        wc: Tree = {"w": jnp.asarray(w)}
+        if "b" in weights[n] and weights[n]["b"] is not None:
+            wc["b"] = jnp.asarray(weights[n]["b"], jnp.float32)
+        wp: Tree = {"clip": init_clip((d_out,)) if cfg.learn_clip else None}
+        for group, idx in (("text", text_idx), ("vision", vision_idx)):
+            wp[f"{group}_clip"] = init_clip((d_out,)) if (cfg.learn_clip and idx.size) else None
+        wm = main_cols(w)
+        r_cws = rank_of(cfg.cws_ratio, dm, d_out) if cfg.cws else 0
+        r_mac = rank_of(cfg.mac_ratio, dm, d_out) if cfg.mac else 0
+        r_max = max(r_cws, r_mac)
+        if r_max:
+            basis = wm
+            if cfg.svd_of == "transformed":
+                # SVD of P0^-1 W_m^T: the branch basis is fixed in the transformed space.
+                basis = np.asarray(tf.apply_weight(transform, jnp.asarray(wm)))
+            u, l2 = _svd_top(basis, r_max)
+        for branch, r, g0 in (("cws", r_cws, 1.0), ("mac", r_mac, cfg.mac_gate_init)):
+            if r:
+                wc[branch] = {"u": jnp.asarray(u[:, :r]), "l2": jnp.asarray(l2[:r])}
+                wp[f"{branch}_gate"] = jnp.full((r,), g0, jnp.float32)
+        consts["weights"][n] = wc
+        params["weights"][n] = wp
+    return params, consts
+
+
+def _branch_in(params_t: Tree | None, consts_b: Tree, gate: jax.Array, cfg: MethodConfig) -> jax.Array:
+    """``L = P^-1 U diag(g)`` of shape ``(dm, r)`` (or ``U diag(g)`` with ``svd_of="transformed"``)."""
+    u = consts_b["u"]
+    if cfg.svd_of == "weight":
+        u = tf.apply_weight_cols(params_t, u)
+    return u * gate[None, :]
+
+
+def _lowrank(xq: jax.Array, l_in: jax.Array, l_out: jax.Array, bits: Bits, cfg: MethodConfig) -> jax.Array:
+    """``Q(Q(X) L_in) Q(L_out)``: both factors and the rank-r activation at auxiliary bits."""
+    l_in_q = fake_quant(l_in.T, bits.aux_w, symmetric=cfg.w_symmetric)  # (r, dm), per branch row
+    h = fake_quant(xq @ l_in_q.T.astype(xq.dtype), bits.aux_a, symmetric=cfg.a_symmetric)
+    l_out_q = fake_quant(l_out.T, bits.aux_w, symmetric=cfg.w_symmetric)  # (d_out, r)
+    return h @ l_out_q.T.astype(h.dtype)
+
+
+def main_input(consts: Tree, x: jax.Array, cfg: MethodConfig) -> jax.Array:
+    """``X_m``: the main channels of ``x`` (zeroed outliers, or gathered)."""
+    sp = consts["split"]
+    if cfg.main_path == "gathered":
+        return jnp.take(x, sp["main_idx"], axis=-1)
+    return x * sp["main_mask"].astype(x.dtype)
+
+
+def main_weight(consts: Tree, w: jax.Array, cfg: MethodConfig) -> jax.Array:
+    """``W_m``: the main-channel columns of ``w: (d_out, d)``."""
+    sp = consts["split"]
+    if cfg.main_path == "gathered":
+        return jnp.take(w, sp["main_idx"], axis=1)
+    return w * sp["main_mask"][None, :]
+
+
+def residual_weight(params: Tree, consts: Tree, name: str, cfg: MethodConfig) -> tuple[jax.Array, Tree]:
+    """``R^T = W_m P^-T - (L1 L2)^T`` (``(d_out, dm)``) and the branch factors ``{"cws"|"mac": (L_in, L_out)}``."""
+    wp, wc = params["weights"][name], consts["weights"][name]
+    wt = tf.apply_weight(params["transform"], main_weight(consts, wc["w"], cfg))
+    branches = {}
+    for branch in ("cws", "mac"):
+        if branch in wc:
+            branches[branch] = (_branch_in(params["transform"], wc[branch], wp[f"{branch}_gate"], cfg),
+                                wc[branch]["l2"])
+    if "cws" in branches:
+        l1, l2 = branches["cws"]
+        wt = wt - (l1 @ l2).T
+    return wt, branches
+
+
+def outlier_weight(params: Tree, consts: Tree, name: str, group: str) -> jax.Array:
+    """``W_g P_g^-T`` for outlier group ``g`` (``(d_out, k)``)."""
+    w = jnp.take(consts["weights"][name]["w"], consts["split"][f"{group}_idx"], axis=1)
+    return tf.apply_weight(params[group]["transform"], w)
+
+
+def group_forward(
+    params: Tree,
+    consts: Tree,
+    x: jax.Array,
+    text_mask: jax.Array | None,
+    cfg: MethodConfig,
+    *,
+    quantize: bool = True,
+) -> dict[str, jax.Array]:
+    """Fake-quantized outputs of every linear in the group.
+
+    Args:
+      x: ``(..., N, d)``.
+      text_mask: ``(..., N)`` bool, True on tokens that get the MAC branch (text tokens); None = none.
+      quantize: False switches every quantizer off (the exact-identity check).
+    Returns:
+      ``{name: (..., N, d_out)}``.
+    """
+    bits = Bits.of(cfg, quantize)
+    dtype = x.dtype
+    xm = tf.apply_act(params["transform"], main_input(consts, x, cfg))
+    xq = fake_quant(xm, bits.a, symmetric=cfg.a_symmetric, clip=params["act_clip"])
+    outlier_x = {}
+    for group in ("text", "vision"):
+        if params.get(group) is not None:
+            xg = tf.apply_act(params[group]["transform"], jnp.take(x, consts["split"][f"{group}_idx"], axis=-1))
+            outlier_x[group] = fake_quant(xg, bits.aux_a, symmetric=cfg.a_symmetric,
+                                          clip=params[group]["act_clip"])
+    out = {}
+    for name, wp in params["weights"].items():
+        wt, branches = residual_weight(params, consts, name, cfg)
+        wq = fake_quant(wt, bits.w, symmetric=cfg.w_symmetric, clip=wp["clip"], group_size=cfg.w_group_size)
+        y = xq @ wq.T.astype(dtype)
+        if "cws" in branches:
+            y = y + _lowrank(xq, *branches["cws"], bits, cfg)
+        if "mac" in branches and text_mask is not None:
+            y_mac = _lowrank(xq, *branches["mac"], bits, cfg)
+            y = y + jnp.where(text_mask[..., None], y_mac, jnp.zeros_like(y_mac))
+        for group, xg in outlier_x.items():
+            wg = fake_quant(outlier_weight(params, consts, name, group), bits.aux_w,
+                            symmetric=cfg.w_symmetric, clip=wp[f"{group}_clip"])
+            y = y + xg @ wg.T.astype(dtype)
+        if "b" in consts["weights"][name]:
+            y = y + consts["weights"][name]["b"].astype(dtype)
+        out[name] = y
+    return out
+
+
+def dense_forward(weights: Mapping[str, Mapping[str, jax.Array]], x: jax.Array) -> dict[str, jax.Array]:
+    """Reference: ``{name: x W^T + b}`` in full precision."""
+    out = {}
+    for name, wb in weights.items():
+        y = x @ wb["w"].T.astype(x.dtype)
+        if wb.get("b") is not None:
+            y = y + wb["b"].astype(x.dtype)
+        out[name] = y
+    return out
