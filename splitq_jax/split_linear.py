@@ -169,28 +169,12 @@ def init_group(
     return params, consts
 
 
-def _branch_in(params_t: Tree | None, consts_b: Tree, gate: jax.Array, cfg: MethodConfig) -> jax.Array:
+def _branch_in(inv: Tree | None, consts_b: Tree, gate: jax.Array, cfg: MethodConfig) -> jax.Array:
     """``L = P^-1 U diag(g)`` of shape ``(dm, r)`` (or ``U diag(g)`` with ``svd_of="transformed"``)."""
     u = consts_b["u"]
     if cfg.svd_of == "weight":
-        u = tf.apply_weight_cols(params_t, u)
+        u = tf.apply_inverse(inv, u.T).T
     return u * gate[None, :]
-
-
-def _lowrank(xq: jax.Array, l_in: jax.Array, l_out: jax.Array, bits: Bits, cfg: MethodConfig) -> jax.Array:
-    """``Q(Q(X) L_in) Q(L_out)``: both factors and the rank-r activation at auxiliary bits."""
-    l_in_q = fake_quant(l_in.T, bits.aux_w, symmetric=cfg.w_symmetric)  # (r, dm), per branch row
-    h = fake_quant(xq @ l_in_q.T.astype(xq.dtype), bits.aux_a, symmetric=cfg.a_symmetric)
-    l_out_q = fake_quant(l_out.T, bits.aux_w, symmetric=cfg.w_symmetric)  # (d_out, r)
-    return h @ l_out_q.T.astype(h.dtype)
-
-
-def main_input(consts: Tree, x: jax.Array, cfg: MethodConfig) -> jax.Array:
-    """``X_m``: the main channels of ``x`` (zeroed outliers, or gathered)."""
-    sp = consts["split"]
-    if cfg.main_path == "gathered":
-        return jnp.take(x, sp["main_idx"], axis=-1)
-    return x * sp["main_mask"].astype(x.dtype)
 
 
 def main_weight(consts: Tree, w: jax.Array, cfg: MethodConfig) -> jax.Array:
@@ -201,14 +185,15 @@ def main_weight(consts: Tree, w: jax.Array, cfg: MethodConfig) -> jax.Array:
     return w * sp["main_mask"][None, :]
 
 
-def residual_weight(params: Tree, consts: Tree, name: str, cfg: MethodConfig) -> tuple[jax.Array, Tree]:
+def residual_weight(params: Tree, consts: Tree, name: str, cfg: MethodConfig,
+                    inv: Tree | None) -> tuple[jax.Array, Tree]:
     """``R^T = W_m P^-T - (L1 L2)^T`` (``(d_out, dm)``) and the branch factors ``{"cws"|"mac": (L_in, L_out)}``."""
     wp, wc = params["weights"][name], consts["weights"][name]
-    wt = tf.apply_weight(params["transform"], main_weight(consts, wc["w"], cfg))
+    wt = tf.apply_inverse(inv, main_weight(consts, wc["w"], cfg))
     branches = {}
     for branch in ("cws", "mac"):
         if branch in wc:
-            branches[branch] = (_branch_in(params["transform"], wc[branch], wp[f"{branch}_gate"], cfg),
+            branches[branch] = (_branch_in(inv, wc[branch], wp[f"{branch}_gate"], cfg),
                                 wc[branch]["l2"])
     if "cws" in branches:
         l1, l2 = branches["cws"]
@@ -216,10 +201,113 @@ def residual_weight(params: Tree, consts: Tree, name: str, cfg: MethodConfig) ->
     return wt, branches
 
 
-def outlier_weight(params: Tree, consts: Tree, name: str, group: str) -> jax.Array:
-    """``W_g P_g^-T`` for outlier group ``g`` (``(d_out, k)``)."""
+def outlier_weight(consts: Tree, name: str, group: str, inv: Tree | None) -> jax.Array:
+    """``W_g P_g^-T`` for outlier group ``g`` (``(d_out, k)``), given :func:`~splitq_jax.transforms.inverse` of ``P_g``."""
     w = jnp.take(consts["weights"][name]["w"], consts["split"][f"{group}_idx"], axis=1)
-    return tf.apply_weight(params[group]["transform"], w)
+    return tf.apply_inverse(inv, w)
+
+
+class WeightSpec(NamedTuple):
+    """A weight about to be quantized: rows are output channels (per-row scales)."""
+
+    w: jax.Array  # (rows, cols)
+    bits: int | None
+    clip: Tree | None
+    group_size: int | None = None
+
+
+def prequant_weights(params: Tree, consts: Tree, cfg: MethodConfig, bits: Bits) -> dict[str, Tree]:
+    """Every stored weight of the group before quantization, with its quantizer settings.
+
+    ``{name: {"main": R^T (d_out, dm), "cws": {"l_in": (r, dm), "l_out": (d_out, r)}, "mac": {...},
+    "text": (d_out, k_t), "vision": (d_out, k_v)}}`` as :class:`WeightSpec` leaves. Low-rank factors
+    are stored as linears (``l_in`` maps dm -> r, ``l_out`` maps r -> d_out), so their per-row scales
+    are per output channel, like every other weight.
+    """
+    # Invert each transform once per call; every weight and branch of the group reuses it.
+    inv = tf.inverse(params["transform"])
+    outlier_inv = {g: tf.inverse(params[g]["transform"]) for g in ("text", "vision") if params.get(g) is not None}
+    specs = {}
+    for name, wp in params["weights"].items():
+        wt, branches = residual_weight(params, consts, name, cfg, inv)
+        spec: Tree = {"main": WeightSpec(wt, bits.w, wp["clip"], cfg.w_group_size)}
+        for branch, (l_in, l_out) in branches.items():
+            spec[branch] = {"l_in": WeightSpec(l_in.T, bits.aux_w, None),
+                            "l_out": WeightSpec(l_out.T, bits.aux_w, None)}
+        for group, g_inv in outlier_inv.items():
+            spec[group] = WeightSpec(outlier_weight(consts, name, group, g_inv), bits.aux_w, wp[f"{group}_clip"])
+        specs[name] = spec
+    return specs
+
+
+def is_spec(x: Any) -> bool:
+    return isinstance(x, WeightSpec)
+
+
+def fake_quant_weights(specs: dict[str, Tree], cfg: MethodConfig) -> dict[str, Tree]:
+    """Fake-quantized (differentiable) versions of :func:`prequant_weights`' leaves."""
+    return jax.tree_util.tree_map(
+        lambda s: fake_quant(s.w, s.bits, symmetric=cfg.w_symmetric, clip=s.clip, group_size=s.group_size),
+        specs, is_leaf=is_spec,
+    )
+
+
+def act_params(params: Tree) -> Tree:
+    """The activation-side state of a group: transforms and activation clipping logits."""
+    return {k: params.get(k) for k in ("transform", "act_clip", "text", "vision")}
+
+
+def biases_of(consts: Tree) -> dict[str, jax.Array | None]:
+    return {n: wc.get("b") for n, wc in consts["weights"].items()}
+
+
+def apply_group(
+    acts: Tree,
+    split: Tree,
+    weights: dict[str, Tree],
+    biases: dict[str, jax.Array | None],
+    x: jax.Array,
+    text_mask: jax.Array | None,
+    cfg: MethodConfig,
+    bits: Bits,
+) -> dict[str, jax.Array]:
+    """The activation path of Eq. 13-19 over already (fake-)quantized weights.
+
+    Args:
+      acts: :func:`act_params`; split: channel indices/mask; weights: like :func:`prequant_weights`
+        but with plain arrays; x: ``(..., N, d)``; text_mask: ``(..., N)`` bool or None.
+    """
+    dtype = x.dtype
+    if cfg.main_path == "gathered":
+        xm = jnp.take(x, split["main_idx"], axis=-1)
+    else:
+        xm = x * split["main_mask"].astype(dtype)
+    xq = fake_quant(tf.apply_act(acts["transform"], xm), bits.a, symmetric=cfg.a_symmetric, clip=acts["act_clip"])
+    outlier_x = {}
+    for group in ("text", "vision"):
+        if acts.get(group) is not None:
+            xg = tf.apply_act(acts[group]["transform"], jnp.take(x, split[f"{group}_idx"], axis=-1))
+            outlier_x[group] = fake_quant(xg, bits.aux_a, symmetric=cfg.a_symmetric, clip=acts[group]["act_clip"])
+
+    def lowrank(f: Tree) -> jax.Array:
+        h = fake_quant(xq @ f["l_in"].T.astype(dtype), bits.aux_a, symmetric=cfg.a_symmetric)
+        return h @ f["l_out"].T.astype(dtype)
+
+    out = {}
+    for name, w in weights.items():
+        y = xq @ w["main"].T.astype(dtype)
+        if "cws" in w:
+            y = y + lowrank(w["cws"])
+        # MAC predicts the output error of *activation* quantization (Eq. 18); with activations
+        # unquantized that error is zero, so the branch is off and the exact identity holds.
+        if "mac" in w and text_mask is not None and bits.a is not None:
+            y = y + jnp.where(text_mask[..., None], lowrank(w["mac"]), 0.0).astype(dtype)
+        for group, xg in outlier_x.items():
+            y = y + xg @ w[group].T.astype(dtype)
+        if biases.get(name) is not None:
+            y = y + biases[name].astype(dtype)
+        out[name] = y
+    return out
 
 
 def group_forward(
@@ -241,33 +329,8 @@ def group_forward(
       ``{name: (..., N, d_out)}``.
     """
     bits = Bits.of(cfg, quantize)
-    dtype = x.dtype
-    xm = tf.apply_act(params["transform"], main_input(consts, x, cfg))
-    xq = fake_quant(xm, bits.a, symmetric=cfg.a_symmetric, clip=params["act_clip"])
-    outlier_x = {}
-    for group in ("text", "vision"):
-        if params.get(group) is not None:
-            xg = tf.apply_act(params[group]["transform"], jnp.take(x, consts["split"][f"{group}_idx"], axis=-1))
-            outlier_x[group] = fake_quant(xg, bits.aux_a, symmetric=cfg.a_symmetric,
-                                          clip=params[group]["act_clip"])
-    out = {}
-    for name, wp in params["weights"].items():
-        wt, branches = residual_weight(params, consts, name, cfg)
-        wq = fake_quant(wt, bits.w, symmetric=cfg.w_symmetric, clip=wp["clip"], group_size=cfg.w_group_size)
-        y = xq @ wq.T.astype(dtype)
-        if "cws" in branches:
-            y = y + _lowrank(xq, *branches["cws"], bits, cfg)
-        if "mac" in branches and text_mask is not None:
-            y_mac = _lowrank(xq, *branches["mac"], bits, cfg)
-            y = y + jnp.where(text_mask[..., None], y_mac, jnp.zeros_like(y_mac))
-        for group, xg in outlier_x.items():
-            wg = fake_quant(outlier_weight(params, consts, name, group), bits.aux_w,
-                            symmetric=cfg.w_symmetric, clip=wp[f"{group}_clip"])
-            y = y + xg @ wg.T.astype(dtype)
-        if "b" in consts["weights"][name]:
-            y = y + consts["weights"][name]["b"].astype(dtype)
-        out[name] = y
-    return out
+    weights = fake_quant_weights(prequant_weights(params, consts, cfg, bits), cfg)
+    return apply_group(act_params(params), consts["split"], weights, biases_of(consts), x, text_mask, cfg, bits)
 
 
 def dense_forward(weights: Mapping[str, Mapping[str, jax.Array]], x: jax.Array) -> dict[str, jax.Array]:

@@ -117,24 +117,39 @@ def apply_act(t: dict[str, jax.Array] | None, x: jax.Array) -> jax.Array:
         return x
     if "p" in t:
         return x @ t["p"].astype(x.dtype)
-    return kron_apply(x * t["c"].astype(x.dtype), t["p1"].astype(x.dtype), t["p2"].astype(x.dtype))
+    if "c" in t:  # absent once folded into the preceding norm
+        x = x * t["c"].astype(x.dtype)
+    return kron_apply(x, t["p1"].astype(x.dtype), t["p2"].astype(x.dtype))
+
+
+def inverse(t: dict[str, jax.Array] | None) -> dict[str, jax.Array] | None:
+    """The weight-side operator of ``t``: ``{"c_inv", "a", "b"}`` with ``W P^-T = (W diag(1/c)) (a kron b)``
+    (Kronecker), or ``{"a"}`` with ``W P^-T = W a`` (dense). Compute once per step, apply to many weights."""
+    if t is None:
+        return None
+    if "p" in t:
+        return {"a": _inv(t["p"]).T}
+    inv = {"a": _inv(t["p1"]).T, "b": _inv(t["p2"]).T}
+    if "c" in t:
+        inv["c_inv"] = 1.0 / t["c"].astype(jnp.float32)
+    return inv
+
+
+def apply_inverse(inv: dict[str, jax.Array] | None, w: jax.Array) -> jax.Array:
+    """``W P^-T`` for rows of ``W: (rows, d)`` given :func:`inverse` of ``P``, in float32."""
+    if inv is None:
+        return w
+    w = w.astype(jnp.float32)
+    if "b" not in inv:
+        return w @ inv["a"]
+    if "c_inv" in inv:
+        w = w * inv["c_inv"]
+    return kron_apply(w, inv["a"], inv["b"])
 
 
 def apply_weight(t: dict[str, jax.Array] | None, w: jax.Array) -> jax.Array:
-    """``W P^{-T}`` (rows of ``W: (d_out, d)``), i.e. the transpose of ``P^{-1} W^T``, in float32."""
-    if t is None:
-        return w
-    w = w.astype(jnp.float32)
-    if "p" in t:
-        return w @ _inv(t["p"]).T
-    return kron_apply(w / t["c"].astype(jnp.float32), _inv(t["p1"]).T, _inv(t["p2"]).T)
-
-
-def apply_weight_cols(t: dict[str, jax.Array] | None, u: jax.Array) -> jax.Array:
-    """``P^{-1} U`` for a ``(d, r)`` column basis ``U`` (the CWS/MAC anchor of Eq. 21)."""
-    if t is None:
-        return u
-    return apply_weight(t, u.T).T
+    """``W P^{-T}`` (rows of ``W: (d_out, d)``), i.e. the transpose of ``P^{-1} W^T``."""
+    return apply_inverse(inverse(t), w)
 
 
 def to_dense(t: dict[str, jax.Array]) -> np.ndarray:

@@ -1,0 +1,220 @@
+"""Qwen2.5-VL checkpoints (HF safetensors) -> :class:`splitq_jax.models.qwen2_5_vl.Qwen2_5_VL`.
+
+Two key spellings are in use and both are accepted:
+
+* hub files / ``save_pretrained``: ``model.layers.*``, ``model.embed_tokens``, ``model.norm``,
+  ``visual.*``, ``lm_head``;
+* transformers-5 in-memory ``state_dict()``: ``model.language_model.*``, ``model.visual.*``, ``lm_head``.
+
+The 3B checkpoint ties the LM head to the embeddings (no ``lm_head`` tensor); 7B has its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from converters.hf import ConversionError, open_checkpoint, read_config, require_architecture, resolve_model_dir
+from splitq_jax.models.layers import DecoderConfig
+from splitq_jax.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig, VisionConfig, abstract_model
+
+ARCHITECTURES = ("Qwen2_5_VLForConditionalGeneration",)
+
+# Tensors in some checkpoints that carry no weights of ours (derived buffers).
+_IGNORED = re.compile(r".*(rotary_emb\.inv_freq|rotary_pos_emb\.inv_freq)$")
+
+
+# --------------------------------------------------------------------------------------------
+# config.json -> Qwen2_5_VLConfig
+# --------------------------------------------------------------------------------------------
+
+
+def config_from_hf(hf: dict[str, Any]) -> Qwen2_5_VLConfig:
+    """Our config from an HF ``config.json`` dict, old (text keys at top level, ``rope_scaling``)
+    or transformers-5 layout (``text_config``, ``rope_parameters``)."""
+    require_architecture(hf, ARCHITECTURES)
+    text = dict(hf)
+    text.update(hf.get("text_config") or {})  # transformers-5 nests text keys; older files keep them flat
+    vis = hf.get("vision_config") or {}
+    rope = text.get("rope_parameters") or text.get("rope_scaling") or hf.get("rope_scaling") or {}
+    theta = rope.get("rope_theta", text.get("rope_theta", 1_000_000.0))
+    try:
+        heads = text["num_attention_heads"]
+        decoder = DecoderConfig(
+            vocab_size=text["vocab_size"], hidden_size=text["hidden_size"],
+            intermediate_size=text["intermediate_size"], num_layers=text["num_hidden_layers"],
+            num_heads=heads, num_kv_heads=text.get("num_key_value_heads") or heads,
+            qkv_bias=True, rope_theta=float(theta), rms_norm_eps=text.get("rms_norm_eps", 1e-6),
+            hidden_act=text.get("hidden_act", "silu"),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
+        )
+        vrope = vis.get("rope_parameters") or {}
+        vision = VisionConfig(
+            depth=vis["depth"], hidden_size=vis["hidden_size"], intermediate_size=vis["intermediate_size"],
+            num_heads=vis["num_heads"], out_hidden_size=vis.get("out_hidden_size", decoder.hidden_size),
+            in_channels=vis.get("in_channels", vis.get("in_chans", 3)),
+            patch_size=vis.get("patch_size", vis.get("spatial_patch_size", 14)),
+            temporal_patch_size=vis.get("temporal_patch_size", 2),
+            spatial_merge_size=vis.get("spatial_merge_size", 2), window_size=vis.get("window_size", 112),
+            fullatt_block_indexes=tuple(vis.get("fullatt_block_indexes", (7, 15, 23, 31))),
+            tokens_per_second=vis.get("tokens_per_second", 2), hidden_act=vis.get("hidden_act", "silu"),
+            rope_theta=float(vrope.get("rope_theta", 10000.0)),
+        )
+        eos = text.get("eos_token_id", hf.get("eos_token_id"))
+        return Qwen2_5_VLConfig(
+            text=decoder, vision=vision,
+            mrope_section=tuple(rope.get("mrope_section", (16, 24, 24))),
+            image_token_id=hf.get("image_token_id", 151655), video_token_id=hf.get("video_token_id", 151656),
+            vision_start_token_id=hf.get("vision_start_token_id", 151652),
+            vision_end_token_id=hf.get("vision_end_token_id", 151653),
+            bos_token_id=text.get("bos_token_id"),
+            eos_token_id=tuple(np.atleast_1d(eos).tolist()) if eos is not None else (),
+            pad_token_id=text.get("pad_token_id"),
+            hf_id=hf.get("_name_or_path") or None,
+        )
+    except KeyError as e:
+        raise ConversionError(f"config.json lacks {e.args[0]!r}; it is not a complete Qwen2.5-VL config, "
+                              f"re-download config.json") from e
+    except ValueError as e:
+        raise ConversionError(f"config.json is inconsistent: {e}") from e
+
+
+# --------------------------------------------------------------------------------------------
+# Key mapping
+# --------------------------------------------------------------------------------------------
+
+# (pattern on the spelling-normalised key, target path template, transform)
+_LINEAR = r"(?P<m>q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|qkv|proj)"
+_RULES: list[tuple[re.Pattern, tuple, str | None]] = [
+    (re.compile(r"lm\.embed_tokens\.weight"), ("language_model", "embed_tokens", "weight"), None),
+    (re.compile(r"lm\.norm\.weight"), ("language_model", "norm", "scale"), None),
+    (re.compile(r"lm_head\.weight"), ("language_model", "lm_head", "w"), None),
+    (re.compile(r"lm\.layers\.(?P<i>\d+)\.(?P<n>input_layernorm|post_attention_layernorm)\.weight"),
+     ("language_model", "layers", "{i}", "{n}", "scale"), None),
+    (re.compile(r"lm\.layers\.(?P<i>\d+)\.(?P<s>self_attn|mlp)\." + _LINEAR + r"\.(?P<p>weight|bias)"),
+     ("language_model", "layers", "{i}", "{s}", "{m}", "{p}"), None),
+    (re.compile(r"vis\.patch_embed\.proj\.weight"), ("visual", "patch_embed", "w"), "flatten_patch"),
+    (re.compile(r"vis\.blocks\.(?P<i>\d+)\.(?P<n>norm1|norm2)\.weight"),
+     ("visual", "blocks", "{i}", "{n}", "scale"), None),
+    (re.compile(r"vis\.blocks\.(?P<i>\d+)\.(?P<s>attn|mlp)\." + _LINEAR + r"\.(?P<p>weight|bias)"),
+     ("visual", "blocks", "{i}", "{s}", "{m}", "{p}"), None),
+    (re.compile(r"vis\.merger\.ln_q\.weight"), ("visual", "merger", "ln_q", "scale"), None),
+    # nn.Sequential(Linear, GELU, Linear): indices 0 and 2
+    (re.compile(r"vis\.merger\.mlp\.0\.(?P<p>weight|bias)"), ("visual", "merger", "fc1", "{p}"), None),
+    (re.compile(r"vis\.merger\.mlp\.2\.(?P<p>weight|bias)"), ("visual", "merger", "fc2", "{p}"), None),
+]
+_PARAM = {"weight": "w", "bias": "b"}
+
+
+def _normalise(key: str) -> str | None:
+    """Map both spellings onto ``lm.*`` / ``vis.*`` / ``lm_head.*``; None for foreign keys."""
+    for prefix, repl in (("model.language_model.", "lm."), ("model.visual.", "vis."), ("visual.", "vis."),
+                         ("model.", "lm."), ("lm_head.", "lm_head.")):
+        if key.startswith(prefix):
+            return repl + key[len(prefix):]
+    return None
+
+
+def map_key(key: str) -> tuple[tuple, str | None] | None:
+    """Target path in the NNX state (ints for list indices) and transform name for one HF key,
+    or None when the key is not a Qwen2.5-VL weight."""
+    norm = _normalise(key)
+    if norm is None:
+        return None
+    for pattern, template, transform in _RULES:
+        m = pattern.fullmatch(norm)
+        if not m:
+            continue
+        groups = m.groupdict()
+        path = []
+        for part in template:
+            part = part.format(**groups)
+            if groups.get("p") and part == groups["p"]:
+                part = _PARAM[part]
+            path.append(int(part) if part.isdigit() else part)
+        return tuple(path), transform
+    return None
+
+
+def _transform(arr: np.ndarray, transform: str | None) -> np.ndarray:
+    if transform == "flatten_patch":  # Conv3d (out, C, T, P, P) -> linear (out, C*T*P*P)
+        return arr.reshape(arr.shape[0], -1)
+    return arr
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def load_qwen2_5_vl(path_or_id: str | os.PathLike, dtype=jnp.float32) -> tuple[Qwen2_5_VL, Qwen2_5_VLConfig]:
+    """Build a :class:`Qwen2_5_VL` from an HF checkpoint directory or hub id.
+
+    Parameters are created directly from the checkpoint (no random init), tensor by tensor, cast
+    to ``dtype``. Every model parameter must be found exactly once and with the right shape.
+    """
+    model_dir = resolve_model_dir(path_or_id)
+    config = config_from_hf(read_config(model_dir))
+    if not os.path.exists(os.path.expanduser(str(path_or_id))):  # fetched by hub id
+        config = dataclasses.replace(config, hf_id=str(path_or_id))
+    ckpt = open_checkpoint(model_dir)
+
+    graphdef, state = nnx.split(abstract_model(config, dtype))
+    expected = {tuple(path): var for path, var in nnx.to_flat_state(state)}
+    # Plan from the headers alone, so that a wrong checkpoint fails before any data is read.
+    plan: dict[str, tuple[tuple, str | None]] = {}  # HF key -> (our path, transform)
+    sources: dict[tuple, str] = {}
+    unexpected = []
+    for key in ckpt.keys():
+        mapped = map_key(key)
+        if mapped is None:
+            if not _IGNORED.fullmatch(key):
+                unexpected.append(key)
+            continue
+        path, transform = mapped
+        if path not in expected:
+            if path == ("language_model", "lm_head", "w") and config.text.tie_word_embeddings:
+                continue  # a tied checkpoint may still store a copy of the embeddings
+            unexpected.append(key)
+            continue
+        if path in sources:
+            raise ConversionError(f"{key!r} and {sources[path]!r} both map to {'.'.join(map(str, path))}; "
+                                  f"the checkpoint mixes two key spellings, keep one")
+        want = tuple(expected[path].shape)
+        got = ckpt.shape(key)
+        if int(np.prod(got)) != int(np.prod(want)) or (transform is None and tuple(got) != want):
+            raise ConversionError(f"{key!r} has shape {tuple(got)} but the model expects {want}; "
+                                  f"config.json does not describe these weights")
+        plan[key] = (path, transform)
+        sources[path] = key
+    if unexpected:
+        raise ConversionError(f"{len(unexpected)} checkpoint tensors are not Qwen2.5-VL weights "
+                              f"(first: {unexpected[:3]}); is this the right checkpoint for this converter?")
+    missing = [".".join(map(str, p)) for p in expected if p not in sources]
+    if missing:
+        raise ConversionError(f"{len(missing)} model parameters are missing from the checkpoint "
+                              f"(first: {missing[:3]}); the checkpoint is incomplete, re-download it")
+
+    # Stream: one tensor at a time in host memory, each shard opened once.
+    found: dict[tuple, jax.Array] = {}
+    for key, arr in ckpt.items():
+        if key in plan:
+            path, transform = plan[key]
+            found[path] = jnp.asarray(_transform(arr, transform).astype(dtype, copy=False))
+        del arr
+
+    pure: dict = {}
+    for path, value in found.items():
+        node = pure
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state), config

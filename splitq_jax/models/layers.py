@@ -1,0 +1,399 @@
+"""Shared transformer building blocks for the Flax NNX model ports.
+
+Everything here is used by two model families:
+
+* Qwen2.5-VL's language model: a Qwen2 decoder (q/k/v biases, grouped-query attention, M-RoPE);
+* LLaVA's language model: a Llama decoder (no biases, 1-D rope).
+
+Conventions, kept identical to the HF checkpoints so that conversion is a plain copy and the
+calibration engine (``splitq_jax.block``) can consume the weights directly:
+
+* Linear weights are stored in PyTorch orientation ``w: (d_out, d_in)``; ``y = x @ w.T + b``.
+* Rotary embedding uses HF's *rotate-half* convention: ``cos``/``sin`` have shape
+  ``(B, N, head_dim)`` and the first and second halves of a head share frequencies. Whether the
+  angles come from 1-D positions or from Qwen's 3-D M-RoPE is decided by the caller, never inside
+  a block.
+* Attention masks are boolean, ``True`` = may attend, shape ``(B, N, S)`` where ``S = N`` without a
+  KV cache and ``S = cache length`` with one. Causality and padding are both folded into the mask.
+* A decoder layer's forward is ``layer(x, cos, sin, mask)`` -> ``x``, or
+  ``layer(x, cos, sin, mask, cache)`` -> ``(x, cache)``.
+
+Numerics follow the HF reference: RMSNorm and softmax are computed in float32 and cast back to the
+activation dtype; parameters are created in the model ``dtype`` (float32 or bfloat16).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+
+# Initialisation only matters for random (test) models; real weights are always loaded.
+_INIT_STD = 0.02
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "silu": jax.nn.silu,
+    # HF's "gelu" is the exact erf form; "gelu_pytorch_tanh"/"quick_gelu" are the approximations.
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
+
+
+def get_activation(name: str) -> Callable[[Array], Array]:
+    """The activation function for an HF ``hidden_act`` name."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unsupported activation {name!r}; known: {sorted(ACTIVATIONS)}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Basic modules
+# --------------------------------------------------------------------------------------------
+
+
+class Linear(nnx.Module):
+    """Dense layer with HF-oriented weight ``w: (d_out, d_in)`` and optional bias ``b: (d_out,)``.
+
+    ``__call__``: ``x (..., d_in)`` -> ``(..., d_out)``.
+    """
+
+    def __init__(self, d_in: int, d_out: int, *, bias: bool, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.d_in, self.d_out = d_in, d_out
+        self.w = nnx.Param(_INIT_STD * jax.random.normal(rngs.params(), (d_out, d_in), dtype))
+        self.b = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
+
+    def __call__(self, x: Array) -> Array:
+        y = jnp.einsum("...i,oi->...o", x, self.w[...])
+        if self.b is not None:
+            y = y + self.b[...]
+        return y
+
+    def params(self) -> dict[str, Array]:
+        """``{"w": (d_out, d_in)[, "b": (d_out,)]}``, the layout ``splitq_jax.block`` consumes."""
+        out = {"w": self.w[...]}
+        if self.b is not None:
+            out["b"] = self.b[...]
+        return out
+
+
+class Embedding(nnx.Module):
+    """Token embedding table ``weight: (vocab, d)``. ``__call__``: ids ``(B, N)`` -> ``(B, N, d)``."""
+
+    def __init__(self, vocab_size: int, d: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.weight = nnx.Param(_INIT_STD * jax.random.normal(rngs.params(), (vocab_size, d), dtype))
+
+    def __call__(self, ids: Array) -> Array:
+        return jnp.take(self.weight[...], ids, axis=0)
+
+    def attend(self, x: Array) -> Array:
+        """Tied output projection: ``(..., d)`` -> ``(..., vocab)``."""
+        return jnp.einsum("...d,vd->...v", x, self.weight[...])
+
+
+def rms_norm(x: Array, scale: Array, eps: float) -> Array:
+    """RMSNorm in float32, cast back to ``x.dtype`` before the scale (HF order of operations)."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return scale * xf.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """RMS normalisation over the last axis with a learned ``scale: (d,)``."""
+
+    def __init__(self, d: int, *, eps: float, dtype=jnp.float32):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((d,), dtype))
+
+    def __call__(self, x: Array) -> Array:
+        return rms_norm(x, self.scale[...], self.eps)
+
+
+class GatedMLP(nnx.Module):
+    """SwiGLU-style MLP: ``down(act(gate(x)) * up(x))``. ``(..., d)`` -> ``(..., d)``."""
+
+    def __init__(self, d: int, intermediate: int, *, bias: bool = False, act: str = "silu",
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        self.act_name = act
+        self.gate_proj = Linear(d, intermediate, bias=bias, dtype=dtype, rngs=rngs)
+        self.up_proj = Linear(d, intermediate, bias=bias, dtype=dtype, rngs=rngs)
+        self.down_proj = Linear(intermediate, d, bias=bias, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        act = get_activation(self.act_name)
+        return self.down_proj(act(self.gate_proj(x)) * self.up_proj(x))
+
+
+# --------------------------------------------------------------------------------------------
+# Rotary embeddings (rotate-half convention)
+# --------------------------------------------------------------------------------------------
+
+
+def rope_inv_freq(rotary_dim: int, theta: float) -> Array:
+    """Inverse frequencies ``theta ** (-2i / rotary_dim)`` for i < rotary_dim/2; shape ``(rotary_dim/2,)``."""
+    exponents = jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim
+    return 1.0 / (theta ** exponents)
+
+
+def rope_cos_sin(position_ids: Array, head_dim: int, theta: float,
+                 dtype=jnp.float32) -> tuple[Array, Array]:
+    """1-D rotary tables for integer ``position_ids (B, N)``: ``(cos, sin)`` each ``(B, N, head_dim)``.
+
+    Angles are computed in float32 (positions can be large) and cast to ``dtype`` at the end.
+    """
+    freqs = position_ids.astype(jnp.float32)[..., None] * rope_inv_freq(head_dim, theta)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def rotate_half(x: Array) -> Array:
+    """``[x1, x2] -> [-x2, x1]`` over the last axis."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotate ``x (B, N, heads, head_dim)`` by ``cos``/``sin (B, N, head_dim)`` (broadcast over heads)."""
+    return x * cos[:, :, None, :] + rotate_half(x) * sin[:, :, None, :]
+
+
+# --------------------------------------------------------------------------------------------
+# Masks and attention
+# --------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames="num_queries")
+def make_attention_mask(key_valid: Array, *, query_offset: Array | int = 0,
+                        num_queries: int | None = None) -> Array:
+    """Causal + padding mask, ``True`` = may attend.
+
+    Args:
+      key_valid: ``(B, S)`` bool, False at padding slots (and at unused KV-cache slots).
+      query_offset: slot index of the first query (0 for a full forward; the number of tokens
+        already in the cache when decoding). A scalar, may be traced.
+      num_queries: number of queries N; defaults to ``S`` (full forward).
+    Returns:
+      ``(B, N, S)`` bool: query i (at slot ``query_offset + i``) sees key slot j iff
+      ``j <= query_offset + i`` and ``key_valid[:, j]``.
+    """
+    s = key_valid.shape[1]
+    n = s if num_queries is None else num_queries
+    q_slot = query_offset + jnp.arange(n)[:, None]
+    causal = jnp.arange(s)[None, :] <= q_slot
+    return causal[None] & key_valid[:, None, :].astype(bool)
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, scale: float) -> Array:
+    """Grouped-query attention.
+
+    Args:
+      q: ``(B, N, H, hd)``; k, v: ``(B, S, KV, hd)`` with ``H % KV == 0`` (query head h reads KV
+        head ``h // (H // KV)``, the HF ``repeat_kv`` grouping).
+      mask: ``(B, N, S)`` bool (True = may attend) or None for full attention.
+    Returns:
+      ``(B, N, H, hd)`` in ``q.dtype``.
+
+    Scores and softmax are float32. Masked scores get the most negative finite float rather than
+    -inf so that a fully masked row (a padding query) yields a uniform, finite distribution instead
+    of NaN; such rows are never read.
+    """
+    b, n, h, hd = q.shape
+    kv = k.shape[2]
+    g = h // kv
+    qg = q.reshape(b, n, kv, g, hd)
+    scores = jnp.einsum("bnkgd,bskd->bkgns", qg, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgns,bskd->bnkgd", probs, v)
+    return out.reshape(b, n, h, hd)
+
+
+class KVCache(NamedTuple):
+    """Per-layer KV cache. ``k``/``v``: ``(B, S_max, KV, hd)`` (keys already rotated);
+    ``index``: int32 scalar, number of filled slots (the slot the next token is written to)."""
+
+    k: Array
+    v: Array
+    index: Array
+
+    @classmethod
+    def init(cls, batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype=jnp.float32) -> "KVCache":
+        z = jnp.zeros((batch, max_len, num_kv_heads, head_dim), dtype)
+        return cls(z, z, jnp.zeros((), jnp.int32))
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention with GQA, optional q/k/v biases and an optional KV cache.
+
+    ``o_proj`` never has a bias (true for Qwen2 and Llama).
+    """
+
+    def __init__(self, d: int, num_heads: int, num_kv_heads: int, head_dim: int, *, qkv_bias: bool,
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.q_proj = Linear(d, num_heads * head_dim, bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(d, num_kv_heads * head_dim, bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(d, num_kv_heads * head_dim, bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(num_heads * head_dim, d, bias=False, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array | None,
+                 cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
+        """``x (B, N, d)``, ``cos/sin (B, N, hd)``, ``mask (B, N, S)`` -> ``((B, N, d), cache)``.
+
+        With a cache the new keys/values are written at slots ``[index, index + N)`` and the mask
+        must span the whole cache (``S = S_max``).
+        """
+        b, n, _ = x.shape
+        q = self.q_proj(x).reshape(b, n, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, n, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, n, self.num_kv_heads, self.head_dim)
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
+        if cache is not None:
+            start = (0, cache.index, 0, 0)
+            k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)
+            v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
+            cache = KVCache(k_all, v_all, cache.index + n)
+            k, v = k_all, v_all
+        out = dot_product_attention(q, k, v, mask, self.head_dim ** -0.5)
+        return self.o_proj(out.reshape(b, n, self.num_heads * self.head_dim)), cache
+
+
+# --------------------------------------------------------------------------------------------
+# Decoder
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DecoderConfig:
+    """Shape of a Qwen2/Llama-style decoder-only language model."""
+
+    # sizes
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    # attention
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int | None = None  # None: hidden_size // num_heads
+    qkv_bias: bool = False  # Qwen2: True; Llama: False
+    rope_theta: float = 10000.0
+    # misc
+    rms_norm_eps: float = 1e-6
+    hidden_act: str = "silu"
+    tie_word_embeddings: bool = False
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm decoder block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``.
+
+    ``__call__(x (B, N, d), cos (B, N, hd), sin (B, N, hd), mask (B, N, S)[, cache])``
+    returns ``x`` without a cache and ``(x, cache)`` with one.
+    """
+
+    def __init__(self, cfg: DecoderConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        self.input_layernorm = RMSNorm(d, eps=cfg.rms_norm_eps, dtype=dtype)
+        self.self_attn = Attention(d, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim,
+                                   qkv_bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(d, eps=cfg.rms_norm_eps, dtype=dtype)
+        self.mlp = GatedMLP(d, cfg.intermediate_size, bias=False, act=cfg.hidden_act, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array | None,
+                 cache: KVCache | None = None):
+        h, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        x = x + h
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x if cache is None else (x, new_cache)
+
+    def block_params(self) -> dict[str, dict[str, Array]]:
+        """Plain dict of this block's weights in the layout ``splitq_jax.block`` consumes::
+
+            {"input_layernorm": {"scale": (d,)},
+             "q_proj": {"w": (H*hd, d)[, "b": (H*hd,)]}, "k_proj": {"w": (KV*hd, d)[, "b"]},
+             "v_proj": {"w": (KV*hd, d)[, "b"]}, "o_proj": {"w": (d, H*hd)},
+             "post_attention_layernorm": {"scale": (d,)},
+             "gate_proj": {"w": (I, d)}, "up_proj": {"w": (I, d)}, "down_proj": {"w": (d, I)}}
+        """
+        attn, mlp = self.self_attn, self.mlp
+        return {
+            "input_layernorm": {"scale": self.input_layernorm.scale[...]},
+            "q_proj": attn.q_proj.params(),
+            "k_proj": attn.k_proj.params(),
+            "v_proj": attn.v_proj.params(),
+            "o_proj": attn.o_proj.params(),
+            "post_attention_layernorm": {"scale": self.post_attention_layernorm.scale[...]},
+            "gate_proj": mlp.gate_proj.params(),
+            "up_proj": mlp.up_proj.params(),
+            "down_proj": mlp.down_proj.params(),
+        }
+
+
+class Decoder(nnx.Module):
+    """Token embedding, a stack of :class:`DecoderLayer`, final norm and LM head.
+
+    Usable whole (``__call__`` runs every layer) or block by block (``layers[i]``); ``head``
+    applies the final norm and the (tied or separate) output projection.
+    """
+
+    def __init__(self, cfg: DecoderConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = cfg
+        self.dtype = dtype
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+        self.lm_head = (None if cfg.tie_word_embeddings
+                        else Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, rngs=rngs))
+
+    def embed(self, input_ids: Array) -> Array:
+        """``(B, N)`` int -> ``(B, N, d)``."""
+        return self.embed_tokens(input_ids)
+
+    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array | None,
+                 caches: list[KVCache] | None = None):
+        """All layers (no final norm). Returns ``x`` or ``(x, caches)`` when ``caches`` is given."""
+        if caches is None:
+            for layer in self.layers:
+                x = layer(x, cos, sin, mask)
+            return x
+        new_caches = []
+        for layer, cache in zip(self.layers, caches):
+            x, cache = layer(x, cos, sin, mask, cache)
+            new_caches.append(cache)
+        return x, new_caches
+
+    def head(self, x: Array) -> Array:
+        """Final norm + output projection: ``(B, N, d)`` -> logits ``(B, N, vocab)``."""
+        x = self.norm(x)
+        return self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
+
+    def init_cache(self, batch: int, max_len: int) -> list[KVCache]:
+        """One empty :class:`KVCache` per layer, in the model dtype."""
+        cfg = self.config
+        return [KVCache.init(batch, max_len, cfg.num_kv_heads, cfg.resolved_head_dim, self.dtype)
+                for _ in range(cfg.num_layers)]
+
+    def rope(self, position_ids: Array) -> tuple[Array, Array]:
+        """1-D rotary tables for ``position_ids (B, N)``: ``(cos, sin)`` each ``(B, N, hd)``."""
+        return rope_cos_sin(position_ids, self.config.resolved_head_dim, self.config.rope_theta, self.dtype)
+
+
+def count_params(module: nnx.Module) -> int:
+    """Number of parameter scalars (works on abstract modules from ``nnx.eval_shape``)."""
+    state = nnx.state(module, nnx.Param)
+    return sum(int(x.size) for x in jax.tree.leaves(state))
