@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 MIN_BITS, MAX_BITS = 2, 8
 # Below this the branch factors and outlier groups are not quantized more aggressively (paper:
@@ -41,7 +42,7 @@ def check_bits(bits: int | None) -> None:
     """Raise if ``bits`` is not ``None`` (quantizer off) or an integer in [2, 8]."""
     if bits is None:
         return
-    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+    if isinstance(bits, (bool, np.bool_)) or not isinstance(bits, (int, np.integer)) or not MIN_BITS <= bits <= MAX_BITS:
         raise QuantError(
             f"unsupported bit width {bits!r}: use an integer from {MIN_BITS} to {MAX_BITS}, "
             "or None to switch the quantizer off"
@@ -99,6 +100,28 @@ class QParams(NamedTuple):
     zero_point: jax.Array
 
 
+def _clip_logits(clip: dict[str, jax.Array] | None, stat_shape: tuple[int, ...], grouped: bool):
+    """Check clipping logits against the statistics' shape; per-row logits are shared by the
+    row's groups (they get a trailing group axis, instead of silently broadcasting over rows)."""
+    if clip is None:
+        return None
+    out = {}
+    for k in ("max", "min"):
+        v = jnp.asarray(clip[k])
+        if grouped and v.ndim == len(stat_shape) - 1 and v.ndim > 0:
+            v = v[..., None]
+        try:
+            if jnp.broadcast_shapes(v.shape, stat_shape) != tuple(stat_shape):
+                raise ValueError
+        except ValueError:
+            raise QuantError(
+                f"clipping logits of shape {tuple(jnp.shape(clip[k]))} do not fit statistics of shape "
+                f"{tuple(stat_shape)}: use one logit per row {tuple(stat_shape[:1])}, per group, or a scalar"
+            ) from None
+        out[k] = v
+    return out
+
+
 def _params(
     x: jax.Array,
     bits: int,
@@ -151,6 +174,7 @@ def fake_quant(
     if bits is None:
         return x
     xg = _grouped(x, group_size)
+    clip = _clip_logits(clip, xg.shape[:-1], group_size is not None)
     scale, zero = _params(xg, bits, symmetric, clip, round_ste)
     q_min, q_max = qrange(bits, symmetric)
     q = jnp.clip(round_ste(xg / scale) + zero, q_min, q_max)
@@ -174,6 +198,7 @@ def quantize(
     if bits is None:
         raise QuantError("quantize() needs a bit width; bits=None means the tensor stays float")
     xg = _grouped(x, group_size)
+    clip = _clip_logits(clip, xg.shape[:-1], group_size is not None)
     scale, zero = _params(xg, bits, symmetric, clip, jnp.round)
     q_min, q_max = qrange(bits, symmetric)
     q = jnp.clip(jnp.round(xg / scale) + zero, q_min, q_max)

@@ -12,4 +12,4 @@ import jax  # noqa: E402
 
 # Persistent compilation cache keeps repeated jit compiles cheap across runs.
 jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.dirname(__file__), "..", ".jax_cache"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

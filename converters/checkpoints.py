@@ -1,0 +1,254 @@
+"""HF checkpoint -> our model -> orbax checkpoint, and the check against the torch reference.
+
+The one entry point for every model family: :func:`load_model` reads ``config.json`` and
+dispatches on ``architectures`` / ``model_type``; named configs (``llava-1.5-7b``,
+``qwen2.5-vl-3b``, ...) resolve to their hub ids. :func:`save_checkpoint` writes the NNX state
+with orbax next to the source ``config.json`` (so :func:`load_checkpoint` can rebuild the
+module), atomically. :func:`check_against_hf` runs the transformers torch model on the same
+inputs; it is the only function here that imports torch, and only when called.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from converters.hf import ConversionError, read_config, resolve_model_dir
+
+# architectures / model_type -> family name
+_FAMILY_BY_ARCH = {"LlavaForConditionalGeneration": "llava",
+                   "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl"}
+_FAMILY_BY_TYPE = {"llava": "llava", "qwen2_5_vl": "qwen2_5_vl"}
+_HF_CLASS = {"llava": "LlavaForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+
+STATE_DIR = "state"             # orbax StandardCheckpointer payload
+CONFIG_FILE = "config.json"     # the source HF config, to rebuild the module
+META_FILE = "splitq_meta.json"  # family, dtype, source
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def named_models() -> dict[str, str]:
+    """Named configs of every family -> hub id."""
+    from splitq_jax.models import llava, qwen2_5_vl
+
+    out = {}
+    for configs in (llava.CONFIGS, qwen2_5_vl.CONFIGS):
+        out.update({name: cfg.hf_id for name, cfg in configs.items() if cfg.hf_id})
+    return out
+
+
+def detect_family(hf_config: dict[str, Any]) -> str:
+    """``"llava"`` or ``"qwen2_5_vl"`` from a ``config.json`` dict; ConversionError otherwise."""
+    for arch in hf_config.get("architectures") or []:
+        if arch in _FAMILY_BY_ARCH:
+            return _FAMILY_BY_ARCH[arch]
+    family = _FAMILY_BY_TYPE.get(hf_config.get("model_type", ""))
+    if family is None:
+        raise ConversionError(
+            f"unsupported architecture {hf_config.get('architectures') or hf_config.get('model_type')!r}; "
+            f"supported: {sorted(_FAMILY_BY_ARCH)}")
+    return family
+
+
+def resolve(name_or_path: str | os.PathLike) -> Path:
+    """Local checkpoint directory for a named config, a directory or a hub id."""
+    hub_id = named_models().get(str(name_or_path))
+    return resolve_model_dir(hub_id or name_or_path)
+
+
+def load_model(name_or_path: str | os.PathLike, dtype=jnp.float32):
+    """``(model, config, family, model_dir)`` for a named config, checkpoint directory or hub id."""
+    model_dir = resolve(name_or_path)
+    family = detect_family(read_config(model_dir))
+    if family == "llava":
+        from converters.llava import load_llava as load
+    else:
+        from converters.qwen2_5_vl import load_qwen2_5_vl as load
+    model, config = load(model_dir, dtype=dtype)
+    return model, config, family, model_dir
+
+
+# --------------------------------------------------------------------------------------------
+# orbax
+# --------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(model: nnx.Module, out_dir: str | os.PathLike, *, family: str, hf_config: dict,
+                    source: str, overwrite: bool = False) -> Path:
+    """Write ``out_dir/{state/, config.json, splitq_meta.json}`` atomically.
+
+    Everything goes into a temporary sibling directory that is renamed onto ``out_dir`` at the
+    end, so an interrupted run never leaves a half-written checkpoint under that name.
+    Refuses an existing ``out_dir`` unless ``overwrite``.
+    """
+    import orbax.checkpoint as ocp
+
+    out = Path(out_dir).expanduser().absolute()
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should not be
+    try:
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(tmp / STATE_DIR, nnx.state(model))
+        checkpointer.wait_until_finished()
+        (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2))
+        dtype = jax.tree.leaves(nnx.state(model))[0].dtype
+        (tmp / META_FILE).write_text(json.dumps({"family": family, "dtype": jnp.dtype(dtype).name,
+                                                 "source": source}, indent=2))
+        if out.exists():  # overwrite: move the old one aside first, so the rename is atomic
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_checkpoint(ckpt_dir: str | os.PathLike):
+    """``(model, config, family)`` from a directory written by :func:`save_checkpoint`."""
+    import orbax.checkpoint as ocp
+
+    ckpt_dir = Path(ckpt_dir).expanduser().absolute()
+    try:
+        meta = json.loads((ckpt_dir / META_FILE).read_text())
+    except FileNotFoundError as e:
+        raise ConversionError(f"{ckpt_dir} is not a checkpoint written by scripts/convert.py (no {META_FILE})") from e
+    hf_config = read_config(ckpt_dir)
+    dtype = DTYPES[meta["dtype"]]
+    if meta["family"] == "llava":
+        from converters.llava import config_from_hf
+        from splitq_jax.models.llava import abstract_model
+    else:
+        from converters.qwen2_5_vl import config_from_hf
+        from splitq_jax.models.qwen2_5_vl import abstract_model
+    config = config_from_hf(hf_config)
+    graphdef, abstract_state = nnx.split(abstract_model(config, dtype))
+    state = ocp.StandardCheckpointer().restore(ckpt_dir / STATE_DIR, abstract_state)
+    return nnx.merge(graphdef, state), config, meta["family"]
+
+
+# --------------------------------------------------------------------------------------------
+# Check against transformers (torch)
+# --------------------------------------------------------------------------------------------
+
+
+def _check_inputs(config, family: str, seed: int) -> dict[str, np.ndarray]:
+    """A prompt of ordinary text tokens around one image, as numpy arrays for both frameworks."""
+    rng = np.random.default_rng(seed)
+    if family == "llava":
+        specials = [config.image_token_id]
+    else:
+        specials = [config.image_token_id, config.video_token_id, config.vision_start_token_id,
+                    config.vision_end_token_id]
+    # ids below every special token (and below 1000, ordinary BPE pieces in the real vocabularies)
+    high = min(min(specials), 1000, config.text.vocab_size)
+    text = lambda n: rng.integers(3, high, n).tolist()  # noqa: E731
+    if family == "llava":
+        v = config.vision
+        ids = text(5) + [config.image_token_id] * config.num_image_tokens + text(7)
+        pixels = rng.standard_normal((1, v.num_channels, v.image_size, v.image_size)).astype(np.float32)
+        return {"input_ids": np.asarray([ids]), "pixel_values": pixels}
+    v = config.vision
+    m = v.spatial_merge_size
+    grid = np.asarray([[1, 2 * m, 2 * m]])
+    n_tokens = int(grid.prod()) // m ** 2
+    ids = (text(5) + [config.vision_start_token_id] + [config.image_token_id] * n_tokens
+           + [config.vision_end_token_id] + text(7))
+    pixels = rng.standard_normal((int(grid.prod()), v.patch_dim)).astype(np.float32)
+    return {"input_ids": np.asarray([ids]), "pixel_values": pixels, "image_grid_thw": grid}
+
+
+def check_against_hf(model: nnx.Module, config, family: str, model_dir: str | os.PathLike, *,
+                     max_new_tokens: int = 10, seed: int = 0) -> dict[str, Any]:
+    """Run the HF torch model and ours on the same inputs; float32 on both sides.
+
+    Returns ``max_abs_logit_diff`` (over all prompt positions), ``top1_agreement`` (fraction of
+    positions with the same argmax), ``greedy_equal`` and both greedy continuations.
+    """
+    try:
+        import torch
+        import transformers
+    except ImportError as e:
+        raise RuntimeError("--check needs torch and transformers installed (pip install '.[test]')") from e
+
+    hf_cls = getattr(transformers, _HF_CLASS[family])
+    hf = hf_cls.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    eos = tuple(config.eos_token_id)
+    pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
+    inputs = _check_inputs(config, family, seed)
+    ids = inputs["input_ids"]
+    kw = {k: torch.tensor(v) for k, v in inputs.items()}
+    if family == "qwen2_5_vl":  # without it HF silently falls back to 1-D positions
+        kw["mm_token_type_ids"] = torch.tensor((ids == config.image_token_id).astype(np.int64))
+    with torch.no_grad():
+        ref_logits = hf(**kw).logits.float().numpy()
+        if family == "qwen2_5_vl":
+            hf.model.rope_deltas = None  # state left by the forward above
+        ref_tokens = hf.generate(**kw, max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=list(eos) or None, pad_token_id=pad)[:, ids.shape[1]:].numpy()
+    # HF stops once every row has emitted EOS; the remaining slots are padding
+    ref_tokens = np.pad(ref_tokens, ((0, 0), (0, max_new_tokens - ref_tokens.shape[1])), constant_values=pad)
+    if family == "llava":
+        args = (ids, inputs["pixel_values"])
+    else:
+        args = (ids, inputs["pixel_values"], inputs["image_grid_thw"])
+    ours_logits = np.asarray(model(*args), np.float32)
+    ours_tokens = model.generate(*args, max_new_tokens=max_new_tokens, eos_token_id=eos or None, pad_token_id=pad)
+    return {
+        "family": family,
+        "num_positions": int(ids.shape[1]),
+        "max_abs_logit_diff": float(np.abs(ours_logits - ref_logits).max()),
+        "max_abs_logit": float(np.abs(ref_logits).max()),
+        "top1_agreement": float((ours_logits.argmax(-1) == ref_logits.argmax(-1)).mean()),
+        "greedy_equal": bool(np.array_equal(ours_tokens, ref_tokens)),
+        "greedy_tokens": ours_tokens[0].tolist(),
+        "greedy_tokens_hf": ref_tokens[0].tolist(),
+    }
+
+
+def convert(name_or_path: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "float32",
+            overwrite: bool = False, check: bool = False, max_new_tokens: int = 10) -> dict[str, Any]:
+    """The whole of ``scripts/convert.py``: load, optionally check, save. Returns a report dict.
+
+    ``check`` needs torch (the transformers reference runs in float32: about 4 bytes per
+    parameter of RAM on top of our copy); without torch the check is reported as skipped.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    out = Path(out_dir).expanduser().absolute()
+    if out.exists() and not overwrite:  # fail before the (possibly long) conversion
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    model, config, family, model_dir = load_model(name_or_path, DTYPES[dtype])
+    report: dict[str, Any] = {"family": family, "source": str(model_dir), "dtype": dtype,
+                              "num_params": int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))}
+    if check and importlib.util.find_spec("torch") is None:
+        report["check"] = {"skipped": "torch is not installed; pip install '.[test]' for the reference check"}
+    elif check:
+        # The reference comparison is in float32; a bfloat16 export is checked through a float32 copy.
+        ref_model = model if dtype == "float32" else load_model(model_dir, jnp.float32)[0]
+        report["check"] = check_against_hf(ref_model, config, family, model_dir, max_new_tokens=max_new_tokens)
+    report["out"] = str(save_checkpoint(model, out, family=family, hf_config=read_config(model_dir),
+                                        source=str(name_or_path), overwrite=overwrite))
+    return report
+
+
+__all__ = ["check_against_hf", "convert", "detect_family", "load_checkpoint", "load_model", "named_models",
+           "resolve", "save_checkpoint"]

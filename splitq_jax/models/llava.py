@@ -1,0 +1,503 @@
+"""LLaVA-1.5 in Flax NNX: CLIP ViT-L/14 tower, two-layer GELU projector, Llama decoder.
+
+Same driving API as :mod:`splitq_jax.models.qwen2_5_vl`, so the calibration engine runs either
+family unchanged::
+
+    emb = model.embed(input_ids, pixel_values, attention_mask)
+    cos, sin = model.rope(emb.position_ids)          # (B, N, head_dim) each
+    mask = model.attention_mask(emb.modality_mask)    # (B, N, N) bool
+    x = emb.hidden
+    for block in model.blocks:
+        x = block(x, cos, sin, mask)
+    logits = model.head(x)
+
+Inputs follow the HF processor's layout: ``pixel_values`` is ``(num_images, 3, 336, 336)`` and
+``input_ids`` hold one ``image_token_id`` per vision token (576 per image at 336 px / 14 px
+patches, the class token dropped). Vision features come from the tower's second-to-last layer
+(``vision_feature_layer = -2``); the tower's last layer and ``post_layernorm`` are kept so that
+checkpoints round-trip and parameter counts match the release, but they are never run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from splitq_jax.models.layers import (
+    Array,
+    Decoder,
+    DecoderConfig,
+    KVCache,
+    Linear,
+    count_params,
+    dot_product_attention,
+    get_activation,
+    make_attention_mask,
+)
+
+# Per-position modality codes returned by ``Llava.embed`` (the project-wide convention).
+PAD, TEXT, VISION = 0, 1, 2
+
+
+# --------------------------------------------------------------------------------------------
+# Configs
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CLIPVisionConfig:
+    """CLIP vision transformer (pre-LN ViT with a class token and learned positions)."""
+
+    # sizes
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_layers: int = 24
+    num_heads: int = 16
+    # patching
+    image_size: int = 336
+    patch_size: int = 14
+    num_channels: int = 3
+    # misc
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LlavaConfig:
+    """Full model: CLIP tower + projector + Llama decoder and the ids that tie them together."""
+
+    text: DecoderConfig
+    vision: CLIPVisionConfig
+    # which tower outputs feed the projector: index into (embeddings, layer 1, ..., layer L)
+    vision_feature_layer: int | tuple[int, ...] = -2
+    # "default" drops the class token, "full" keeps it
+    vision_feature_select_strategy: str = "default"
+    projector_hidden_act: str = "gelu"
+    projector_bias: bool = True
+    # special tokens
+    image_token_id: int = 32000
+    bos_token_id: int | None = 1
+    eos_token_id: tuple[int, ...] = (2,)
+    pad_token_id: int | None = 32001
+    # provenance
+    hf_id: str | None = None
+
+    def __post_init__(self):
+        if self.vision_feature_select_strategy not in ("default", "full"):
+            raise ValueError(f"vision_feature_select_strategy must be 'default' or 'full', "
+                             f"got {self.vision_feature_select_strategy!r}")
+        if not 0 <= self.image_token_id < self.text.vocab_size:
+            raise ValueError(f"image_token_id={self.image_token_id} is outside the vocabulary ({self.text.vocab_size})")
+        n = self.vision.num_layers
+        for layer in self.feature_layers:
+            if not -(n + 1) <= layer <= n:
+                raise ValueError(f"vision_feature_layer {layer} is out of range for a {n}-layer tower")
+
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        """Feature layers as a tuple (one entry for the usual int setting)."""
+        v = self.vision_feature_layer
+        return (v,) if isinstance(v, int) else tuple(v)
+
+    @property
+    def num_image_tokens(self) -> int:
+        """LLM tokens per image (576 for 336 px / 14 px patches with the class token dropped)."""
+        return self.vision.num_patches + (self.vision_feature_select_strategy == "full")
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any], *, hf_id: str | None = None) -> LlavaConfig:
+        """Build from an HF ``config.json`` dict (``model_type == "llava"``), old or new style."""
+        t, v = d.get("text_config") or {}, d.get("vision_config") or {}
+        # Old hub configs omit text_config fields that equal Llama-2-7B's defaults.
+        hidden = t.get("hidden_size", 4096)
+        heads = t.get("num_attention_heads", 32)
+        rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+            raise ValueError(f"unsupported rope scaling {rope}")
+        text = DecoderConfig(
+            vocab_size=t.get("vocab_size", 32000), hidden_size=hidden,
+            intermediate_size=t.get("intermediate_size", 11008), num_layers=t.get("num_hidden_layers", 32),
+            num_heads=heads, num_kv_heads=t.get("num_key_value_heads") or heads,
+            # None = hidden // heads, the Llama default (keeps named configs comparable)
+            head_dim=None if t.get("head_dim") in (None, hidden // heads) else t["head_dim"], qkv_bias=bool(t.get("attention_bias", False)),
+            rope_theta=float(rope.get("rope_theta", t.get("rope_theta", 10000.0))),
+            rms_norm_eps=t.get("rms_norm_eps", 1e-5), hidden_act=t.get("hidden_act", "silu"),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", t.get("tie_word_embeddings", False))))
+        if t.get("mlp_bias"):
+            raise ValueError("Llama decoders with mlp_bias are not supported")
+        vision = CLIPVisionConfig(
+            hidden_size=v.get("hidden_size", 1024), intermediate_size=v.get("intermediate_size", 4096),
+            num_layers=v.get("num_hidden_layers", 24), num_heads=v.get("num_attention_heads", 16),
+            image_size=v.get("image_size", 336), patch_size=v.get("patch_size", 14),
+            num_channels=v.get("num_channels", 3), layer_norm_eps=v.get("layer_norm_eps", 1e-5),
+            hidden_act=v.get("hidden_act", "quick_gelu"))
+        layer = d.get("vision_feature_layer", -2)
+        eos = t.get("eos_token_id", 2)
+        return cls(
+            text=text, vision=vision,
+            vision_feature_layer=layer if isinstance(layer, int) else tuple(layer),
+            vision_feature_select_strategy=d.get("vision_feature_select_strategy", "default"),
+            projector_hidden_act=d.get("projector_hidden_act", "gelu"),
+            projector_bias=bool(d.get("multimodal_projector_bias", True)),
+            image_token_id=d.get("image_token_index", d.get("image_token_id", 32000)),
+            bos_token_id=t.get("bos_token_id", 1),
+            eos_token_id=tuple(np.atleast_1d(eos).tolist()) if eos is not None else (),
+            pad_token_id=d.get("pad_token_id", t.get("pad_token_id")),
+            hf_id=hf_id)
+
+
+def _llama2_text(hidden: int, intermediate: int, layers: int, heads: int) -> DecoderConfig:
+    # LLaVA-1.5's Vicuna-1.5 decoders: Llama-2 shapes, 32000 + <image> + <pad> + 62 spare rows.
+    return DecoderConfig(vocab_size=32064, hidden_size=hidden, intermediate_size=intermediate,
+                         num_layers=layers, num_heads=heads, num_kv_heads=heads, qkv_bias=False,
+                         rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
+
+
+CONFIGS: dict[str, LlavaConfig] = {
+    "llava-1.5-7b": LlavaConfig(text=_llama2_text(4096, 11008, 32, 32), vision=CLIPVisionConfig(),
+                                hf_id="llava-hf/llava-1.5-7b-hf"),
+    "llava-1.5-13b": LlavaConfig(text=_llama2_text(5120, 13824, 40, 40), vision=CLIPVisionConfig(),
+                                 hf_id="llava-hf/llava-1.5-13b-hf"),
+    # Tests and demos: every mechanism at toy sizes (GQA in the decoder, 3 tower layers so that
+    # the feature layer is a middle one, 2x2 patches per image = 4 image tokens).
+    "llava-1.5-tiny": LlavaConfig(
+        text=DecoderConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2,
+                           num_heads=4, num_kv_heads=2, qkv_bias=False, rope_theta=10000.0,
+                           rms_norm_eps=1e-5, tie_word_embeddings=False),
+        vision=CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_layers=3, num_heads=2,
+                                image_size=28, patch_size=14),
+        image_token_id=120, bos_token_id=1, eos_token_id=(2,), pad_token_id=0),
+}
+
+
+def get_config(name: str) -> LlavaConfig:
+    """A named config (``llava-1.5-7b``, ``llava-1.5-13b``, ``llava-1.5-tiny``)."""
+    try:
+        return CONFIGS[name]
+    except KeyError:
+        raise ValueError(f"unknown LLaVA config {name!r}; known: {sorted(CONFIGS)}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# CLIP vision tower
+# --------------------------------------------------------------------------------------------
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with ``scale``/``bias`` ``(d,)``; statistics in float32, output in ``x.dtype``."""
+
+    def __init__(self, d: int, *, eps: float, dtype=jnp.float32):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((d,), dtype))
+        self.bias = nnx.Param(jnp.zeros((d,), dtype))
+
+    def __call__(self, x: Array) -> Array:
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+class CLIPAttention(nnx.Module):
+    """Full multi-head self-attention, biased q/k/v/out projections."""
+
+    def __init__(self, cfg: CLIPVisionConfig, *, dtype, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.q_proj = Linear(d, d, bias=True, dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(d, d, bias=True, dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(d, d, bias=True, dtype=dtype, rngs=rngs)
+        self.out_proj = Linear(d, d, bias=True, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        """``(B, L, d)`` -> ``(B, L, d)``."""
+        b, n, _ = x.shape
+        split = lambda y: y.reshape(b, n, self.num_heads, self.head_dim)  # noqa: E731
+        out = dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)),
+                                    None, self.head_dim ** -0.5)
+        return self.out_proj(out.reshape(b, n, -1))
+
+
+class CLIPMLP(nnx.Module):
+    """``fc2(act(fc1(x)))`` with biases."""
+
+    def __init__(self, cfg: CLIPVisionConfig, *, dtype, rngs: nnx.Rngs):
+        self.act_name = cfg.hidden_act
+        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size, bias=True, dtype=dtype, rngs=rngs)
+        self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size, bias=True, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        return self.fc2(get_activation(self.act_name)(self.fc1(x)))
+
+
+class CLIPEncoderLayer(nnx.Module):
+    """Pre-LN ViT block: ``x + attn(ln1(x))`` then ``x + mlp(ln2(x))``. ``(B, L, d)`` -> same."""
+
+    def __init__(self, cfg: CLIPVisionConfig, *, dtype, rngs: nnx.Rngs):
+        self.layer_norm1 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype)
+        self.self_attn = CLIPAttention(cfg, dtype=dtype, rngs=rngs)
+        self.layer_norm2 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype)
+        self.mlp = CLIPMLP(cfg, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPVisionTower(nnx.Module):
+    """Patch embedding + class token + positions -> pre-LN -> encoder layers.
+
+    ``hidden_states(pixel_values, upto)`` returns the list HF calls ``hidden_states``: entry 0 is
+    the (pre-LN'd) embedding, entry i the output of layer i.
+    """
+
+    def __init__(self, cfg: CLIPVisionConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = cfg
+        self.dtype = dtype
+        d, p, c = cfg.hidden_size, cfg.patch_size, cfg.num_channels
+        # Conv2d weight (d, C, P, P) with stride == kernel: a linear map of each patch.
+        self.patch_embedding = nnx.Param(0.02 * jax.random.normal(rngs.params(), (d, c, p, p), dtype))
+        self.class_embedding = nnx.Param(0.02 * jax.random.normal(rngs.params(), (d,), dtype))
+        self.position_embedding = nnx.Param(0.02 * jax.random.normal(rngs.params(), (cfg.num_patches + 1, d), dtype))
+        self.pre_layrnorm = LayerNorm(d, eps=cfg.layer_norm_eps, dtype=dtype)  # HF's spelling
+        self.layers = nnx.List([CLIPEncoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.post_layernorm = LayerNorm(d, eps=cfg.layer_norm_eps, dtype=dtype)  # pooled output only
+
+    def embed(self, pixel_values: Array) -> Array:
+        """``(B, C, H, W)`` -> ``(B, 1 + num_patches, d)``, class token first, patches row-major."""
+        cfg = self.config
+        b, c, h, w = pixel_values.shape
+        p = cfg.patch_size
+        if (h, w) != (cfg.image_size, cfg.image_size) or c != cfg.num_channels:
+            raise ValueError(f"pixel_values {pixel_values.shape} must be (B, {cfg.num_channels}, "
+                             f"{cfg.image_size}, {cfg.image_size})")
+        x = pixel_values.astype(self.dtype).reshape(b, c, h // p, p, w // p, p)
+        patches = jnp.einsum("bcipjq,dcpq->bijd", x, self.patch_embedding[...]).reshape(b, -1, cfg.hidden_size)
+        cls = jnp.broadcast_to(self.class_embedding[...], (b, 1, cfg.hidden_size))
+        x = jnp.concatenate([cls, patches], axis=1) + self.position_embedding[...]
+        return self.pre_layrnorm(x)
+
+    def hidden_states(self, pixel_values: Array, upto: int | None = None) -> list[Array]:
+        """``[embeddings, layer_1, ..., layer_upto]``, each ``(B, 1 + num_patches, d)``."""
+        upto = self.config.num_layers if upto is None else upto
+        states = [self.embed(pixel_values)]
+        for layer in self.layers[:upto]:
+            states.append(layer(states[-1]))
+        return states
+
+
+class Projector(nnx.Module):
+    """``linear_2(gelu(linear_1(x)))``: vision width (times feature layers) -> text width."""
+
+    def __init__(self, d_in: int, d_out: int, *, act: str, bias: bool, dtype, rngs: nnx.Rngs):
+        self.act_name = act
+        self.linear_1 = Linear(d_in, d_out, bias=bias, dtype=dtype, rngs=rngs)
+        self.linear_2 = Linear(d_out, d_out, bias=bias, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        return self.linear_2(get_activation(self.act_name)(self.linear_1(x)))
+
+
+# --------------------------------------------------------------------------------------------
+# Full model
+# --------------------------------------------------------------------------------------------
+
+
+class Embedded(NamedTuple):
+    """Output of :meth:`Llava.embed`.
+
+    hidden: ``(B, N, d)`` token embeddings with image features scattered into the placeholders.
+    position_ids: ``(B, N)`` int32 1-D positions counting real tokens only (0 at padding).
+    modality_mask: ``(B, N)`` int32, 0 = pad, 1 = text, 2 = vision.
+    """
+
+    hidden: Array
+    position_ids: Array
+    modality_mask: Array
+
+
+class Llava(nnx.Module):
+    """LLaVA for conditional generation (``vision_tower`` + ``multi_modal_projector`` + ``language_model``)."""
+
+    def __init__(self, config: LlavaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = config
+        self.dtype = dtype
+        self.vision_tower = CLIPVisionTower(config.vision, dtype=dtype, rngs=rngs)
+        self.multi_modal_projector = Projector(
+            config.vision.hidden_size * len(config.feature_layers), config.text.hidden_size,
+            act=config.projector_hidden_act, bias=config.projector_bias, dtype=dtype, rngs=rngs)
+        self.language_model = Decoder(config.text, dtype=dtype, rngs=rngs)
+
+    # -- pieces -------------------------------------------------------------------------------
+
+    @property
+    def blocks(self):
+        """The decoder layers; each is ``block(x, cos, sin, mask[, cache])``."""
+        return self.language_model.layers
+
+    def image_features(self, pixel_values: Array) -> Array:
+        """``(num_images, 3, S, S)`` -> ``(num_images, num_image_tokens, d_text)``."""
+        return _image_features_jit(self, jnp.asarray(pixel_values))
+
+    def _image_features(self, pixel_values: Array) -> Array:
+        cfg = self.config
+        n = cfg.vision.num_layers
+        layers = [i % (n + 1) for i in cfg.feature_layers]  # negative indices count from the end
+        states = self.vision_tower.hidden_states(pixel_values, upto=max(layers))
+        feats = [states[i] for i in layers]
+        if cfg.vision_feature_select_strategy == "default":
+            feats = [f[:, 1:] for f in feats]  # drop the class token
+        return self.multi_modal_projector(jnp.concatenate(feats, axis=-1))
+
+    def embed(self, input_ids, pixel_values=None, attention_mask=None) -> Embedded:
+        """Token + image embeddings, 1-D positions and the modality mask.
+
+        Args:
+          input_ids: ``(B, N)`` with ``num_image_tokens`` placeholders (``image_token_id``) per image.
+          pixel_values: ``(num_images, 3, S, S)``, images in order of appearance across the batch.
+          attention_mask: ``(B, N)``, 0 at padding (left or right); None = no padding.
+        Runs eagerly: placeholder positions must be concrete.
+        """
+        cfg = self.config
+        ids_np = np.asarray(input_ids)
+        valid = np.ones(ids_np.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+        is_vision = (ids_np == cfg.image_token_id) & valid
+        n_images = 0 if pixel_values is None else int(np.shape(pixel_values)[0])
+        if is_vision.sum() != n_images * cfg.num_image_tokens:
+            raise ValueError(f"input_ids hold {is_vision.sum()} image tokens ({cfg.image_token_id}) but "
+                             f"{n_images} image(s) need {n_images * cfg.num_image_tokens} "
+                             f"({cfg.num_image_tokens} each)")
+        if n_images:
+            feats = self.image_features(pixel_values).reshape(-1, cfg.text.hidden_size)
+        else:
+            feats = jnp.zeros((0, cfg.text.hidden_size), self.dtype)
+        rows, cols = np.nonzero(is_vision)  # row-major = order of appearance, as HF's masked_scatter
+        hidden = _embed_tokens(self.language_model, jnp.asarray(ids_np), feats, rows, cols)
+        # Positions count real tokens only, so left padding does not shift them (HF generate's rule).
+        position_ids = np.where(valid, np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)
+        modality = np.where(valid, np.where(is_vision, VISION, TEXT), PAD).astype(np.int32)
+        return Embedded(hidden, jnp.asarray(position_ids), jnp.asarray(modality))
+
+    def rope(self, position_ids: Array) -> tuple[Array, Array]:
+        """``(cos, sin)`` each ``(B, N, head_dim)`` for 1-D ``position_ids (B, N)``."""
+        return self.language_model.rope(position_ids)
+
+    @staticmethod
+    def attention_mask(modality_mask: Array) -> Array:
+        """Causal + padding mask ``(B, N, N)`` bool from the ``(B, N)`` modality mask (0 = pad)."""
+        return make_attention_mask(modality_mask != PAD)
+
+    def head(self, hidden: Array) -> Array:
+        """Final RMSNorm + LM head: ``(B, N, d)`` -> logits ``(B, N, vocab)``."""
+        return self.language_model.head(hidden)
+
+    # -- whole model --------------------------------------------------------------------------
+
+    def __call__(self, input_ids, pixel_values=None, attention_mask=None) -> Array:
+        """Logits ``(B, N, vocab)`` (rows at padding positions are meaningless)."""
+        emb = self.embed(input_ids, pixel_values, attention_mask)
+        return _forward(self.language_model, emb.hidden, emb.position_ids, emb.modality_mask)
+
+    def generate(self, input_ids, pixel_values=None, attention_mask=None, *, max_new_tokens: int,
+                 eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None) -> np.ndarray:
+        """Greedy decoding with a KV cache. Returns the new tokens ``(B, max_new_tokens)``.
+
+        Batched prompts must be left-padded (the last column must be a real token). After a row
+        emits an EOS token it is filled with ``pad_token_id`` (HF ``generate`` behaviour).
+        """
+        ids = np.asarray(input_ids)
+        b, n = ids.shape
+        emb = self.embed(ids, pixel_values, attention_mask)
+        valid = np.asarray(emb.modality_mask) != PAD
+        if not valid[:, -1].all():
+            raise ValueError("generate() needs left padding: the last prompt token of every row must be real")
+        eos = () if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist())
+        if eos and pad_token_id is None:
+            pad_token_id = self.config.pad_token_id if self.config.pad_token_id is not None else eos[0]
+        key_valid = jnp.asarray(np.concatenate([valid, np.ones((b, max_new_tokens), bool)], axis=1))
+        caches = self.language_model.init_cache(b, n + max_new_tokens)
+        logits, caches = _prefill(self.language_model, emb.hidden, emb.position_ids, key_valid, caches)
+        next_pos = valid.sum(axis=1).astype(np.int32)  # (B,) first position after the prompt
+        out = np.zeros((b, max_new_tokens), np.int64)
+        done = np.zeros((b,), bool)
+        for step in range(max_new_tokens):
+            token = np.asarray(jnp.argmax(logits, axis=-1))
+            if eos:
+                token = np.where(done, pad_token_id, token)
+                done |= np.isin(token, eos)
+            out[:, step] = token
+            if step + 1 == max_new_tokens or (eos and done.all()):
+                out[:, step + 1:] = pad_token_id if eos else 0
+                break
+            logits, caches = _decode_step(self.language_model, jnp.asarray(token)[:, None],
+                                          jnp.asarray(next_pos + step)[:, None], key_valid, caches)
+        return out
+
+    def num_params(self) -> int:
+        return count_params(self)
+
+
+@nnx.jit
+def _image_features_jit(model: Llava, pixel_values):
+    return model._image_features(pixel_values)
+
+
+# Whole-model paths run as one compiled program each (rope, masks, all blocks, head): eager
+# dispatch of the small ops would cost more than the model itself at test sizes.
+
+
+@nnx.jit
+def _embed_tokens(decoder: Decoder, ids, feats, rows, cols):
+    """Token embeddings ``(B, N, d)`` with ``feats (K, d)`` written at ``(rows[k], cols[k])``."""
+    hidden = decoder.embed(ids)
+    return hidden.at[rows, cols].set(feats.astype(hidden.dtype))
+
+
+@nnx.jit
+def _forward(decoder: Decoder, x, position_ids, modality_mask):
+    """``x (B, N, d)`` embedded prompt -> logits ``(B, N, vocab)``."""
+    cos, sin = decoder.rope(position_ids)
+    return decoder.head(decoder(x, cos, sin, make_attention_mask(modality_mask != PAD)))
+
+
+@nnx.jit
+def _prefill(decoder: Decoder, x, position_ids, key_valid, caches: list[KVCache]):
+    """Fill the caches with the prompt; returns last-position logits ``(B, vocab)`` and caches."""
+    cos, sin = decoder.rope(position_ids)
+    mask = make_attention_mask(key_valid, num_queries=x.shape[1])
+    x, caches = decoder(x, cos, sin, mask, caches)
+    return decoder.head(x[:, -1:])[:, 0], caches
+
+
+@nnx.jit
+def _decode_step(decoder: Decoder, token, position_ids, key_valid, caches: list[KVCache]):
+    """One token per row: ``token (B, 1)`` at ``position_ids (B, 1)`` -> logits ``(B, vocab)``, caches."""
+    cos, sin = decoder.rope(position_ids)
+    mask = make_attention_mask(key_valid, query_offset=caches[0].index, num_queries=1)
+    x, caches = decoder(decoder.embed(token), cos, sin, mask, caches)
+    return decoder.head(x)[:, 0], caches
+
+
+def abstract_model(config: LlavaConfig, dtype=jnp.float32) -> Llava:
+    """The model with ``jax.ShapeDtypeStruct`` leaves (no memory), for shapes and parameter counts."""
+    return nnx.eval_shape(lambda: Llava(config, dtype=dtype, rngs=nnx.Rngs(0)))
+
+
+__all__ = ["CONFIGS", "CLIPVisionConfig", "CLIPVisionTower", "Embedded", "Llava", "LlavaConfig",
+           "Projector", "abstract_model", "get_config"]
