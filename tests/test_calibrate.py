@@ -103,7 +103,7 @@ def test_gradients_reach_every_learned_part(data, splitq_run):
     params, d = data
     cfg, r = splitq_run
     # gradient of the raw block MSE at the calibrated point (MAC's gate gets one even at 0)
-    grads = jax.grad(cal.loss_fn)(r.qparams, r.qconsts, d.batch(0, 4), cfg, BCFG)
+    grads = jax.jit(jax.grad(cal.loss_fn), static_argnums=(3, 4))(r.qparams, r.qconsts, d.batch(0, 4), cfg, BCFG)
     g = grads["attn_in"]
     leaves = {
         "p1": g["transform"]["p1"], "p2": g["transform"]["p2"], "c": g["transform"]["c"],

@@ -1,0 +1,10 @@
+"""Pallas kernels (Triton backend on GPU, interpreter on CPU), one folder per op.
+
+Each op has a public function with ``implementation=None | "xla" | "pallas"`` (None: Pallas on
+GPU, XLA elsewhere), a plain XLA reference with the same semantics, and the kernel.
+"""
+
+from splitq_jax.pallas.fake_quant import fake_quant
+from splitq_jax.pallas.quantize_pack import quantize_pack
+
+__all__ = ["fake_quant", "quantize_pack"]
