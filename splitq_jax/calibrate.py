@@ -131,6 +131,7 @@ def collect_stats(block_params: Tree, data: BlockData, cfg: MethodConfig, bcfg: 
             sel = mocd.select_channels(
                 xs, codes, k_t=k_t, k_v=k_v, selector=cfg.selector, n_clusters=cfg.n_clusters,
                 instability=cfg.instability, seed=cfg.seed, max_text_tokens=8192,
+                empty_cluster=cfg.empty_cluster,
             )
             st.text_idx = np.asarray(sel.text, np.int32)
             st.vision_idx = np.asarray(sel.vision, np.int32)

@@ -61,6 +61,7 @@ class MethodConfig:
     vision_ratio: float = 0.02
     n_clusters: int = 3  # K of Eq. 10
     instability: str = "kmeans"  # [choice] "kmeans" (Eq. 10) or "variance"
+    empty_cluster: str = "keep"  # k-means empty-cluster rule: "keep" the centre or "farthest" (sklearn)
     outlier_init: str = "identity"  # [choice] P_t / P_v start: "identity" or "random"
     main_path: str = "masked"  # [choice] "masked" (full width, zeroed columns) or "gathered"
     mocd_o_proj: bool = False  # [choice] split o_proj's input too
@@ -97,6 +98,7 @@ class MethodConfig:
         _one_of("diag_init", self.diag_init, ("smooth", "ones"))
         _one_of("instability", self.instability, ("kmeans", "variance"))
         _one_of("outlier_init", self.outlier_init, ("identity", "random"))
+        _one_of("empty_cluster", self.empty_cluster, ("keep", "farthest"))
         _one_of("main_path", self.main_path, ("masked", "gathered"))
         _one_of("text_tokens", self.text_tokens, ("non_vision", "answer"))
         _one_of("svd_of", self.svd_of, ("weight", "transformed"))

@@ -30,6 +30,15 @@ Public surface:
   (see :data:`SELECTORS`).
 * text-only data (no vision token): the vision score falls back to the max over all tokens.
 * ties in Eq. 9 share the lower rank (Eq. 9 counts *strictly* smaller magnitudes).
+* ``empty_cluster="keep" | "farthest"``: what Lloyd does with an empty cluster (see
+  :func:`kmeans_1d`).
+
+A property of Eq. 10 worth knowing (tests pin it down): with ``K >= 2`` the clusters absorb a
+response that switches between a few levels, so a channel that is at the bottom of the ranking on
+some tokens and at the top on others is *stable* by Eq. 10 unless each level is itself spread
+out; ``K = 1`` (plain variance) flags it. And Eq. 10 only separates channels when ordinary ones
+have fairly stable ranks: with i.i.d. zero-mean Gaussian-like channels every ordinary rank
+sequence is already ~uniform on [0, 1], which no channel can beat by much under ``K = 3``.
 """
 
 from __future__ import annotations
@@ -212,10 +221,14 @@ def quantile_init(x: jax.Array, k: int = 3, mask: Optional[jax.Array] = None) ->
       ``(C, k)`` float32 initial centres, ascending per row (0 for a row with no valid entry).
     """
     x = jnp.asarray(x, jnp.float32)
-    valid = _as_mask(mask, x.shape)
-    # Invalid entries sort to the end, so the first n_valid order statistics are the valid ones.
-    s = jnp.sort(jnp.where(valid, x, jnp.inf), axis=-1)
-    n = jnp.sum(valid, axis=-1, keepdims=True)  # (C, 1)
+    if mask is None:
+        s = jnp.sort(x, axis=-1)
+        n = jnp.full((x.shape[0], 1), x.shape[1], jnp.int32)
+    else:
+        valid = _as_mask(mask, x.shape)
+        # Invalid entries sort to the end, so the first n_valid order statistics are the valid ones.
+        s = jnp.sort(jnp.where(valid, x, jnp.inf), axis=-1)
+        n = jnp.sum(valid, axis=-1, keepdims=True, dtype=jnp.int32)  # (C, 1)
     q = (jnp.arange(k, dtype=jnp.float32) + 0.5) / k  # (k,)
     pos = q[None, :] * jnp.maximum(n - 1, 0).astype(jnp.float32)  # (C, k)
     lo = jnp.floor(pos).astype(jnp.int32)
@@ -227,33 +240,51 @@ def quantile_init(x: jax.Array, k: int = 3, mask: Optional[jax.Array] = None) ->
     return jnp.where(n > 0, c, 0.0)
 
 
-def _assign(x: jax.Array, centres: jax.Array) -> jax.Array:
-    """Nearest centre per entry, ties to the lowest index (as sklearn). (C,T),(C,k) -> (C,T) int8.
+def _boundaries(c: jax.Array) -> jax.Array:
+    """Decision boundaries of ascending centres ``(B, k) -> (B, k - 1)``.
 
-    A running argmin over the (small, static) k keeps memory at O(C*T) instead of materialising a
-    (C, T, k) distance tensor, which would be ~270 MB for 11008 x 2048 x 3.
+    Boundary ``j`` is the midpoint between ``c_j`` and the next *strictly larger* centre (+inf if
+    none). An entry's nearest centre, ties to the lowest index as in scikit-learn, is then the
+    number of boundaries it exceeds: equidistant entries (``x == boundary``) stay low, and of
+    equal centres only the first can win (the others' interval is empty).
     """
-    k = centres.shape[-1]
-    best_d = jnp.square(x - centres[:, :1])
-    # int8 labels: each Lloyd step reads them k times, and XLA:CPU materialises them; a quarter
-    # of the bytes of int32 makes the whole step ~1.5x faster.
-    best = jnp.zeros(x.shape, jnp.int8)
-    for j in range(1, k):
-        dj = jnp.square(x - centres[:, j : j + 1])
-        closer = dj < best_d  # strict: equidistant entries stay with the lower index
-        best = jnp.where(closer, jnp.int8(j), best)
-        best_d = jnp.where(closer, dj, best_d)
-    return best
+    k = c.shape[-1]
+    out = []
+    for j in range(k - 1):
+        nxt = jnp.full(c.shape[:-1], jnp.inf, c.dtype)
+        for i in range(j + 1, k):
+            nxt = jnp.minimum(nxt, jnp.where(c[:, i] > c[:, j], c[:, i], jnp.inf))
+        out.append(0.5 * (c[:, j] + nxt))
+    return jnp.stack(out, -1) if out else jnp.zeros(c.shape[:-1] + (0,), c.dtype)
 
 
-def _cluster_sums(x, labels, valid, k):
-    """Per-row, per-cluster (sum, count) over valid entries: (C, k), (C, k). ``valid`` may be None."""
-    sums, counts = [], []
-    for j in range(k):
-        in_j = labels == j if valid is None else valid & (labels == j)
-        sums.append(jnp.sum(jnp.where(in_j, x, 0.0), axis=-1))
-        counts.append(jnp.sum(in_j, axis=-1, dtype=jnp.int32))
-    return jnp.stack(sums, -1), jnp.stack(counts, -1)
+def _assign(x: jax.Array, bounds: jax.Array) -> jax.Array:
+    """Nearest-centre labels ``(B, T)`` int32 from :func:`_boundaries` ``(B, k - 1)``."""
+    labels = jnp.zeros(x.shape, jnp.int32)
+    for j in range(bounds.shape[-1]):
+        labels = labels + (x > bounds[:, j : j + 1])
+    return labels
+
+
+def _cluster_sums(x, valid, bounds, total, n_valid):
+    """Per-cluster (sum, count) ``(B, k)`` from tail sums over each boundary.
+
+    Cluster ``j`` holds the entries above boundary ``j - 1`` and not above boundary ``j``, so its
+    sum is a difference of two tail sums. That takes 2 (k - 1) fused passes with no label array;
+    XLA:CPU otherwise materialises a label and a masked copy of x per cluster (2-4x slower).
+    Callers centre each row first so the differences lose no precision.
+    """
+    tails_s, tails_n = [total], [n_valid]
+    for j in range(bounds.shape[-1]):
+        above = x > bounds[:, j : j + 1]
+        if valid is not None:
+            above = above & valid
+        tails_s.append(jnp.sum(jnp.where(above, x, 0.0), axis=-1))
+        tails_n.append(jnp.sum(above, axis=-1, dtype=jnp.int32))
+    tails_s.append(jnp.zeros_like(total))
+    tails_n.append(jnp.zeros_like(n_valid))
+    s, n = jnp.stack(tails_s, -1), jnp.stack(tails_n, -1)
+    return s[:, :-1] - s[:, 1:], n[:, :-1] - n[:, 1:]
 
 
 def _relocate_empty(x, valid, c_old, labels, sums, counts):
@@ -296,18 +327,29 @@ def _relocate_empty(x, valid, c_old, labels, sums, counts):
 def _lloyd_block(x, valid, init, k, n_iter, empty_cluster):
     """k-means on a block of rows: (B, T), (B, T) bool or None, (B, k) or None -> see kmeans_1d."""
     c0 = quantile_init(x, k, valid) if init is None else init
+    # Work on centred rows: k-means is shift-invariant, and centring keeps the tail-sum
+    # differences of _cluster_sums accurate for data far from 0 (sklearn centres too).
+    if valid is None:
+        n_valid = jnp.full(x.shape[:1], x.shape[1], jnp.int32)
+        mu = jnp.mean(x, axis=-1, keepdims=True)
+    else:
+        n_valid = jnp.sum(valid, axis=-1, dtype=jnp.int32)
+        mu = jnp.sum(jnp.where(valid, x, 0.0), -1, keepdims=True) / jnp.maximum(n_valid, 1)[:, None]
+    xc = x - mu
+    total = jnp.sum(xc if valid is None else jnp.where(valid, xc, 0.0), axis=-1)
 
     def step(c):
-        labels = _assign(x, c)
-        sums, counts = _cluster_sums(x, labels, valid, k)
+        bounds = _boundaries(c)
+        sums, counts = _cluster_sums(xc, valid, bounds, total, n_valid)
         if empty_cluster == "farthest" and k > 1:
-            # The relocation costs k - 1 extra passes; skip it when no row of the block needs it.
+            # The relocation costs k extra passes; skip it when no row of the block needs it.
             sums, counts = jax.lax.cond(
                 jnp.any(counts == 0),
-                lambda: _relocate_empty(x, valid, c, labels, sums, counts),
+                lambda: _relocate_empty(xc, valid, c, _assign(xc, bounds), sums, counts),
                 lambda: (sums, counts),
             )
-        return jnp.where(counts > 0, sums / jnp.maximum(counts, 1), c)
+        # Keep centres ascending (relocation can break the order; Lloyd itself never does).
+        return jnp.sort(jnp.where(counts > 0, sums / jnp.maximum(counts, 1), c), axis=-1)
 
     # A Lloyd step is a deterministic function of the centres alone, so once no centre of the
     # block changes (bitwise) every later step is the identity: stopping there gives exactly the
@@ -321,13 +363,14 @@ def _lloyd_block(x, valid, init, k, n_iter, empty_cluster):
         c_new = step(c)
         return i + 1, c_new, jnp.any(c_new != c)
 
+    c0 = jnp.sort(c0 - mu, axis=-1)
     _, centres, _ = jax.lax.while_loop(cond, body, (0, c0, jnp.array(True)))
-    labels = _assign(x, centres).astype(jnp.int32)
-    sq = jnp.square(x - jnp.take_along_axis(centres, labels, axis=-1))
-    if valid is None:
-        return centres, labels, jnp.sum(sq, axis=-1)
-    inertia = jnp.sum(jnp.where(valid, sq, 0.0), axis=-1)
-    return centres, jnp.where(valid, labels, -1), inertia
+    labels = _assign(xc, _boundaries(centres))
+    sq = jnp.square(xc - jnp.take_along_axis(centres, labels, axis=-1))
+    if valid is not None:
+        sq = jnp.where(valid, sq, 0.0)
+        labels = jnp.where(valid, labels, -1)
+    return centres + mu, labels, jnp.sum(sq, axis=-1)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "n_iter", "empty_cluster", "block_elems"))
@@ -345,9 +388,12 @@ def kmeans_1d(
     Each of the ``C`` rows (a channel) is a sequence of ``T`` scalars (its value on each token),
     clustered into ``k`` groups by ``n_iter`` Lloyd steps (assign each entry to its nearest
     centre, ties to the lower index as in scikit-learn; move each centre to the mean of its
-    members), vectorised over rows. Rows are processed in blocks of about ``block_elems``
-    entries (a ``fori_loop`` over blocks): a Lloyd step materialises a few ``(rows, T)`` arrays on CPU, so blocks
-    bound the working memory to ~6 * 4 * block_elems bytes whatever ``C`` is. Within a block the
+    members), vectorised over rows. In 1-D the nearest centre is found from the midpoints
+    between sorted centres, so a step is a handful of fused compare-and-sum passes over the
+    data and never builds a (rows, T, k) distance tensor. Rows are processed in blocks of about
+    ``block_elems`` entries (a ``fori_loop`` over blocks): XLA:CPU materialises a few
+    ``(rows, T)`` arrays per step, so blocks bound the working memory to a few times
+    4 * block_elems bytes (~40 MB by default) whatever ``C`` is. Within a block the
     loop is a ``lax.while_loop`` that leaves early only when no centre moved in the last step -
     a fixed point - so the result is bitwise that of exactly ``n_iter`` steps. From quantile
     starts 1-D Lloyd typically gets there in 5-40 steps; the default of 40 is a fixed point on
@@ -355,8 +401,8 @@ def kmeans_1d(
     convergence).
 
     Empty clusters [choice] ``empty_cluster``:
-      * ``"keep"`` (default): the centre stays where it was. Deterministic and cheap; from sorted
-        starts 1-D Lloyd keeps centres sorted, empty ones included. On strongly bimodal rows the
+      * ``"keep"`` (default): the centre stays where it was. Deterministic and cheap; 1-D Lloyd
+        keeps centres sorted, empty ones included. On strongly bimodal rows the
         middle quantile start can fall in the gap and stay empty, so such a row ends with fewer
         than ``k`` effective clusters (a larger inertia than the best ``k``-clustering).
       * ``"farthest"``: scikit-learn's rule (re-seed at the farthest entries), also
@@ -368,21 +414,21 @@ def kmeans_1d(
       n_iter: number of Lloyd steps (static).
       mask: optional ``(T,)`` or ``(C, T)`` boolean; False entries are ignored everywhere (e.g.
         padding of a ragged token set).
-      init: optional ``(C, k)`` initial centres; default :func:`quantile_init`.
+      init: optional ``(C, k)`` initial centres (any order); default :func:`quantile_init`.
       empty_cluster: ``"keep"`` or ``"farthest"`` (static).
       block_elems: rows per block = ``max(1, block_elems // T)`` (static).
 
     Returns:
-      centres: ``(C, k)`` float32, the final centres.
-      labels: ``(C, T)`` int32, nearest final centre per entry (the usual final E-step, so labels
+      centres: ``(C, k)`` float32, the final centres, ascending per row.
+      labels: ``(C, T)`` int32, index of the nearest final centre per entry (the usual final E-step, so labels
         and centres are consistent); ``-1`` for masked entries.
       inertia: ``(C,)`` float32, per-row sum of squared distances of valid entries to their
         centre.
     """
     if empty_cluster not in ("keep", "farthest"):
         raise ValueError(f"empty_cluster must be 'keep' or 'farthest', got {empty_cluster!r}")
-    if not 1 <= k <= 127:
-        raise ValueError(f"kmeans_1d: k must be in [1, 127] (labels are int8 internally), got {k}")
+    if k < 1:
+        raise ValueError(f"kmeans_1d: k must be >= 1, got {k}")
     x = jnp.asarray(x, jnp.float32)
     c, t = x.shape
     valid = None if mask is None else _as_mask(mask, x.shape)
@@ -421,9 +467,10 @@ def percentile_ranks(x: jax.Array) -> jax.Array:
     ``r_ij = |{j' : |x_ij'| < |x_ij|}| / (n - 1)`` with ``n`` the number of channels in ``x``
     (callers pass only the columns ``C \\ C_v``). Strictly-smaller counting means tied magnitudes
     share the *lower* rank ("min" ranking); this is what Eq. 9 says and it is deterministic, unlike
-    ordinal ranks whose tie order depends on the sort. Computed by one stable sort per row: in
-    sorted order the count of strictly smaller values is the position where the run of equal
-    values starts (a running max), which is then scattered back to the channel order.
+    ordinal ranks whose tie order depends on the sort. Computed by one sort per row: in sorted
+    order the count of strictly smaller values is the position where the run of equal values
+    starts (a running max), scattered back to channel order. That count does not depend on how
+    the sort orders equal values, so the result is the same on every backend.
     """
     a = jnp.abs(jnp.asarray(x, jnp.float32))
     t, n = a.shape
@@ -461,14 +508,18 @@ def rank_instability(
     Returns:
       ``(C,)`` float32 scores; larger = less stable relative response.
     """
-    ranks = jnp.asarray(ranks, jnp.float32)
-    valid = _as_mask(mask, ranks.shape)
-    n = jnp.maximum(jnp.sum(valid, axis=-1), 1).astype(jnp.float32)
-    if instability == "variance":
-        mean = jnp.sum(jnp.where(valid, ranks, 0.0), axis=-1, keepdims=True) / n[:, None]
-        return jnp.sum(jnp.where(valid, jnp.square(ranks - mean), 0.0), axis=-1) / n
-    if instability != "kmeans":
+    if instability not in INSTABILITY_VARIANTS:
         raise ValueError(f"instability must be one of {INSTABILITY_VARIANTS}, got {instability!r}")
+    ranks = jnp.asarray(ranks, jnp.float32)
+    valid = None if mask is None else _as_mask(mask, ranks.shape)
+    if valid is None:
+        n = jnp.full(ranks.shape[:1], max(ranks.shape[1], 1), jnp.float32)
+    else:
+        n = jnp.maximum(jnp.sum(valid, axis=-1), 1).astype(jnp.float32)
+    if instability == "variance":
+        w = jnp.ones_like(ranks) if valid is None else valid.astype(jnp.float32)
+        mean = jnp.sum(w * ranks, axis=-1, keepdims=True) / n[:, None]
+        return jnp.sum(w * jnp.square(ranks - mean), axis=-1) / n
     _, _, inertia = kmeans_1d(ranks, n_clusters, n_iter, valid, None, empty_cluster)
     return inertia / n
 
@@ -482,9 +533,13 @@ def _text_instability(text_rows, keep, n_clusters, instability, n_iter, empty_cl
     t = text_rows.shape[0]
     n_keep = keep.size
     ranks = np.empty((n_keep, t), np.float32)  # channel-major, what rank_instability wants
-    for lo in range(0, t, _RANK_TOKENS_PER_CHUNK):
-        block = np.asarray(text_rows[lo : lo + _RANK_TOKENS_PER_CHUNK][:, keep], np.float32)
-        ranks[:, lo : lo + block.shape[0]] = np.asarray(percentile_ranks(block)).T
+    chunk = min(t, _RANK_TOKENS_PER_CHUNK)
+    for lo in range(0, t, chunk):
+        block = np.asarray(text_rows[lo : lo + chunk][:, keep], np.float32)
+        m = block.shape[0]
+        if m < chunk:  # pad the ragged last chunk: one compiled shape per layer width
+            block = np.pad(block, ((0, chunk - m), (0, 0)))
+        ranks[:, lo : lo + m] = np.asarray(percentile_ranks(block))[:m].T
     rows_per_chunk = max(1, _KMEANS_ELEMS_PER_CHUNK // max(t, 1))
     out = []
     for lo in range(0, n_keep, rows_per_chunk):
@@ -627,6 +682,19 @@ def _check_inputs(x, modality):
     return x, modality
 
 
+def _masked_max(a, rows):
+    """Column max of ``a`` (N, d) over the rows where ``rows`` (N,) is True; 0 if none.
+
+    ``where=`` instead of ``a[rows]`` avoids copying the selected rows (often most of ``a``).
+    """
+    return np.max(a, axis=0, where=rows[:, None], initial=0.0)
+
+
+def _masked_sum(a, rows):
+    """Column sum of ``a`` (N, d) over the selected rows, in float64 (exact-enough means)."""
+    return np.sum(a, axis=0, where=rows[:, None], dtype=np.float64)
+
+
 def select_channels(
     x,
     modality,
@@ -682,10 +750,10 @@ def select_channels(
         raise ValueError("select_channels: every token is padding (modality == 0)")
 
     a = np.abs(x)
-    all_max = a[valid].max(axis=0)
-    all_mean = a[valid].mean(axis=0, dtype=np.float64).astype(np.float32)
-    text_max = a[is_text].max(axis=0) if n_text else np.zeros(d, np.float32)
-    vision_max = a[is_vision].max(axis=0) if is_vision.any() else None
+    all_max = _masked_max(a, valid)
+    all_mean = (_masked_sum(a, valid) / valid.sum()).astype(np.float32)
+    text_max = _masked_max(a, is_text)
+    vision_max = _masked_max(a, is_vision) if is_vision.any() else None
 
     text_rows = None
     if selector == "mocd":
@@ -785,8 +853,6 @@ def update_stats(stats: MocdStats, x, modality) -> MocdStats:
     a = np.abs(x)
     is_text, is_vision, valid = modality == TEXT, modality == VISION, modality != PAD
 
-    def run_max(old, rows):
-        return np.maximum(old, rows.max(axis=0)) if rows.shape[0] else old
 
     # Reservoir sampling (algorithm R): the i-th text token ever seen (0-based) replaces slot
     # j ~ U{0..i} if j < capacity. Drawing the j's from (seed, batch index) keeps the sample a
@@ -814,10 +880,10 @@ def update_stats(stats: MocdStats, x, modality) -> MocdStats:
 
     return dataclasses.replace(
         stats,
-        vision_max=run_max(stats.vision_max, a[is_vision]),
-        text_max=run_max(stats.text_max, a[is_text]),
-        all_max=run_max(stats.all_max, a[valid]),
-        all_sum=stats.all_sum + a[valid].sum(axis=0, dtype=np.float64),
+        vision_max=np.maximum(stats.vision_max, _masked_max(a, is_vision)),
+        text_max=np.maximum(stats.text_max, _masked_max(a, is_text)),
+        all_max=np.maximum(stats.all_max, _masked_max(a, valid)),
+        all_sum=stats.all_sum + _masked_sum(a, valid),
         n_vision=stats.n_vision + int(is_vision.sum()),
         n_text=stats.n_text + n_new,
         n_all=stats.n_all + int(valid.sum()),
