@@ -50,7 +50,8 @@ class BlockData(NamedTuple):
 
 
 @functools.lru_cache(maxsize=16)
-def _fp(bcfg: BlockConfig) -> Callable:
+def fp_block_jit(bcfg: BlockConfig) -> Callable:
+    """``jit(fp_block)`` for one block shape: ``(params, x, cos, sin, mask) -> y``."""
     return jax.jit(lambda p, x, c, s, m: fp_block(p, x, c, s, m, bcfg))
 
 
@@ -58,7 +59,7 @@ def make_block_data(block_params, x, cos, sin, mask, modality, bcfg: BlockConfig
     """Targets are the full-precision block applied to ``x``; the quantized block reads ``x_quant``
     (the previous block's quantized output) when given, else ``x`` too."""
     check_inputs(x, bcfg)
-    y = _fp(bcfg)(block_params, x, cos, sin, mask)
+    y = fp_block_jit(bcfg)(block_params, x, cos, sin, mask)
     return BlockData(x if x_quant is None else x_quant, y, cos, sin, mask, jnp.asarray(modality, jnp.int32))
 
 

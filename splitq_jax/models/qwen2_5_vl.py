@@ -142,11 +142,22 @@ CONFIGS: dict[str, Qwen2_5_VLConfig] = {
         image_token_id=120, video_token_id=121, vision_start_token_id=122, vision_end_token_id=123,
         bos_token_id=1, eos_token_id=(2,), pad_token_id=0,
     ),
+    # The embedded default of scripts/calibrate.py: toy widths, but the real vocabulary, special
+    # token ids and patch geometry, so the real Qwen2.5 tokenizer and image processor drive it.
+    "qwen2.5-vl-mini": Qwen2_5_VLConfig(
+        text=DecoderConfig(vocab_size=151936, hidden_size=128, intermediate_size=384, num_layers=4,
+                           num_heads=4, num_kv_heads=2, qkv_bias=True, rope_theta=1_000_000.0,
+                           rms_norm_eps=1e-6, tie_word_embeddings=True),
+        vision=VisionConfig(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
+                            window_size=112, fullatt_block_indexes=(1,), tokens_per_second=2),
+        mrope_section=(4, 6, 6),
+        pad_token_id=151643,
+    ),
 }
 
 
 def get_config(name: str) -> Qwen2_5_VLConfig:
-    """A named config (``qwen2.5-vl-3b``, ``qwen2.5-vl-7b``, ``qwen2.5-vl-tiny``)."""
+    """A named config (``qwen2.5-vl-3b``, ``qwen2.5-vl-7b``, ``qwen2.5-vl-tiny``, ``qwen2.5-vl-mini``)."""
     try:
         return CONFIGS[name]
     except KeyError:

@@ -1,0 +1,191 @@
+"""Whole-model calibration: embed the calibration set, then calibrate, fold and pack block by block.
+
+Only one block's activations are alive at a time: the full-precision inputs of block ``i + 1`` are
+the full-precision outputs of block ``i`` (FlatQuant), so the stream ``x_0 -> x_1 -> ...`` is carried
+forward and never stored whole. With ``block_inputs="quantized"`` a second stream, the outputs of the
+already-quantized blocks, is carried beside it and feeds the quantized block (targets stay FP).
+
+Each finished block is written to ``work_dir/block_XXX`` (atomically, by the caller's ``save_block``)
+and the calibration key of block ``i`` is ``fold_in(PRNGKey(seed), i)``, so a run resumed after a
+crash reproduces an uninterrupted run exactly: finished blocks are loaded, the FP stream is recomputed
+through them (cheap), and the quantized stream through their folded form.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from splitq_jax import calibrate as cal
+from splitq_jax import fold
+from splitq_jax.block import BlockConfig
+from splitq_jax.config import MethodConfig
+
+Tree = dict[str, Any]
+
+
+def block_config_of(text_cfg) -> BlockConfig:
+    """The calibration block shape of a model's decoder (``DecoderConfig``)."""
+    return BlockConfig(hidden=text_cfg.hidden_size, intermediate=text_cfg.intermediate_size,
+                       num_heads=text_cfg.num_heads, num_kv_heads=text_cfg.num_kv_heads,
+                       head_dim=text_cfg.resolved_head_dim, rms_eps=text_cfg.rms_norm_eps,
+                       qkv_bias=text_cfg.qkv_bias)
+
+
+@dataclass
+class Stream:
+    """Everything the blocks of one model see, for all calibration samples at once.
+
+    x: (S, N, d) block input; cos, sin: (S, N, hd); mask: (S, N, N) bool; modality: (S, N) int.
+    """
+
+    x: jax.Array
+    cos: jax.Array
+    sin: jax.Array
+    mask: jax.Array
+    modality: jax.Array
+
+
+def _left_pad(a: np.ndarray, n: int, value) -> np.ndarray:
+    pad = [(0, 0)] * a.ndim
+    pad[1] = (n - a.shape[1], 0)
+    return np.pad(a, pad, constant_values=value)
+
+
+def embed_batches(model, batches: Sequence[dict], family: str) -> Stream:
+    """Embed every batch with the model and left-pad them to one common length.
+
+    A batch is a dict of numpy arrays (``splitq_jax.calib_data.make_batches``): ``input_ids``,
+    ``attention_mask``, ``pixel_values`` (+ ``image_grid_thw`` for Qwen2.5-VL) and optionally
+    ``modality`` (codes 0 pad, 1 text, 2 vision, 3 answer), which overrides the model's own mask
+    so that answer tokens keep their code.
+    """
+    if not batches:
+        raise ValueError("no calibration batches: give at least one sample")
+    parts = []
+    for b in batches:
+        if family == "qwen2_5_vl":
+            emb = model.embed(b["input_ids"], b.get("pixel_values"), b.get("image_grid_thw"), b.get("attention_mask"))
+        elif family == "llava":
+            emb = model.embed(b["input_ids"], b.get("pixel_values"), b.get("attention_mask"))
+        else:
+            raise ValueError(f"unknown model family {family!r}")
+        cos, sin = model.rope(emb.position_ids)
+        modality = np.asarray(emb.modality_mask)
+        if "modality" in b:
+            given = np.asarray(b["modality"])
+            if not np.array_equal(given != cal.PAD, modality != cal.PAD) or not np.array_equal(
+                given == cal.VISION, modality == cal.VISION
+            ):
+                raise ValueError("the batch's modality mask disagrees with the model's image placeholders")
+            modality = given
+        parts.append((np.asarray(emb.hidden, np.float32), np.asarray(cos, np.float32),
+                      np.asarray(sin, np.float32), modality.astype(np.int32)))
+    n = max(p[0].shape[1] for p in parts)
+    x = np.concatenate([_left_pad(p[0], n, 0.0) for p in parts])
+    cos = np.concatenate([_left_pad(p[1], n, 1.0) for p in parts])
+    sin = np.concatenate([_left_pad(p[2], n, 0.0) for p in parts])
+    modality = np.concatenate([_left_pad(p[3], n, cal.PAD) for p in parts])
+    mask = model.attention_mask(jnp.asarray(modality))
+    return Stream(jnp.asarray(x), jnp.asarray(cos), jnp.asarray(sin), jnp.asarray(mask), jnp.asarray(modality))
+
+
+@dataclass
+class BlockReport:
+    index: int
+    init_loss: float
+    final_loss: float
+    seconds: float
+    resumed: bool = False
+    channels: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+@dataclass
+class ModelResult:
+    folded_blocks: list[Tree]
+    reports: list[BlockReport]
+
+
+def calibrate_model(
+    model,
+    stream: Stream,
+    cfg: MethodConfig,
+    *,
+    work_dir: str | Path | None = None,
+    save_block: Callable[[Path, Tree], None] | None = None,
+    load_block: Callable[[Path], Tree] | None = None,
+    resume: bool = False,
+    fail_after_block: int | None = None,
+    on_step: Callable[[int, int, float], None] | None = None,
+    on_block: Callable[[BlockReport], None] | None = None,
+) -> ModelResult:
+    """Calibrate every decoder block of ``model`` on ``stream``; returns the folded blocks.
+
+    Args:
+      work_dir: where finished blocks are kept for ``resume`` (with ``save_block`` / ``load_block``).
+      fail_after_block: test hook: raise after that block has been saved (simulates a crash).
+      on_step: ``(block, step, loss)`` after every optimiser step; on_block: after every block.
+    """
+    bcfg = block_config_of(model.config.text)
+    blocks = list(model.blocks)
+    if stream.x.shape[-1] != bcfg.hidden:
+        raise ValueError(f"stream width {stream.x.shape[-1]} != model hidden size {bcfg.hidden}")
+    work = Path(work_dir) if work_dir is not None else None
+    if resume and (work is None or load_block is None):
+        raise ValueError("resume needs a work directory and a block loader")
+    base_key = jax.random.PRNGKey(cfg.seed)
+    x_fp = stream.x
+    x_q = stream.x if cfg.block_inputs == "quantized" else None
+    folded_blocks: list[Tree] = []
+    reports: list[BlockReport] = []
+    for i, layer in enumerate(blocks):
+        t0 = time.time()
+        params = layer.block_params()
+        path = work / f"block_{i:03d}" if work is not None else None
+        if resume and path is not None and path.exists():
+            folded = load_block(path)
+            y_fp = cal.fp_block_jit(bcfg)(params, x_fp, stream.cos, stream.sin, stream.mask)
+            report = BlockReport(i, float("nan"), float("nan"), time.time() - t0, resumed=True)
+        else:
+            data = cal.make_block_data(params, x_fp, stream.cos, stream.sin, stream.mask, stream.modality, bcfg,
+                                       x_quant=x_q)
+            step_cb = (lambda t, loss, i=i: on_step(i, t, loss)) if on_step is not None else None
+            result = cal.calibrate_block(params, data, cfg, bcfg, key=jax.random.fold_in(base_key, i),
+                                         on_step=step_cb)
+            folded = fold.fold_block(result.qparams, result.qconsts, cfg)
+            y_fp = data.y
+            report = BlockReport(
+                i, result.init_loss, result.final_loss, time.time() - t0,
+                channels={g: {"text": int(len(s.text_idx)), "vision": int(len(s.vision_idx))}
+                          for g, s in result.stats.items()},
+            )
+            if path is not None and save_block is not None:
+                save_block(path, folded)
+        if x_q is not None:
+            x_q = _folded_forward(cfg, bcfg)(folded, x_q, stream.cos, stream.sin, stream.mask, stream.modality)
+        x_fp = y_fp
+        folded_blocks.append(folded)
+        reports.append(report)
+        if on_block is not None:
+            on_block(report)
+        if fail_after_block is not None and i == fail_after_block:
+            raise RuntimeError(f"injected failure after block {i}")
+    return ModelResult(folded_blocks, reports)
+
+
+_FOLDED_CACHE: dict = {}
+
+
+def _folded_forward(cfg: MethodConfig, bcfg: BlockConfig):
+    """``jit(folded_block_forward)`` per configuration (the quantized-input stream)."""
+    key = (cfg, bcfg)
+    if key not in _FOLDED_CACHE:
+        _FOLDED_CACHE[key] = jax.jit(
+            lambda f, x, c, s, m, mod: fold.folded_block_forward(f, x, c, s, m, mod, cfg, bcfg))
+    return _FOLDED_CACHE[key]
