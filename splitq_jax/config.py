@@ -169,3 +169,75 @@ def method_config(method: str, bits: str = "w4a4", **overrides: Any) -> MethodCo
         base.update(cws_ratio=0.03, mac_ratio=0.05)
     base.update(overrides)
     return MethodConfig(**base)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line and config files: one flag per MethodConfig field, same names (snake -> kebab).
+
+_CLI_SKIP = ("method", "w_bits", "a_bits")
+
+
+def add_method_args(parser) -> None:
+    """Add ``--method``, ``--bits`` and one ``--field-name`` flag per :class:`MethodConfig` field.
+
+    Flags default to None so that only what the user typed overrides the preset and ``--config``.
+    """
+    import argparse
+
+    parser.add_argument("--method", default=None, choices=METHODS, help="quantization method (default splitq)")
+    parser.add_argument("--bits", default=None, help=f"bit widths wXaY, e.g. {', '.join(BIT_PRESETS)} (default w4a4)")
+    group = parser.add_argument_group("method options (every field of splitq_jax.config.MethodConfig)")
+    defaults = MethodConfig()
+    for f in dataclasses.fields(MethodConfig):
+        if f.name in _CLI_SKIP:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if isinstance(default, bool):
+            group.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction,
+                               help=f"(splitq default: {default})")
+        else:
+            kind = {int: int, float: float, str: str}.get(type(default), _int_or_none)
+            group.add_argument(flag, dest=f.name, default=None, type=kind, help=f"(splitq default: {default})")
+
+
+def _int_or_none(s: str) -> int | None:
+    return None if s.lower() in ("none", "null", "") else int(s)
+
+
+def load_config_file(path) -> dict[str, Any]:
+    """A JSON object of MethodConfig fields (plus ``method`` and ``bits``); unknown keys are an error."""
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file {p} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a JSON object of option names to values")
+    known = {f.name for f in dataclasses.fields(MethodConfig)} | {"bits"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"config file {p}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return data
+
+
+def config_from_args(args, file_options: dict[str, Any] | None = None) -> MethodConfig:
+    """Preset of (method, bits) <- ``--config`` file options <- flags typed on the command line."""
+    opts = dict(file_options or {})
+    for f in dataclasses.fields(MethodConfig):
+        v = getattr(args, f.name, None)
+        if v is not None and f.name not in _CLI_SKIP:
+            opts[f.name] = v
+    method = args.method or opts.pop("method", None) or "splitq"
+    opts.pop("method", None)
+    bits = args.bits or opts.pop("bits", None) or "w4a4"
+    opts.pop("bits", None)
+    for k in ("w_bits", "a_bits"):
+        if k in opts:
+            raise ConfigError(f"set bit widths with 'bits' (e.g. \"w4a4\"), not {k!r}")
+    return method_config(method, bits, **opts)

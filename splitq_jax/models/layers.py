@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 Array = jax.Array
@@ -391,6 +392,68 @@ class Decoder(nnx.Module):
     def rope(self, position_ids: Array) -> tuple[Array, Array]:
         """1-D rotary tables for ``position_ids (B, N)``: ``(cos, sin)`` each ``(B, N, hd)``."""
         return rope_cos_sin(position_ids, self.config.resolved_head_dim, self.config.rope_theta, self.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Whole-decoder paths shared by every family. Each runs as one compiled program (rope, masks, all
+# blocks, head); ``mrope_section`` (static) selects Qwen2.5-VL's M-RoPE, None the plain 1-D rope.
+
+
+@functools.partial(jax.jit, static_argnames=("head_dim", "theta", "mrope_section", "dtype"))
+def mrope_cos_sin(position_ids: Array, head_dim: int, theta: float, mrope_section: Sequence[int],
+                  dtype=jnp.float32) -> tuple[Array, Array]:
+    """M-RoPE tables for ``position_ids (3, B, N)`` (or 1-D ``(B, N)``): ``(cos, sin)`` each ``(B, N, hd)``.
+
+    Frequency slot ``k < hd/2`` takes its angle from the temporal, height or width position according
+    to which ``mrope_section`` it falls in; both halves of the head reuse the same slots
+    (rotate-half convention).
+    """
+    if position_ids.ndim == 2:
+        position_ids = jnp.broadcast_to(position_ids[None], (3,) + position_ids.shape)
+    freqs = position_ids.astype(jnp.float32)[..., None] * rope_inv_freq(head_dim, theta)  # (3,B,N,hd/2)
+    axis_of_slot = np.repeat(np.arange(3), mrope_section)  # (hd/2,) which of t/h/w drives each slot
+    freqs = jnp.moveaxis(freqs[axis_of_slot, ..., np.arange(axis_of_slot.size)], 0, -1)  # (B,N,hd/2)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def decoder_rope(decoder: "Decoder", position_ids: Array, mrope_section) -> tuple[Array, Array]:
+    """``(cos, sin)`` for 1-D ``(B, N)`` positions, or M-RoPE ``(3, B, N)`` ones with a section."""
+    if mrope_section is None:
+        return decoder.rope(position_ids)
+    t = decoder.config
+    return mrope_cos_sin(position_ids, head_dim=t.resolved_head_dim, theta=t.rope_theta,
+                         mrope_section=tuple(mrope_section), dtype=decoder.dtype)
+
+
+@nnx.jit
+def decoder_head(decoder: "Decoder", x: Array) -> Array:
+    return decoder.head(x)
+
+
+@functools.partial(nnx.jit, static_argnums=4)
+def decoder_forward(decoder: "Decoder", x, position_ids, modality_mask, mrope_section=None):
+    """Logits ``(B, N, vocab)`` from embeddings ``(B, N, d)``, positions and the ``(B, N)`` modality mask."""
+    cos, sin = decoder_rope(decoder, position_ids, mrope_section)
+    return decoder.head(decoder(x, cos, sin, make_attention_mask(modality_mask != 0)))
+
+
+@functools.partial(nnx.jit, static_argnums=5)
+def decoder_prefill(decoder: "Decoder", x, position_ids, key_valid, caches, mrope_section=None):
+    """Fill the caches with the prompt; returns last-position logits ``(B, vocab)`` and caches."""
+    cos, sin = decoder_rope(decoder, position_ids, mrope_section)
+    mask = make_attention_mask(key_valid, num_queries=x.shape[1])
+    x, caches = decoder(x, cos, sin, mask, caches)
+    return decoder.head(x[:, -1:])[:, 0], caches
+
+
+@functools.partial(nnx.jit, static_argnums=5)
+def decoder_decode_step(decoder: "Decoder", token, position_ids, key_valid, caches, mrope_section=None):
+    """One token per row: ``token (B, 1)`` at 1-D ``position_ids (B, 1)`` -> logits ``(B, vocab)``, caches."""
+    cos, sin = decoder_rope(decoder, position_ids, mrope_section)
+    mask = make_attention_mask(key_valid, query_offset=caches[0].index, num_queries=1)
+    x, caches = decoder(decoder.embed(token), cos, sin, mask, caches)
+    return decoder.head(x)[:, 0], caches
 
 
 def count_params(module: nnx.Module) -> int:

@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from splitq_jax.models.layers import (
+    decoder_decode_step, decoder_forward, decoder_prefill,
     Array,
     Decoder,
     DecoderConfig,
@@ -412,7 +413,7 @@ class Llava(nnx.Module):
     def __call__(self, input_ids, pixel_values=None, attention_mask=None) -> Array:
         """Logits ``(B, N, vocab)`` (rows at padding positions are meaningless)."""
         emb = self.embed(input_ids, pixel_values, attention_mask)
-        return _forward(self.language_model, emb.hidden, emb.position_ids, emb.modality_mask)
+        return decoder_forward(self.language_model, emb.hidden, emb.position_ids, emb.modality_mask)
 
     def generate(self, input_ids, pixel_values=None, attention_mask=None, *, max_new_tokens: int,
                  eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None) -> np.ndarray:
@@ -432,7 +433,7 @@ class Llava(nnx.Module):
             pad_token_id = self.config.pad_token_id if self.config.pad_token_id is not None else eos[0]
         key_valid = jnp.asarray(np.concatenate([valid, np.ones((b, max_new_tokens), bool)], axis=1))
         caches = self.language_model.init_cache(b, n + max_new_tokens)
-        logits, caches = _prefill(self.language_model, emb.hidden, emb.position_ids, key_valid, caches)
+        logits, caches = decoder_prefill(self.language_model, emb.hidden, emb.position_ids, key_valid, caches)
         next_pos = valid.sum(axis=1).astype(np.int32)  # (B,) first position after the prompt
         out = np.zeros((b, max_new_tokens), np.int64)
         done = np.zeros((b,), bool)
@@ -445,7 +446,7 @@ class Llava(nnx.Module):
             if step + 1 == max_new_tokens or (eos and done.all()):
                 out[:, step + 1:] = pad_token_id if eos else 0
                 break
-            logits, caches = _decode_step(self.language_model, jnp.asarray(token)[:, None],
+            logits, caches = decoder_decode_step(self.language_model, jnp.asarray(token)[:, None],
                                           jnp.asarray(next_pos + step)[:, None], key_valid, caches)
         return out
 
@@ -467,31 +468,6 @@ def _embed_tokens(decoder: Decoder, ids, feats, rows, cols):
     """Token embeddings ``(B, N, d)`` with ``feats (K, d)`` written at ``(rows[k], cols[k])``."""
     hidden = decoder.embed(ids)
     return hidden.at[rows, cols].set(feats.astype(hidden.dtype))
-
-
-@nnx.jit
-def _forward(decoder: Decoder, x, position_ids, modality_mask):
-    """``x (B, N, d)`` embedded prompt -> logits ``(B, N, vocab)``."""
-    cos, sin = decoder.rope(position_ids)
-    return decoder.head(decoder(x, cos, sin, make_attention_mask(modality_mask != PAD)))
-
-
-@nnx.jit
-def _prefill(decoder: Decoder, x, position_ids, key_valid, caches: list[KVCache]):
-    """Fill the caches with the prompt; returns last-position logits ``(B, vocab)`` and caches."""
-    cos, sin = decoder.rope(position_ids)
-    mask = make_attention_mask(key_valid, num_queries=x.shape[1])
-    x, caches = decoder(x, cos, sin, mask, caches)
-    return decoder.head(x[:, -1:])[:, 0], caches
-
-
-@nnx.jit
-def _decode_step(decoder: Decoder, token, position_ids, key_valid, caches: list[KVCache]):
-    """One token per row: ``token (B, 1)`` at ``position_ids (B, 1)`` -> logits ``(B, vocab)``, caches."""
-    cos, sin = decoder.rope(position_ids)
-    mask = make_attention_mask(key_valid, query_offset=caches[0].index, num_queries=1)
-    x, caches = decoder(decoder.embed(token), cos, sin, mask, caches)
-    return decoder.head(x)[:, 0], caches
 
 
 def abstract_model(config: LlavaConfig, dtype=jnp.float32) -> Llava:

@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from splitq_jax.models import layers
+from splitq_jax.models.layers import mrope_cos_sin
 from splitq_jax.models.layers import (Array, Decoder, DecoderConfig, GatedMLP, KVCache, Linear, RMSNorm,
                                       count_params, dot_product_attention, make_attention_mask)
 
@@ -279,24 +280,6 @@ def get_rope_index(input_ids: np.ndarray, cfg: Qwen2_5_VLConfig, *, attention_ma
     return position_ids.astype(np.int32), deltas.astype(np.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("head_dim", "theta", "mrope_section", "dtype"))
-def mrope_cos_sin(position_ids: Array, head_dim: int, theta: float, mrope_section: Sequence[int],
-                  dtype=jnp.float32) -> tuple[Array, Array]:
-    """M-RoPE tables for ``position_ids (3, B, N)`` (or 1-D ``(B, N)``): ``(cos, sin)`` each ``(B, N, hd)``.
-
-    Frequency slot ``k < hd/2`` takes its angle from the temporal, height or width position according
-    to which ``mrope_section`` it falls in; both halves of the head reuse the same slots
-    (rotate-half convention).
-    """
-    if position_ids.ndim == 2:
-        position_ids = jnp.broadcast_to(position_ids[None], (3,) + position_ids.shape)
-    freqs = position_ids.astype(jnp.float32)[..., None] * layers.rope_inv_freq(head_dim, theta)  # (3,B,N,hd/2)
-    axis_of_slot = np.repeat(np.arange(3), mrope_section)  # (hd/2,) which of t/h/w drives each slot
-    freqs = jnp.moveaxis(freqs[axis_of_slot, ..., np.arange(axis_of_slot.size)], 0, -1)  # (B,N,hd/2)
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
-
-
 # --------------------------------------------------------------------------------------------
 # Vision tower
 # --------------------------------------------------------------------------------------------
@@ -491,7 +474,7 @@ class Qwen2_5_VL(nnx.Module):
 
     def head(self, hidden: Array) -> Array:
         """Final RMSNorm + LM head: ``(B, N, d)`` -> logits ``(B, N, vocab)``."""
-        return _head(self.language_model, hidden)
+        return layers.decoder_head(self.language_model, hidden)
 
     # -- whole model --------------------------------------------------------------------------
 
@@ -503,7 +486,7 @@ class Qwen2_5_VL(nnx.Module):
         to ``arange(N)`` (its ``generate`` again skips padding, as we do).
         """
         emb = self.embed(input_ids, pixel_values, image_grid_thw, attention_mask, **vision_kw)
-        return _forward(self.language_model, emb.hidden, emb.position_ids, emb.modality_mask,
+        return layers.decoder_forward(self.language_model, emb.hidden, emb.position_ids, emb.modality_mask,
                         tuple(self.config.mrope_section))
 
     def generate(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None, *,
@@ -527,7 +510,7 @@ class Qwen2_5_VL(nnx.Module):
         key_valid = jnp.asarray(np.concatenate([valid, np.ones((b, max_new_tokens), bool)], axis=1))
         caches = self.language_model.init_cache(b, total)
         section = tuple(self.config.mrope_section)
-        logits, caches = _prefill(self.language_model, emb.hidden, emb.position_ids, key_valid, caches, section)
+        logits, caches = layers.decoder_prefill(self.language_model, emb.hidden, emb.position_ids, key_valid, caches, section)
         # Generated tokens continue after the largest position used so far (HF's rope_deltas rule).
         next_pos = jnp.max(emb.position_ids, axis=(0, 2)) + 1  # (B,)
         out = np.zeros((b, max_new_tokens), np.int64)
@@ -542,7 +525,7 @@ class Qwen2_5_VL(nnx.Module):
                 out[:, step + 1:] = pad_token_id if eos else 0
                 break
             pos = (next_pos + step)[:, None]
-            logits, caches = _decode_step(self.language_model, jnp.asarray(token)[:, None], pos,
+            logits, caches = layers.decoder_decode_step(self.language_model, jnp.asarray(token)[:, None], pos,
                                           key_valid, caches, section)
         return out
 
@@ -552,42 +535,6 @@ class Qwen2_5_VL(nnx.Module):
 
 # Whole-model paths are one compiled program each (rope, mask, every block, head): compiling
 # per shape once is far cheaper than dispatching the ops one by one.
-
-
-def _decoder_rope(decoder: Decoder, position_ids, section):
-    t = decoder.config
-    return mrope_cos_sin(position_ids, head_dim=t.resolved_head_dim, theta=t.rope_theta,
-                         mrope_section=section, dtype=decoder.dtype)
-
-
-@nnx.jit
-def _head(decoder: Decoder, x):
-    return decoder.head(x)
-
-
-@functools.partial(nnx.jit, static_argnums=4)
-def _forward(decoder: Decoder, x, position_ids, modality_mask, section):
-    """Logits ``(B, N, vocab)`` from embeddings ``(B, N, d)``, positions ``(3, B, N)``, modality ``(B, N)``."""
-    cos, sin = _decoder_rope(decoder, position_ids, section)
-    return decoder.head(decoder(x, cos, sin, make_attention_mask(modality_mask != PAD)))
-
-
-@functools.partial(nnx.jit, static_argnums=5)
-def _prefill(decoder: Decoder, x, position_ids, key_valid, caches, section):
-    """Fill the caches with the prompt; returns last-position logits ``(B, vocab)`` and caches."""
-    cos, sin = _decoder_rope(decoder, position_ids, section)
-    mask = make_attention_mask(key_valid, num_queries=x.shape[1])
-    x, caches = decoder(x, cos, sin, mask, caches)
-    return decoder.head(x[:, -1:])[:, 0], caches
-
-
-@functools.partial(nnx.jit, static_argnums=5)
-def _decode_step(decoder: Decoder, token, position_ids, key_valid, caches, section):
-    """One token per row: ``token (B, 1)``, 1-D ``position_ids (B, 1)`` -> logits ``(B, vocab)``, caches."""
-    cos, sin = _decoder_rope(decoder, position_ids, section)
-    mask = make_attention_mask(key_valid, query_offset=caches[0].index, num_queries=1)
-    x, caches = decoder(decoder.embed(token), cos, sin, mask, caches)
-    return decoder.head(x)[:, 0], caches
 
 
 def abstract_model(config: Qwen2_5_VLConfig, dtype=jnp.float32) -> Qwen2_5_VL:
