@@ -92,7 +92,8 @@ class GroupStats:
 
 
 @functools.lru_cache(maxsize=16)
-def _capture(bcfg: BlockConfig) -> Callable:
+def group_inputs_jit(bcfg: BlockConfig) -> Callable:
+    """``jit`` of the FP block returning each group's input: ``(params, x, cos, sin, mask) -> {group: x}``."""
     @jax.jit
     def capture(params, x, cos, sin, mask):
         cap: dict[str, jax.Array] = {}
@@ -111,7 +112,7 @@ def collect_stats(block_params: Tree, data: BlockData, cfg: MethodConfig, bcfg: 
     s = data.x.shape[0]
     mod = np.asarray(data.modality)
     for i in range(0, s, batch_size):
-        cap = _capture(bcfg)(block_params, data.x[i:i + batch_size], data.cos[i:i + batch_size], data.sin[i:i + batch_size],
+        cap = group_inputs_jit(bcfg)(block_params, data.x[i:i + batch_size], data.cos[i:i + batch_size], data.sin[i:i + batch_size],
                       data.mask[i:i + batch_size])
         for g in GROUPS:
             pooled[g].append(np.asarray(cap[g]).reshape(-1, cap[g].shape[-1]))

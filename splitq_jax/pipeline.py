@@ -13,6 +13,8 @@ through them (cheap), and the quantized stream through their folded form.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,7 +153,7 @@ def calibrate_model(
         if resume and path is not None and path.exists():
             folded = load_block(path)
             y_fp = cal.fp_block_jit(bcfg)(params, x_fp, stream.cos, stream.sin, stream.mask)
-            report = BlockReport(i, float("nan"), float("nan"), time.time() - t0, resumed=True)
+            report = _read_report(path, i)
         else:
             data = cal.make_block_data(params, x_fp, stream.cos, stream.sin, stream.mask, stream.modality, bcfg,
                                        x_quant=x_q)
@@ -166,6 +168,7 @@ def calibrate_model(
                           for g, s in result.stats.items()},
             )
             if path is not None and save_block is not None:
+                _write_report(path, report)  # first: a block counts as done once its folded state exists
                 save_block(path, folded)
         if x_q is not None:
             x_q = _folded_forward(cfg, bcfg)(folded, x_q, stream.cos, stream.sin, stream.mask, stream.modality)
@@ -177,6 +180,27 @@ def calibrate_model(
         if fail_after_block is not None and i == fail_after_block:
             raise RuntimeError(f"injected failure after block {i}")
     return ModelResult(folded_blocks, reports)
+
+
+def _report_path(block_path) -> Path:
+    return Path(str(block_path) + ".json")
+
+
+def _write_report(block_path, report: BlockReport) -> None:
+    p = _report_path(block_path)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(dataclasses.asdict(report)))
+    tmp.replace(p)
+
+
+def _read_report(block_path, index: int) -> BlockReport:
+    p = _report_path(block_path)
+    if not p.exists():
+        raise FileNotFoundError(f"block {index} is saved at {block_path} but its report {p} is missing; "
+                                "rerun without --resume")
+    r = BlockReport(**json.loads(p.read_text()))
+    r.resumed = True
+    return r
 
 
 _FOLDED_CACHE: dict = {}

@@ -1,0 +1,98 @@
+"""Quantize a vision-language model to a low-bit checkpoint.
+
+    python scripts/calibrate.py                                   # embedded default model, offline
+    python scripts/calibrate.py --model qwen2.5-vl-3b --method splitq --bits w4a4 --out ckpt/qwen3b-w4a4
+    python scripts/calibrate.py --model /path/to/hf_dir --calib-data my.jsonl --samples 64 --resume
+
+Every option of the method (see ``splitq_jax/config.py``) is a flag of the same name; ``--config
+FILE`` reads them from JSON (flags typed on the command line win). Exit status 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tqdm import tqdm  # noqa: E402
+
+from converters.hf import ConversionError  # noqa: E402
+from splitq_jax import quantize as qz  # noqa: E402
+from splitq_jax.calib_data import CalibDataError  # noqa: E402
+from splitq_jax.config import ConfigError, add_method_args, config_from_args, load_config_file  # noqa: E402
+from splitq_jax.quant import QuantError  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None,
+                    help="named config (qwen2.5-vl-3b, qwen2.5-vl-7b, llava-1.5-7b, llava-1.5-13b), HF directory "
+                         "or hub id; default: the embedded tiny Qwen2.5-VL (offline)")
+    ap.add_argument("--out", default=None, help="output directory (default runs/<model>-<method>-<bits>)")
+    ap.add_argument("--samples", type=int, default=128, help="calibration samples (default 128)")
+    ap.add_argument("--calib-data", default="default", help="'default' (bundled set) or a JSONL file")
+    ap.add_argument("--calib-batch-size", type=int, default=8, help="samples per embedding batch")
+    ap.add_argument("--max-tokens", type=int, default=None, help="cut samples longer than this")
+    ap.add_argument("--resume", action="store_true", help="continue an interrupted run from its last block")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    ap.add_argument("--quantize-vision", action="store_true", help="also quantize the vision tower (paper A.4)")
+    ap.add_argument("--config", default=None, help="JSON file of method options")
+    add_method_args(ap)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = config_from_args(args, load_config_file(args.config) if args.config else None)
+        if args.samples < 1:
+            raise qz.QuantizeError(f"--samples must be at least 1, got {args.samples}")
+        if args.quantize_vision:
+            raise qz.QuantizeError("--quantize-vision is not available yet: only the language model is "
+                                   "quantized; run without it")
+        handle = qz.load_model_for_calibration(args.model, seed=cfg.seed)
+        out = Path(args.out or f"runs/{handle.name.replace('/', '_')}-{cfg.method}-{cfg.bits}")
+        # Fail on the output directory before spending minutes on data and calibration.
+        if out.exists() and not args.overwrite:
+            raise qz.QuantizeError(f"output directory {out} already exists; pass --overwrite to replace it "
+                                   "or choose another --out")
+        t0 = time.time()
+        stream = qz.calibration_stream(handle, source=args.calib_data, samples=args.samples, seed=cfg.seed,
+                                       batch_size=args.calib_batch_size, max_tokens=args.max_tokens)
+        print(f"{handle.name}: {cfg.method} {cfg.bits}; {stream.x.shape[0]} samples x {stream.x.shape[1]} tokens "
+              f"({time.time() - t0:.1f} s to prepare)")
+        bars: dict[int, tqdm] = {}
+        steps_per_block = cfg.epochs * (stream.x.shape[0] // min(cfg.batch_size, stream.x.shape[0])) if cfg.trains else 0
+
+        def on_step(block: int, step: int, loss: float) -> None:
+            if block not in bars:
+                bars[block] = tqdm(total=steps_per_block, desc=f"block {block:>3}", leave=False)
+            bars[block].update(1)
+            bars[block].set_postfix(loss=f"{loss:.4g}")
+
+        def on_block(r) -> None:
+            if r.index in bars:
+                bars.pop(r.index).close()
+            state = "resumed" if r.resumed else f"{r.init_loss:.4g} -> {r.final_loss:.4g}"
+            tqdm.write(f"block {r.index:>3}: mse {state} ({r.seconds:.1f} s)")
+
+        data_record = {"source": args.calib_data, "samples": int(stream.x.shape[0]),
+                       "tokens": int(stream.x.shape[1]), "seed": cfg.seed}
+        path, result = qz.quantize_model(handle, stream, cfg, out, data_record=data_record,
+                                         overwrite=args.overwrite, resume=args.resume,
+                                         on_step=on_step, on_block=on_block)
+    except (ConfigError, QuantError, ConversionError, CalibDataError, qz.QuantizeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"\n{'block':>5} {'init mse':>12} {'final mse':>12} {'seconds':>9}")
+    for r in result.reports:
+        print(f"{r.index:>5} {r.init_loss:>12.5g} {r.final_loss:>12.5g} {r.seconds:>9.1f}")
+    print(f"\nwrote {path} in {time.time() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Per-channel activation magnitude of text and vision tokens at one layer, MOCD channels marked.
+
+    python scripts/plot_channels.py [--model NAME_OR_PATH] [--layer 1] [--group mlp_in] --out channels.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from splitq_jax import analysis  # noqa: E402
+from splitq_jax import quantize as qz  # noqa: E402
+from splitq_jax.block import GROUPS  # noqa: E402
+from splitq_jax.config import add_method_args, config_from_args  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="as in scripts/calibrate.py (default: embedded model)")
+    ap.add_argument("--layer", type=int, default=None, help="decoder block index (default: the middle one)")
+    ap.add_argument("--group", default="attn_in", choices=list(GROUPS), help="which linear group's input")
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--calib-data", default="default")
+    ap.add_argument("--out", default="channels.png")
+    add_method_args(ap)
+    args = ap.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        handle = qz.load_model_for_calibration(args.model, seed=cfg.seed)
+        stream = qz.calibration_stream(handle, source=args.calib_data, samples=args.samples, seed=cfg.seed)
+        layer = len(list(handle.model.blocks)) // 2 if args.layer is None else args.layer
+        prof = analysis.channel_profile(handle.model, stream, layer, args.group, cfg)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    analysis.plot_profile(prof, args.out, f"{handle.name}: layer {layer}, {args.group} input")
+    print(f"wrote {args.out}: text channels {prof.split.text.tolist()}, vision channels {prof.split.vision.tolist()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
