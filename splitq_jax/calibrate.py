@@ -27,7 +27,7 @@ from splitq_jax import split_linear as sl
 from splitq_jax.block import GROUPS, BlockConfig, block_forward, fp_block
 from splitq_jax.config import MethodConfig
 
-PAD, TEXT, VISION, ANSWER = 0, 1, 2, 3
+from splitq_jax.modality import ANSWER, PAD, TEXT, VISION  # noqa: F401  (re-exported)
 Tree = dict[str, Any]
 
 

@@ -73,7 +73,7 @@ __all__ = [
 ]
 
 # Modality codes of the per-token ``modality`` array used across the project.
-PAD, TEXT, VISION = 0, 1, 2
+from splitq_jax.modality import PAD, TEXT, VISION
 
 # Selector -> which outlier group receives the *top* of its ranking. Single-score selectors produce
 # one ranking of all channels; [choice] its top ``k`` go to the group the score is about and the next

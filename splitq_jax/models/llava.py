@@ -43,7 +43,7 @@ from splitq_jax.models.layers import (
 )
 
 # Per-position modality codes returned by ``Llava.embed`` (the project-wide convention).
-PAD, TEXT, VISION = 0, 1, 2
+from splitq_jax.modality import PAD, TEXT, VISION  # noqa: F401
 
 
 # --------------------------------------------------------------------------------------------

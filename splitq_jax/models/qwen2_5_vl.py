@@ -37,7 +37,7 @@ from splitq_jax.models.layers import (Array, Decoder, DecoderConfig, GatedMLP, K
                                       count_params, dot_product_attention, make_attention_mask)
 
 # Per-position modality codes returned by ``Qwen2_5_VL.embed``.
-PAD, TEXT, VISION = 0, 1, 2
+from splitq_jax.modality import PAD, TEXT, VISION  # noqa: F401
 
 
 # --------------------------------------------------------------------------------------------
