@@ -6,5 +6,6 @@ GPU, XLA elsewhere), a plain XLA reference with the same semantics, and the kern
 
 from splitq_jax.pallas.fake_quant import fake_quant
 from splitq_jax.pallas.quantize_pack import quantize_pack
+from splitq_jax.pallas.split_gemm import split_gemm
 
-__all__ = ["fake_quant", "quantize_pack"]
+__all__ = ["fake_quant", "quantize_pack", "split_gemm"]

@@ -1,0 +1,26 @@
+"""The packed split GEMM: int8 activations x packed low-bit weights, with the outlier-group and
+low-rank branch products, the dequantizing epilogue and the bias in one Pallas kernel."""
+
+from splitq_jax.pallas.split_gemm.api import split_gemm
+from splitq_jax.pallas.split_gemm.kernel import split_gemm_pallas
+from splitq_jax.pallas.split_gemm.operands import (
+    GemmWeight,
+    QuantizedActs,
+    folded_weights,
+    gemm_weight,
+    quantize_acts,
+    quantized_acts,
+)
+from splitq_jax.pallas.split_gemm.reference import split_gemm_xla
+
+__all__ = [
+    "GemmWeight",
+    "QuantizedActs",
+    "folded_weights",
+    "gemm_weight",
+    "quantize_acts",
+    "quantized_acts",
+    "split_gemm",
+    "split_gemm_pallas",
+    "split_gemm_xla",
+]
