@@ -124,7 +124,6 @@ def quantize_model(
         resume=resume, fail_after_block=fail_after_block, on_step=on_step, on_block=on_block,
     )
     manifest_extra = {
-        "model_name": handle.name,
         "source_dir": handle.source_dir,
         "data": data_record,
         "blocks": [
@@ -133,8 +132,8 @@ def quantize_model(
             for r in result.reports
         ],
     }
-    path = export.save_quantized(out_dir, model=handle.model, family=handle.family,
-                                 folded_blocks=result.folded_blocks, method_config=cfg,
-                                 manifest_extra=manifest_extra, overwrite=overwrite)
+    path = export.save_quantized(out_dir, family=handle.family, model_config=handle.model.config,
+                                 fp_params=handle.model, folded_blocks=result.folded_blocks, method_config=cfg,
+                                 manifest_extra=manifest_extra, model_name=handle.name, overwrite=overwrite)
     shutil.rmtree(work, ignore_errors=True)
     return Path(path), result
