@@ -23,6 +23,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from splitq_jax.models.layers import KVCache
+
 GROUPS: dict[str, tuple[str, ...]] = {
     "attn_in": ("q_proj", "k_proj", "v_proj"),
     "attn_out": ("o_proj",),
@@ -44,6 +46,14 @@ class BlockConfig:
     head_dim: int | None = None
     rms_eps: float = 1e-6
     qkv_bias: bool = True
+
+    @classmethod
+    def from_decoder(cls, text_cfg) -> "BlockConfig":
+        """The block shape of a model's decoder (a ``splitq_jax.models.layers.DecoderConfig``)."""
+        return cls(hidden=text_cfg.hidden_size, intermediate=text_cfg.intermediate_size,
+                   num_heads=text_cfg.num_heads, num_kv_heads=text_cfg.num_kv_heads,
+                   head_dim=text_cfg.resolved_head_dim, rms_eps=text_cfg.rms_norm_eps,
+                   qkv_bias=text_cfg.qkv_bias)
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -111,7 +121,8 @@ def block_forward(
     cfg: BlockConfig,
     *,
     capture: dict[str, jax.Array] | None = None,
-) -> jax.Array:
+    cache: KVCache | None = None,
+) -> jax.Array | tuple[jax.Array, KVCache]:
     """One decoder block. ``x: (B, N, d)`` -> ``(B, N, d)``.
 
     Args:
@@ -119,6 +130,12 @@ def block_forward(
         work as they are).
       linear: ``linear(group, input) -> {name: output}`` (dense or quantized).
       capture: if a dict, each group's input is stored in it (for statistics).
+      cache: optional :class:`~splitq_jax.models.layers.KVCache` (``k, v: (B, S_max, KV, hd)``, rotated
+        keys, and the write index). The new keys/values are written at slots ``[index, index + N)``,
+        attention reads all ``S_max`` slots, so ``mask`` must be ``(B, N, S_max)``
+        (:func:`splitq_jax.models.layers.make_attention_mask` with ``query_offset=index``).
+    Returns:
+      ``x`` without a cache; ``(x, updated cache)`` with one.
     """
     b, n, _ = x.shape
     hd = cfg.head_dim
@@ -133,12 +150,18 @@ def block_forward(
     q = apply_rope(qkv["q_proj"].reshape(b, n, cfg.num_heads, hd), cos, sin)
     k = apply_rope(qkv["k_proj"].reshape(b, n, cfg.num_kv_heads, hd), cos, sin)
     v = qkv["v_proj"].reshape(b, n, cfg.num_kv_heads, hd)
+    if cache is not None:
+        start = (0, cache.index, 0, 0)
+        k = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)
+        v = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
+        cache = KVCache(k, v, cache.index + n)
     a = attention(q, k, v, mask)
     x = x + run("attn_out", a)["o_proj"]
     h = rms_norm(x, norms["post_attention_layernorm"]["scale"], cfg.rms_eps)
     gu = run("mlp_in", h)
     m = jax.nn.silu(gu["gate_proj"]) * gu["up_proj"]
-    return x + run("mlp_out", m)["down_proj"]
+    out = x + run("mlp_out", m)["down_proj"]
+    return out if cache is None else (out, cache)
 
 
 def fp_block(params: dict[str, Any], x, cos, sin, mask, cfg: BlockConfig, capture=None) -> jax.Array:

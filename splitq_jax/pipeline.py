@@ -34,10 +34,7 @@ Tree = dict[str, Any]
 
 def block_config_of(text_cfg) -> BlockConfig:
     """The calibration block shape of a model's decoder (``DecoderConfig``)."""
-    return BlockConfig(hidden=text_cfg.hidden_size, intermediate=text_cfg.intermediate_size,
-                       num_heads=text_cfg.num_heads, num_kv_heads=text_cfg.num_kv_heads,
-                       head_dim=text_cfg.resolved_head_dim, rms_eps=text_cfg.rms_norm_eps,
-                       qkv_bias=text_cfg.qkv_bias)
+    return BlockConfig.from_decoder(text_cfg)
 
 
 @dataclass

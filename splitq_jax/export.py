@@ -1,0 +1,627 @@
+"""Writing quantized models (and single folded blocks) to disk, and checking what was written.
+
+Two artifacts, one encoding:
+
+* :func:`save_block` / :func:`load_block`: one folded block (``fold.fold_block``), the pipeline's
+  per-block resume point.
+* :func:`save_quantized`: the deliverable, a directory that :func:`splitq_jax.runtime.load_quantized`
+  turns back into a model::
+
+      out_dir/
+        state/            one orbax checkpoint (StandardCheckpointer) of the tree
+                            {"fp":     the model's unquantized parameters (embeddings, vision tower,
+                                        final norm, head; NNX names, e.g. fp.language_model.norm.scale),
+                             "blocks": {"0": folded block 0, ...}}
+                          packed weights are leaves named like
+                            blocks.3.groups.attn_in.weights.q_proj.main.{qvalue,scale,zero_point}
+        structure.json    what orbax cannot hold: the tree layout, PackedTensor metadata (bits,
+                          shape, symmetric, group_size, word_dtype), None leaves, empty arrays
+        manifest.json     model (name, family, config), method, bits, every MethodConfig option,
+                          manifest_extra (e.g. per-block losses), package versions, sha256 and size
+                          of every other file; written last
+
+  A block directory is the same without ``fp`` and with ``block.json`` (structure + checksums +
+  caller metadata) in place of the last two files.
+
+Atomicity: everything is written into ``<out>.tmp-<pid>`` beside the target, fsynced, and renamed
+onto ``<out>`` at the end; the manifest is the last file written, so a directory without one is
+never a complete checkpoint. A failed save removes its temporary directory and leaves an existing
+``<out>`` untouched. Replacing (``overwrite=True``) moves the old directory aside, renames the new
+one in, then deletes the old one.
+
+The structure encoding (``kind``: ``dict`` | ``list`` | ``tuple`` | ``packed`` | ``array`` |
+``value`` | ``null``) keeps dict key types (NNX list indices are ints) and order, array shapes and
+dtypes, so loading rebuilds the exact pytree: same treedef (including PackedTensor metadata), same
+dtypes, bit-identical values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import shutil
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from splitq_jax.config import MethodConfig
+from splitq_jax.packing import PackedTensor
+
+Tree = Any
+
+FORMAT = "splitq-quantized"
+BLOCK_FORMAT = "splitq-block"
+FORMAT_VERSION = 1
+STATE_DIR = "state"
+STRUCTURE_FILE = "structure.json"
+MANIFEST_FILE = "manifest.json"
+BLOCK_FILE = "block.json"
+FAMILIES = ("qwen2_5_vl", "llava")
+_PACKAGES = ("splitq-jax", "jax", "jaxlib", "flax", "orbax-checkpoint", "numpy", "ml_dtypes")
+_RESERVED = frozenset({"format", "format_version", "created", "model", "method", "bits", "method_config",
+                       "storage", "versions", "files"})
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that is missing, incomplete, corrupted or of another format."""
+
+
+# --------------------------------------------------------------------------------------------
+# Tree encoding: JSON structure + a nested dict of arrays for orbax
+# --------------------------------------------------------------------------------------------
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def encode_tree(tree: Tree) -> tuple[dict, dict[tuple[str, ...], Any]]:
+    """``(structure, arrays)``: a JSON-able description of ``tree`` and its non-empty arrays keyed
+    by path (the path of a PackedTensor leaf ends in ``qvalue`` / ``scale`` / ``zero_point``)."""
+    arrays: dict[tuple[str, ...], Any] = {}
+
+    def enc(node: Any, path: tuple[str, ...]) -> dict:
+        if node is None:
+            return {"kind": "null"}
+        if isinstance(node, PackedTensor):
+            meta = {"bits": int(node.bits), "shape": [int(s) for s in node.shape], "symmetric": bool(node.symmetric),
+                    "group_size": None if node.group_size is None else int(node.group_size),
+                    "word_dtype": str(node.word_dtype)}
+            return {"kind": "packed", "meta": meta,
+                    **{f: enc(getattr(node, f), path + (f,)) for f in ("qvalue", "scale", "zero_point")}}
+        if isinstance(node, Mapping):
+            items, seen = [], set()
+            for k, v in node.items():
+                if isinstance(k, bool) or not isinstance(k, (str, int)):
+                    raise TypeError(f"cannot save key {k!r} at {'/'.join(path) or '<root>'}: keys must be str or int")
+                if str(k) in seen:
+                    raise TypeError(f"keys {k!r} and {str(k)!r} collide at {'/'.join(path) or '<root>'}")
+                seen.add(str(k))
+                items.append([k, enc(v, path + (str(k),))])
+            return {"kind": "dict", "items": items}
+        if isinstance(node, (list, tuple)):
+            if type(node) not in (list, tuple):  # NamedTuples and other subclasses would come back plain
+                _unsupported(node, path)
+            return {"kind": type(node).__name__, "items": [enc(v, path + (str(i),)) for i, v in enumerate(node)]}
+        if _is_array(node):
+            shape, dtype = tuple(int(s) for s in np.shape(node)), jnp.dtype(node.dtype)
+            if dtype == np.dtype(object):
+                _unsupported(node, path)
+            if int(np.prod(shape)):  # orbax refuses zero-size arrays; shape and dtype say it all
+                arrays[path] = np.asarray(node) if isinstance(node, np.generic) else node
+            return {"kind": "array", "shape": list(shape), "dtype": dtype.name}
+        if isinstance(node, (bool, int, float, str)):
+            return {"kind": "value", "value": node}
+        return _unsupported(node, path)
+
+    return enc(tree, ()), arrays
+
+
+def _unsupported(node: Any, path: tuple[str, ...]):
+    raise TypeError(f"cannot save a {type(node).__name__} at {'/'.join(path) or '<root>'}")
+
+
+def decode_tree(structure: dict, arrays: Mapping[tuple[str, ...], Any]) -> Tree:
+    """Inverse of :func:`encode_tree`."""
+
+    def dec(node: dict, path: tuple[str, ...]) -> Any:
+        kind = node["kind"]
+        if kind == "null":
+            return None
+        if kind == "packed":
+            m = node["meta"]
+            return PackedTensor(
+                *(dec(node[f], path + (f,)) for f in ("qvalue", "scale", "zero_point")),
+                bits=m["bits"], shape=tuple(m["shape"]), symmetric=m["symmetric"],
+                group_size=m["group_size"], word_dtype=m["word_dtype"])
+        if kind == "dict":
+            return {k: dec(v, path + (str(k),)) for k, v in node["items"]}
+        if kind in ("list", "tuple"):
+            items = [dec(v, path + (str(i),)) for i, v in enumerate(node["items"])]
+            return items if kind == "list" else tuple(items)
+        if kind == "array":
+            shape, dtype = tuple(node["shape"]), jnp.dtype(node["dtype"])
+            if not int(np.prod(shape)):
+                return jnp.zeros(shape, dtype)
+            a = arrays[path]
+            if tuple(a.shape) != shape or jnp.dtype(a.dtype) != dtype:
+                raise CheckpointError(f"array {'.'.join(path)} is {a.dtype}{list(a.shape)}, "
+                                      f"the structure says {dtype.name}{list(shape)}")
+            return a
+        if kind == "value":
+            return node["value"]
+        raise CheckpointError(f"unknown node kind {kind!r} at {'.'.join(path)}")
+
+    return dec(structure, ())
+
+
+def _nest(flat: Mapping[tuple[str, ...], Any]) -> dict:
+    out: dict = {}
+    for path, v in flat.items():
+        d = out
+        for k in path[:-1]:
+            d = d.setdefault(k, {})
+        d[path[-1]] = v
+    return out
+
+
+def _flatten(nested: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    out = {}
+    for k, v in nested.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+def _abstract(structure: dict) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
+    """The restore target of every non-empty array in ``structure``."""
+    out = {}
+
+    def walk(node: dict, path: tuple[str, ...]) -> None:
+        kind = node["kind"]
+        if kind == "array" and int(np.prod(node["shape"])):
+            out[path] = jax.ShapeDtypeStruct(tuple(node["shape"]), jnp.dtype(node["dtype"]))
+        elif kind == "packed":
+            for f in ("qvalue", "scale", "zero_point"):
+                walk(node[f], path + (f,))
+        elif kind == "dict":
+            for k, v in node["items"]:
+                walk(v, path + (str(k),))
+        elif kind in ("list", "tuple"):
+            for i, v in enumerate(node["items"]):
+                walk(v, path + (str(i),))
+
+    walk(structure, ())
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Files: orbax arrays, JSON, checksums, fsync, atomic rename
+# --------------------------------------------------------------------------------------------
+
+
+def _save_arrays(path: Path, arrays: Mapping[tuple[str, ...], Any]) -> None:
+    import orbax.checkpoint as ocp
+
+    if not arrays:  # orbax needs at least one array; an empty state directory is still a directory
+        path.mkdir()
+        return
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        checkpointer.save(path, _nest(arrays))
+        checkpointer.wait_until_finished()
+    finally:
+        checkpointer.close()
+
+
+def _restore_arrays(path: Path, structure: dict) -> dict[tuple[str, ...], Any]:
+    import orbax.checkpoint as ocp
+
+    target = _abstract(structure)
+    if not target:
+        return {}
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        restored = checkpointer.restore(path, _nest(target))
+    except Exception as e:  # orbax raises many types; the caller wants to know which checkpoint
+        raise CheckpointError(f"cannot read the arrays in {path}: {type(e).__name__}: {e}") from e
+    finally:
+        checkpointer.close()
+    return _flatten(restored)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, (np.ndarray, jax.Array)):
+        return np.asarray(o).tolist()
+    if isinstance(o, Path):
+        return str(o)
+    if dataclasses.is_dataclass(o) and not isinstance(o, type):
+        return dataclasses.asdict(o)
+    raise TypeError(f"{type(o).__name__} is not JSON serializable")
+
+
+def _finite(o: Any) -> Any:
+    """Non-finite floats become null (strict JSON has no NaN; a resumed block has no loss)."""
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, Mapping):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    return o
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    # Round-trip through the default hook first so that _finite sees plain Python values.
+    plain = json.loads(json.dumps(obj, default=_json_default))
+    path.write_text(json.dumps(_finite(plain), indent=2, allow_nan=False) + "\n")
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path.parent} has no {path.name}: {what}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); the file is corrupted") from e
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _checksums(root: Path, exclude: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and rel not in exclude:
+            out[rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    return out
+
+
+def _verify_files(root: Path, files: Mapping[str, Mapping[str, Any]]) -> None:
+    for rel, info in files.items():
+        p = root / rel
+        if not p.is_file():
+            raise CheckpointError(f"{root}: file {rel} is missing (the checkpoint is incomplete or was modified)")
+        if p.stat().st_size != info["bytes"] or sha256_file(p) != info["sha256"]:
+            raise CheckpointError(f"{root}: file {rel} is corrupted (sha256 mismatch); re-export the checkpoint")
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _temp_dir(out: Path) -> Path:
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():  # left by an earlier crashed run of a process with our pid
+        _remove_tree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _commit(tmp: Path, out: Path, overwrite: bool) -> None:
+    """fsync ``tmp`` and rename it onto ``out``."""
+    _fsync_tree(tmp)
+    if out.exists():
+        if not overwrite:
+            raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it")
+        old = out.with_name(f"{out.name}.old-{os.getpid()}")
+        _remove_tree(old)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        _remove_tree(old)
+    else:
+        os.replace(tmp, out)
+    _fsync_dir(out.parent)
+
+
+def _prepare(out_dir: str | os.PathLike, overwrite: bool) -> tuple[Path, Path]:
+    out = Path(out_dir).expanduser().absolute()
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out, _temp_dir(out)
+
+
+def package_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# One folded block (per-block resume)
+# --------------------------------------------------------------------------------------------
+
+
+def save_block(path: str | os.PathLike, folded: Tree, *, meta: Mapping[str, Any] | None = None,
+               overwrite: bool = True) -> Path:
+    """Write one folded block to the directory ``path`` atomically; returns it.
+
+    ``meta`` (JSON-able: e.g. the block's losses, the MethodConfig dict) is stored beside it and
+    read back by :func:`load_block_meta`. An existing ``path`` is replaced (a re-run recalibrates);
+    ``overwrite=False`` refuses instead.
+    """
+    out, tmp = _prepare(path, overwrite)
+    try:
+        structure, arrays = encode_tree(folded)
+        _save_arrays(tmp / STATE_DIR, arrays)
+        _write_json(tmp / BLOCK_FILE, {"format": BLOCK_FORMAT, "format_version": FORMAT_VERSION,
+                                       "structure": structure, "meta": dict(meta or {}),
+                                       "files": _checksums(tmp)})
+        _commit(tmp, out, overwrite)
+    except BaseException:
+        _remove_tree(tmp)
+        raise
+    return out
+
+
+def _block_header(path: Path) -> dict:
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a saved block (no such directory)")
+    header = _read_json(path / BLOCK_FILE, "not a block written by save_block (or an interrupted one)")
+    _check_format(header, BLOCK_FORMAT, path)
+    return header
+
+
+def load_block(path: str | os.PathLike, *, verify: bool = True) -> Tree:
+    """The folded block saved by :func:`save_block`: same pytree, bit-identical arrays.
+
+    ``verify`` checks the sha256 of every file first (CheckpointError naming a corrupted one).
+    """
+    path = Path(path).expanduser().absolute()
+    header = _block_header(path)
+    if verify:
+        _verify_files(path, header["files"])
+    return decode_tree(header["structure"], _restore_arrays(path / STATE_DIR, header["structure"]))
+
+
+def load_block_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``meta`` given to :func:`save_block` (no arrays are read)."""
+    return _block_header(Path(path).expanduser().absolute())["meta"]
+
+
+# --------------------------------------------------------------------------------------------
+# The whole quantized model
+# --------------------------------------------------------------------------------------------
+
+
+def _check_format(header: Mapping[str, Any], fmt: str, where: Path) -> None:
+    if header.get("format") != fmt:
+        raise CheckpointError(f"{where} holds format {header.get('format')!r}, expected {fmt!r}")
+    version = header.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{where} has format version {version!r}; this splitq_jax reads version "
+                              f"{FORMAT_VERSION} only (re-export it with a matching splitq_jax)")
+
+
+def fp_state_dict(fp_params: Any) -> dict:
+    """The unquantized parameters as a pure nested dict, decoder layers removed.
+
+    Accepts the full-precision NNX model, its ``nnx.State`` or a pure dict (``nnx.to_pure_dict``).
+    """
+    from flax import nnx
+
+    if isinstance(fp_params, nnx.Module):
+        fp_params = nnx.state(fp_params)
+    if isinstance(fp_params, nnx.State):
+        fp_params = nnx.to_pure_dict(fp_params)
+    if not isinstance(fp_params, Mapping):
+        raise TypeError(f"fp_params must be an NNX model, its state or a pure dict, got {type(fp_params).__name__}")
+    out = {k: v for k, v in fp_params.items()}
+    if "language_model" in out:
+        out["language_model"] = {k: v for k, v in out["language_model"].items() if k != "layers"}
+    return out
+
+
+def model_config_from_dict(family: str, d: Mapping[str, Any]):
+    """Rebuild a model config dataclass from ``dataclasses.asdict`` output (JSON lists -> tuples)."""
+    from splitq_jax.models.layers import DecoderConfig
+
+    def tuples(v: Any) -> Any:
+        return tuple(tuples(x) for x in v) if isinstance(v, list) else v
+
+    if family == "qwen2_5_vl":
+        from splitq_jax.models.qwen2_5_vl import Qwen2_5_VLConfig as Cls, VisionConfig as VCls
+    elif family == "llava":
+        from splitq_jax.models.llava import CLIPVisionConfig as VCls, LlavaConfig as Cls
+    else:
+        raise CheckpointError(f"unknown model family {family!r}; known: {FAMILIES}")
+    top = {k: tuples(v) for k, v in d.items() if k not in ("text", "vision")}
+    text = DecoderConfig(**{k: tuples(v) for k, v in d["text"].items()})
+    vision = VCls(**{k: tuples(v) for k, v in d["vision"].items()})
+    return Cls(text=text, vision=vision, **top)
+
+
+def method_config_from_dict(d: Mapping[str, Any]) -> MethodConfig:
+    """MethodConfig from ``to_dict()`` output; options unknown to this version are ignored (they
+    cannot change inference), options it added since take their defaults."""
+    known = {f.name for f in dataclasses.fields(MethodConfig)}
+    return MethodConfig(**{k: v for k, v in d.items() if k in known})
+
+
+def without_layers(model_config):
+    """``model_config`` with a decoder of 0 layers: the module that holds the fp parameters."""
+    return dataclasses.replace(model_config, text=dataclasses.replace(model_config.text, num_layers=0))
+
+
+def abstract_fp_model(family: str, model_config, dtype=jnp.float32):
+    """The fp part (no decoder layers) of a model as an abstract NNX module."""
+    if family == "qwen2_5_vl":
+        from splitq_jax.models.qwen2_5_vl import abstract_model
+    elif family == "llava":
+        from splitq_jax.models.llava import abstract_model
+    else:
+        raise ValueError(f"unknown model family {family!r}; known: {FAMILIES}")
+    return abstract_model(without_layers(model_config), dtype)
+
+
+def _check_fp(fp: dict, family: str, model_config) -> str:
+    """Shapes of ``fp`` against the model; returns the parameter dtype name."""
+    from flax import nnx
+
+    expected = nnx.to_pure_dict(nnx.state(abstract_fp_model(family, model_config)))
+    exp_flat = {tuple(map(str, p)): v for p, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
+    got_flat = {tuple(map(str, p)): v for p, v in jax.tree_util.tree_flatten_with_path(fp)[0]}
+    missing, extra = sorted(set(exp_flat) - set(got_flat)), sorted(set(got_flat) - set(exp_flat))
+    if missing or extra:
+        raise ValueError(f"fp_params do not match the {family} config: missing {missing[:5]}, unexpected {extra[:5]}")
+    for p, v in got_flat.items():
+        if tuple(np.shape(v)) != tuple(exp_flat[p].shape):
+            raise ValueError(f"fp parameter {''.join(p)} has shape {np.shape(v)}, the config needs {exp_flat[p].shape}")
+    dtypes = {jnp.dtype(v.dtype).name for v in got_flat.values()}
+    if len(dtypes) != 1:
+        raise ValueError(f"fp parameters mix dtypes {sorted(dtypes)}; cast them to one dtype")
+    return dtypes.pop()
+
+
+def _storage(folded_blocks: Sequence[Tree], fp: dict) -> dict[str, int]:
+    packed = weights = other = 0
+    for blk in folded_blocks:
+        for leaf in jax.tree_util.tree_leaves(blk, is_leaf=lambda x: isinstance(x, PackedTensor)):
+            if isinstance(leaf, PackedTensor):
+                packed += sum(int(a.size) * a.dtype.itemsize for a in (leaf.qvalue, leaf.scale, leaf.zero_point)
+                              if a is not None)
+                weights += int(np.prod(leaf.shape))
+            else:
+                other += int(leaf.size) * leaf.dtype.itemsize
+    fp_bytes = sum(int(v.size) * v.dtype.itemsize for v in jax.tree_util.tree_leaves(fp))
+    return {"packed_weight_bytes": packed, "packed_weight_values": weights, "block_other_bytes": other,
+            "fp_bytes": fp_bytes}
+
+
+def save_quantized(out_dir: str | os.PathLike, *, family: str, model_config, fp_params: Any,
+                   folded_blocks: Sequence[Tree], method_config: MethodConfig,
+                   manifest_extra: Mapping[str, Any] | None = None, model_name: str | None = None,
+                   overwrite: bool = False) -> Path:
+    """Write a quantized model to ``out_dir`` atomically (layout in the module docstring).
+
+    Args:
+      family: ``"qwen2_5_vl"`` or ``"llava"``.
+      model_config: the model's config dataclass (``Qwen2_5_VLConfig`` / ``LlavaConfig``).
+      fp_params: the full-precision model (NNX module), its state or pure dict; its decoder layers
+        are dropped, everything else (embeddings, vision tower, projector, final norm, head) is saved.
+      folded_blocks: one ``fold.fold_block`` tree per decoder layer, in order.
+      method_config: the MethodConfig the blocks were calibrated with.
+      manifest_extra: JSON-able entries merged into the manifest's top level (e.g.
+        ``{"block_losses": [...], "calibration": {...}}``); NaN/inf become null.
+      model_name: recorded in the manifest; defaults to ``model_config.hf_id``.
+      overwrite: replace an existing ``out_dir`` (otherwise FileExistsError).
+    Returns:
+      the absolute path of the checkpoint.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; known: {FAMILIES}")
+    extra = dict(manifest_extra or {})
+    clash = sorted(_RESERVED & set(extra))
+    if clash:
+        raise ValueError(f"manifest_extra may not set {clash}: the manifest writes those itself")
+    n_layers = model_config.text.num_layers
+    if len(folded_blocks) != n_layers:
+        raise ValueError(f"{len(folded_blocks)} folded blocks for a decoder of {n_layers} layers")
+    fp = fp_state_dict(fp_params)
+    dtype = _check_fp(fp, family, model_config)
+    out, tmp = _prepare(out_dir, overwrite)
+    try:
+        structure, arrays = encode_tree({"fp": fp, "blocks": {str(i): b for i, b in enumerate(folded_blocks)}})
+        _save_arrays(tmp / STATE_DIR, arrays)
+        _write_json(tmp / STRUCTURE_FILE, structure)
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "model": {"name": model_name or getattr(model_config, "hf_id", None), "family": family,
+                      "dtype": dtype, "num_layers": n_layers, "config": dataclasses.asdict(model_config)},
+            "method": method_config.method,
+            "bits": method_config.bits,
+            "method_config": method_config.to_dict(),
+            "storage": _storage(folded_blocks, fp),
+            **extra,
+            "versions": package_versions(),
+            "files": _checksums(tmp),
+        }
+        _write_json(tmp / MANIFEST_FILE, manifest)  # last: its presence marks a complete checkpoint
+        _commit(tmp, out, overwrite)
+    except BaseException:
+        _remove_tree(tmp)
+        raise
+    return out
+
+
+def read_manifest(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
+    """``manifest.json`` of a checkpoint, format and version checked (files not verified)."""
+    root = Path(ckpt_dir).expanduser().absolute()
+    if not root.is_dir():
+        raise CheckpointError(f"{root} does not exist or is not a directory")
+    manifest = _read_json(root / MANIFEST_FILE, "not a complete quantized checkpoint (an interrupted export "
+                                                "leaves no manifest); re-export it")
+    _check_format(manifest, FORMAT, root)
+    return manifest
+
+
+def verify_checkpoint(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
+    """Recompute the sha256 of every file the manifest lists; returns the manifest.
+
+    Raises CheckpointError naming the first missing or corrupted file.
+    """
+    root = Path(ckpt_dir).expanduser().absolute()
+    manifest = read_manifest(root)
+    _verify_files(root, manifest["files"])
+    return manifest
+
+
+def load_quantized_tree(ckpt_dir: str | os.PathLike, *, verify: bool = True) -> tuple[dict, dict, list[Tree]]:
+    """``(manifest, fp_params pure dict, folded_blocks)`` of a checkpoint written by :func:`save_quantized`."""
+    root = Path(ckpt_dir).expanduser().absolute()
+    manifest = verify_checkpoint(root) if verify else read_manifest(root)
+    structure = _read_json(root / STRUCTURE_FILE, "the checkpoint is incomplete")
+    tree = decode_tree(structure, _restore_arrays(root / STATE_DIR, structure))
+    blocks = [tree["blocks"][str(i)] for i in range(manifest["model"]["num_layers"])]
+    return manifest, tree["fp"], blocks
+
+
+__all__ = ["CheckpointError", "FORMAT", "FORMAT_VERSION", "decode_tree", "encode_tree", "fp_state_dict",
+           "load_block", "load_block_meta", "load_quantized_tree", "method_config_from_dict",
+           "model_config_from_dict", "package_versions", "read_manifest", "save_block", "save_quantized",
+           "verify_checkpoint"]

@@ -1,0 +1,254 @@
+"""Inference from an exported quantized model: integer blocks between full-precision embed and head.
+
+::
+
+    qm = load_quantized("out/qwen2.5-vl-3b-w4a4")          # checks format and checksums
+    logits = qm.logits({"input_ids": ids, "pixel_values": pix, "image_grid_thw": grid})
+    tokens = qm.generate(ids, pix, grid, max_new_tokens=32, eos_token_id=qm.config.eos_token_id)
+
+The NNX model held here is the family's module with a decoder of 0 layers: it owns the token
+embedding, the vision tower (+ projector), the final norm and the head, rebuilt from the saved fp
+parameters. Each decoder block is a folded tree run by :func:`splitq_jax.block.block_forward` with
+:func:`splitq_jax.qlinear.quantized_group_apply` as its linear, compiled once per block shape (all
+blocks of a model share one compiled program).
+
+Generation is greedy with a fixed-size KV cache per block (``(B, prompt + max_new_tokens, KV, hd)``
+plus a write index). Activations are quantized per token, so a cached decode step computes the
+same integers as recomputing the whole sequence; ``use_cache=False`` does the latter (the check).
+Generated tokens carry modality code ``ANSWER`` (3): they count as text for MAC under both
+``text_tokens`` choices, as answer tokens did in calibration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from splitq_jax import export
+from splitq_jax.block import BlockConfig, block_forward
+from splitq_jax.calibrate import ANSWER, PAD, text_mask_of
+from splitq_jax.config import MethodConfig
+from splitq_jax.export import CheckpointError
+from splitq_jax.models.layers import Decoder, KVCache, make_attention_mask
+from splitq_jax.qlinear import quantized_group_apply
+
+Tree = dict[str, Any]
+
+
+def quantized_block_forward(folded: Tree, x, cos, sin, mask, modality, cfg: MethodConfig, bcfg: BlockConfig,
+                            *, cache: KVCache | None = None):
+    """A folded block with integer matmuls; the signature of ``fold.folded_block_forward`` plus an
+    optional KV cache (then returns ``(x, cache)``, see :func:`splitq_jax.block.block_forward`)."""
+    tmask = text_mask_of(modality, cfg)
+
+    def linear(group: str, inp: jax.Array) -> dict[str, jax.Array]:
+        return quantized_group_apply(folded["groups"][group], inp, tmask, cfg)
+
+    return block_forward(folded["norms"], linear, x, cos, sin, mask, bcfg, cache=cache)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "bcfg"))
+def _block(folded, x, cos, sin, mask, modality, cache, cfg, bcfg):
+    return quantized_block_forward(folded, x, cos, sin, mask, modality, cfg, bcfg, cache=cache)
+
+
+@nnx.jit
+def _head(decoder: Decoder, x):
+    return decoder.head(x)
+
+
+@nnx.jit
+def _embed_tokens(decoder: Decoder, ids):
+    return decoder.embed(ids)
+
+
+@dataclasses.dataclass
+class QuantizedModel:
+    """A quantized model ready for inference.
+
+    model: the family's NNX module without decoder layers (embed, vision, head);
+    blocks: folded block trees, one per decoder layer; config: the full model config.
+    """
+
+    model: nnx.Module
+    blocks: list[Tree]
+    config: Any
+    family: str
+    method_config: MethodConfig
+    block_config: BlockConfig
+    manifest: dict = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_parts(cls, *, family: str, model_config, fp_params: Any, folded_blocks: Sequence[Tree],
+                   method_config: MethodConfig, manifest: Mapping[str, Any] | None = None) -> "QuantizedModel":
+        """Assemble from in-memory pieces (the arguments of :func:`splitq_jax.export.save_quantized`)."""
+
+        fp = export.fp_state_dict(fp_params)
+        dtypes = {jnp.dtype(v.dtype) for v in jax.tree_util.tree_leaves(fp)}
+        dtype = dtypes.pop() if len(dtypes) == 1 else jnp.float32
+        graphdef, state = nnx.split(export.abstract_fp_model(family, model_config, dtype))
+        try:
+            nnx.replace_by_pure_dict(state, fp)
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"the saved fp parameters do not fit the {family} config: {e}") from e
+        if len(folded_blocks) != model_config.text.num_layers:
+            raise CheckpointError(f"{len(folded_blocks)} blocks for {model_config.text.num_layers} decoder layers")
+        return cls(nnx.merge(graphdef, state), list(folded_blocks), model_config, family, method_config,
+                   BlockConfig.from_decoder(model_config.text), dict(manifest or {}))
+
+    # -- pieces -------------------------------------------------------------------------------
+
+    def embed(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None):
+        """The family's ``embed`` (hidden, position_ids, modality_mask)."""
+        if self.family == "qwen2_5_vl":
+            return self.model.embed(input_ids, pixel_values, image_grid_thw, attention_mask)
+        if image_grid_thw is not None:
+            raise ValueError("image_grid_thw is a Qwen2.5-VL input; LLaVA images are (n, 3, S, S) pixel_values")
+        return self.model.embed(input_ids, pixel_values, attention_mask)
+
+    def run_blocks(self, x, cos, sin, mask, modality, caches: list[KVCache] | None = None):
+        """Every quantized block: ``x (B, N, d)`` -> ``(B, N, d)`` (and the updated caches if given)."""
+        cfg, bcfg = self.method_config, self.block_config
+        if caches is None:
+            for folded in self.blocks:
+                x = _block(folded, x, cos, sin, mask, modality, None, cfg=cfg, bcfg=bcfg)
+            return x
+        new = []
+        for folded, cache in zip(self.blocks, caches, strict=True):
+            x, cache = _block(folded, x, cos, sin, mask, modality, cache, cfg=cfg, bcfg=bcfg)
+            new.append(cache)
+        return x, new
+
+    def head(self, x) -> jax.Array:
+        """Final norm + LM head: ``(B, N, d)`` -> ``(B, N, vocab)``."""
+        return _head(self.model.language_model, x)
+
+    # -- whole model --------------------------------------------------------------------------
+
+    def logits(self, batch: Mapping[str, Any]) -> jax.Array:
+        """Logits ``(B, N, vocab)`` for a batch dict: ``input_ids``, optional ``pixel_values``,
+        ``image_grid_thw`` (Qwen2.5-VL), ``attention_mask`` and ``modality`` (codes 0 pad, 1 text,
+        2 vision, 3 answer; overrides the model's own, so that answer tokens keep their code)."""
+        emb = self.embed(batch["input_ids"], batch.get("pixel_values"), batch.get("image_grid_thw"),
+                         batch.get("attention_mask"))
+        modality = emb.modality_mask
+        if batch.get("modality") is not None:
+            given = jnp.asarray(batch["modality"], jnp.int32)
+            if given.shape != modality.shape or bool(jnp.any((given == PAD) != (modality == PAD))):
+                raise ValueError("the batch's modality disagrees with its attention mask")
+            modality = given
+        cos, sin = self.model.rope(emb.position_ids)
+        x = self.run_blocks(emb.hidden, cos, sin, self.model.attention_mask(modality), modality)
+        return self.head(x)
+
+    def generate(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None, *,
+                 max_new_tokens: int, eos_token_id: int | Sequence[int] | None = None,
+                 pad_token_id: int | None = None, use_cache: bool = True, return_logits: bool = False):
+        """Greedy decoding. Returns the new tokens ``(B, max_new_tokens)`` (and, with
+        ``return_logits``, the logits that chose them, ``(B, steps, vocab)``).
+
+        Batched prompts must be left-padded. After a row emits EOS it is filled with
+        ``pad_token_id`` (the families' ``generate`` behaviour). ``use_cache=False`` recomputes the
+        whole sequence at every step (slow; the reference for the cache).
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        ids = np.asarray(input_ids)
+        b, n = ids.shape
+        emb = self.embed(ids, pixel_values, image_grid_thw, attention_mask)
+        valid = np.asarray(emb.modality_mask) != PAD
+        if not valid[:, -1].all():
+            raise ValueError("generate() needs left padding: the last prompt token of every row must be real")
+        eos = () if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist())
+        if eos and pad_token_id is None:
+            pad_token_id = self.config.pad_token_id if self.config.pad_token_id is not None else eos[0]
+        pos = emb.position_ids
+        # Generated tokens continue after the largest position used so far (HF's rule, both families).
+        next_pos = jnp.max(pos, axis=(0, 2) if pos.ndim == 3 else 1) + 1  # (B,)
+        decoder = self.model.language_model
+        step_fn = (self._cached_steps(emb, valid, max_new_tokens) if use_cache
+                   else self._recompute_steps(emb, max_new_tokens))
+        out = np.zeros((b, max_new_tokens), np.int64)
+        all_logits = []
+        done = np.zeros((b,), bool)
+        logits = next(step_fn)
+        for step in range(max_new_tokens):
+            all_logits.append(logits)
+            token = np.asarray(jnp.argmax(logits, axis=-1))
+            if eos:
+                token = np.where(done, pad_token_id, token)
+                done |= np.isin(token, eos)
+            out[:, step] = token
+            if step + 1 == max_new_tokens or (eos and done.all()):
+                out[:, step + 1:] = pad_token_id if eos else 0
+                break
+            x = _embed_tokens(decoder, jnp.asarray(token)[:, None])
+            logits = step_fn.send((x, (next_pos + step)[:, None]))
+        step_fn.close()
+        if return_logits:
+            return out, np.stack([np.asarray(l) for l in all_logits], axis=1)
+        return out
+
+    def _cached_steps(self, emb, valid: np.ndarray, max_new_tokens: int):
+        """Coroutine: yields last-position logits; receives ``(x (B, 1, d), positions (B, 1))``."""
+        b, n = valid.shape
+        t, bcfg = self.config.text, self.block_config
+        key_valid = jnp.asarray(np.concatenate([valid, np.ones((b, max_new_tokens), bool)], axis=1))
+        caches = [KVCache.init(b, n + max_new_tokens, bcfg.num_kv_heads, bcfg.head_dim, self.model.dtype)
+                  for _ in range(t.num_layers)]
+        cos, sin = self.model.rope(emb.position_ids)
+        mask = make_attention_mask(key_valid, num_queries=n)
+        x, caches = self.run_blocks(emb.hidden, cos, sin, mask, emb.modality_mask, caches)
+        answer = jnp.full((b, 1), ANSWER, jnp.int32)
+        while True:
+            x, pos = yield self.head(x[:, -1:])[:, 0]
+            cos, sin = self.model.rope(pos)
+            mask = make_attention_mask(key_valid, query_offset=caches[0].index, num_queries=1)
+            x, caches = self.run_blocks(x, cos, sin, mask, answer, caches)
+
+    def _recompute_steps(self, emb, max_new_tokens: int):
+        """Like :meth:`_cached_steps`, recomputing every position at every step. The sequence lives
+        in a fixed buffer of ``prompt + max_new_tokens`` slots whose unused tail is padding (causal
+        attention never reads it), so every step reuses one compiled program."""
+        hidden, pos, modality = emb.hidden, emb.position_ids, emb.modality_mask
+        b, n, _ = hidden.shape
+        hidden = jnp.pad(hidden, ((0, 0), (0, max_new_tokens), (0, 0)))
+        pos = jnp.pad(pos, [(0, 0)] * (pos.ndim - 1) + [(0, max_new_tokens)])
+        modality = jnp.pad(modality, ((0, 0), (0, max_new_tokens)), constant_values=PAD)
+        last = n - 1
+        while True:
+            cos, sin = self.model.rope(pos)
+            x = self.run_blocks(hidden, cos, sin, self.model.attention_mask(modality), modality)
+            x_new, p_new = yield self.head(jax.lax.dynamic_slice_in_dim(x, last, 1, axis=1))[:, 0]
+            last += 1
+            hidden = hidden.at[:, last].set(x_new[:, 0].astype(hidden.dtype))
+            # M-RoPE positions (3, B, N): text advances on all three axes together.
+            pos = pos.at[..., last].set(p_new[:, 0].astype(pos.dtype))
+            modality = modality.at[:, last].set(ANSWER)
+
+
+def load_quantized(ckpt_dir: str | os.PathLike, *, verify: bool = True) -> QuantizedModel:
+    """Load a checkpoint written by :func:`splitq_jax.export.save_quantized`.
+
+    ``verify`` recomputes every file's sha256 first. A missing manifest (an interrupted export), an
+    unknown format version or a corrupted file raises :class:`~splitq_jax.export.CheckpointError`.
+    """
+    manifest, fp, blocks = export.load_quantized_tree(ckpt_dir, verify=verify)
+    family = manifest["model"]["family"]
+    try:
+        model_config = export.model_config_from_dict(family, manifest["model"]["config"])
+        cfg = export.method_config_from_dict(manifest["method_config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{ckpt_dir}: the manifest's model or method config is invalid: {e}") from e
+    return QuantizedModel.from_parts(family=family, model_config=model_config, fp_params=fp, folded_blocks=blocks,
+                                     method_config=cfg, manifest=manifest)
+
+
+__all__ = ["QuantizedModel", "load_quantized", "quantized_block_forward"]
