@@ -155,9 +155,37 @@ def _maybe_quantize(x: jax.Array, bits: int | None, symmetric: bool, clip: Tree 
     return x if bits is None else quantize_acts(x, bits, symmetric=symmetric, clip=clip)
 
 
+def _kernel_ready(w: Tree) -> bool:
+    """Whether every stored weight of a folded linear is one the split GEMM takes (symmetric,
+    per-output-channel scales); asymmetric or grouped weights use the integer path below."""
+    leaves = jax.tree_util.tree_leaves(w, is_leaf=lambda t: isinstance(t, PackedTensor))
+    return all(isinstance(t, PackedTensor) and t.symmetric and t.group_size is None for t in leaves)
+
+
+def _split_gemm_linear(xq, outlier_q, w: Tree, bias, text_mask, cfg: MethodConfig, bits: Bits, dtype,
+                       implementation: str | None) -> jax.Array:
+    """One folded linear through :func:`splitq_jax.pallas.split_gemm.split_gemm`: main product, outlier
+    groups, CWS and MAC up-projections and bias in one call (the down-projections run first)."""
+    from splitq_jax.pallas.split_gemm import gemm_weight, quantize_acts as sg_quantize, split_gemm
+
+    terms: dict[str, Any] = {}
+    for branch in ("cws", "mac"):
+        if branch in w and (branch == "cws" or (text_mask is not None and bits.a is not None)):
+            h = split_gemm(xq, gemm_weight(w[branch]["l_in"]), implementation=implementation).astype(dtype)
+            terms[branch] = (sg_quantize(h, bits.aux_a, symmetric=cfg.a_symmetric), gemm_weight(w[branch]["l_out"]))
+    for group, xg in outlier_q.items():
+        terms[group] = (xg, gemm_weight(w[group]))
+    return split_gemm(xq, gemm_weight(w["main"]), **terms, text_mask=text_mask if "mac" in terms else None,
+                      bias=bias, implementation=implementation)
+
+
 def quantized_group_apply(folded: Tree, x: jax.Array, text_mask: jax.Array | None,
-                          cfg: MethodConfig) -> dict[str, jax.Array]:
+                          cfg: MethodConfig, *, implementation: str | None = None) -> dict[str, jax.Array]:
     """A folded group (:func:`splitq_jax.fold.fold_group`) with integer matmuls.
+
+    Linears whose weights are all symmetric per-channel (the default) run through the packed split
+    GEMM (``implementation``: None = Pallas on GPU, its XLA reference elsewhere); others use the
+    integer XLA path of this module.
 
     Args:
       folded: ``{"acts", "split", "weights", "biases"}`` with packed weights.
@@ -165,6 +193,8 @@ def quantized_group_apply(folded: Tree, x: jax.Array, text_mask: jax.Array | Non
     Returns:
       ``{name: (..., N, d_out)}`` in ``x.dtype``.
     """
+    from splitq_jax.pallas.split_gemm import quantize_acts as sg_quantize
+
     bits = Bits.of(cfg)
     acts, split = folded["acts"], folded["split"]
     dtype = x.dtype
@@ -172,12 +202,14 @@ def quantized_group_apply(folded: Tree, x: jax.Array, text_mask: jax.Array | Non
         xm = jnp.take(x, split["main_idx"], axis=-1)
     else:
         xm = x * split["main_mask"].astype(dtype)
-    xq = _maybe_quantize(tf.apply_act(acts["transform"], xm), bits.a, cfg.a_symmetric, acts["act_clip"])
-    outlier_x = {}
+    xt = tf.apply_act(acts["transform"], xm)
+    xq = _maybe_quantize(xt, bits.a, cfg.a_symmetric, acts["act_clip"])
+    outlier_x, outlier_t = {}, {}
     for group in ("text", "vision"):
         if acts.get(group) is not None:
-            xg = tf.apply_act(acts[group]["transform"], jnp.take(x, split[f"{group}_idx"], axis=-1))
-            outlier_x[group] = _maybe_quantize(xg, bits.aux_a, cfg.a_symmetric, acts[group]["act_clip"])
+            outlier_t[group] = tf.apply_act(acts[group]["transform"], jnp.take(x, split[f"{group}_idx"], axis=-1))
+            outlier_x[group] = _maybe_quantize(outlier_t[group], bits.aux_a, cfg.a_symmetric, acts[group]["act_clip"])
+    kernel_acts = None
 
     def lowrank(f: Tree) -> jax.Array:
         h = linear(xq, f["l_in"]).astype(dtype)
@@ -185,6 +217,15 @@ def quantized_group_apply(folded: Tree, x: jax.Array, text_mask: jax.Array | Non
 
     out = {}
     for name, w in folded["weights"].items():
+        b = folded["biases"].get(name)
+        if bits.a is not None and _kernel_ready(w):
+            if kernel_acts is None:  # quantize once per group, in the kernel's operand format
+                kernel_acts = (sg_quantize(xt, bits.a, symmetric=cfg.a_symmetric, clip=acts["act_clip"]),
+                               {g: sg_quantize(t, bits.aux_a, symmetric=cfg.a_symmetric, clip=acts[g]["act_clip"])
+                                for g, t in outlier_t.items()})
+            y = _split_gemm_linear(*kernel_acts, w, b, text_mask, cfg, bits, dtype, implementation)
+            out[name] = y.astype(dtype)
+            continue
         y = linear(xq, w["main"])
         if "cws" in w:
             y = y + lowrank(w["cws"])
@@ -194,7 +235,6 @@ def quantized_group_apply(folded: Tree, x: jax.Array, text_mask: jax.Array | Non
             y = y + jnp.where(text_mask[..., None], lowrank(w["mac"]), 0.0)
         for group, xg in outlier_x.items():
             y = y + linear(xg, w[group])
-        b = folded["biases"].get(name)
         if b is not None:
             y = y + b.astype(jnp.float32)
         out[name] = y.astype(dtype)
