@@ -15,11 +15,10 @@ import os
 import re
 from typing import Any
 
-import jax
 import jax.numpy as jnp
-from flax import nnx
 
-from converters.hf import ConversionError, open_checkpoint, read_config, require_architecture, resolve_model_dir
+from converters.hf import (ConversionError, KeyMap, KeyRule, load_state, open_checkpoint, read_config,
+                           require_architecture, resolve_model_dir)
 from splitq_jax.models.llava import Llava, LlavaConfig, abstract_model
 
 ARCHITECTURES = ("LlavaForConditionalGeneration",)
@@ -54,60 +53,39 @@ _PREFIXES = (
 _PARAM = {"weight": "w", "bias": "b"}
 _NORM_PARAM = {"weight": "scale", "bias": "bias"}
 
-# (pattern on the normalised key, target path template, which parameter-name table to apply)
-_RULES: list[tuple[re.Pattern, tuple, dict | None]] = [
-    (re.compile(r"lm\.embed_tokens\.weight"), ("language_model", "embed_tokens", "weight"), None),
-    (re.compile(r"lm\.norm\.(?P<p>weight)"), ("language_model", "norm", "{p}"), _NORM_PARAM),
-    (re.compile(r"lm_head\.(?P<p>weight)"), ("language_model", "lm_head", "{p}"), _PARAM),
-    (re.compile(r"lm\.layers\.(?P<i>\d+)\.(?P<n>input_layernorm|post_attention_layernorm)\.(?P<p>weight)"),
-     ("language_model", "layers", "{i}", "{n}", "{p}"), _NORM_PARAM),
-    (re.compile(r"lm\.layers\.(?P<i>\d+)\.(?P<s>self_attn|mlp)\."
-                r"(?P<m>q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.(?P<p>weight|bias)"),
-     ("language_model", "layers", "{i}", "{s}", "{m}", "{p}"), _PARAM),
-    (re.compile(r"vis\.embeddings\.class_embedding"), ("vision_tower", "class_embedding"), None),
-    (re.compile(r"vis\.embeddings\.patch_embedding\.weight"), ("vision_tower", "patch_embedding"), None),
-    (re.compile(r"vis\.embeddings\.position_embedding\.weight"), ("vision_tower", "position_embedding"), None),
-    (re.compile(r"vis\.(?P<n>pre_layrnorm|post_layernorm)\.(?P<p>weight|bias)"),
-     ("vision_tower", "{n}", "{p}"), _NORM_PARAM),
-    (re.compile(r"vis\.encoder\.layers\.(?P<i>\d+)\.(?P<n>layer_norm1|layer_norm2)\.(?P<p>weight|bias)"),
-     ("vision_tower", "layers", "{i}", "{n}", "{p}"), _NORM_PARAM),
-    (re.compile(r"vis\.encoder\.layers\.(?P<i>\d+)\.(?P<s>self_attn|mlp)\."
-                r"(?P<m>q_proj|k_proj|v_proj|out_proj|fc1|fc2)\.(?P<p>weight|bias)"),
-     ("vision_tower", "layers", "{i}", "{s}", "{m}", "{p}"), _PARAM),
-    (re.compile(r"proj\.(?P<m>linear_1|linear_2)\.(?P<p>weight|bias)"),
-     ("multi_modal_projector", "{m}", "{p}"), _PARAM),
-]
-
-
-def _normalise(key: str) -> str | None:
-    """One spelling for all checkpoints; None for keys that are no LLaVA weight."""
-    if key.startswith("model.") and not key.startswith("model.layers."):
-        key = key[len("model."):]  # transformers-5 in-memory wrapper
-    for prefix, repl in _PREFIXES:
-        if key.startswith(prefix):
-            return repl + key[len(prefix):]
-    return None
+_KEYS = KeyMap(
+    # each spelling also under the transformers-5 in-memory wrapper "model." (but model.layers.*
+    # is a bare Llama's, no LLaVA weight)
+    prefixes=[(pre + prefix, repl) for prefix, repl in _PREFIXES for pre in ("", "model.")],
+    rules=[
+        KeyRule(r"lm\.embed_tokens\.weight", ("language_model", "embed_tokens", "weight")),
+        KeyRule(r"lm\.norm\.(?P<p>weight)", ("language_model", "norm", "{p}"), _NORM_PARAM),
+        KeyRule(r"lm_head\.(?P<p>weight)", ("language_model", "lm_head", "{p}"), _PARAM),
+        KeyRule(r"lm\.layers\.(?P<i>\d+)\.(?P<n>input_layernorm|post_attention_layernorm)\.(?P<p>weight)",
+                ("language_model", "layers", "{i}", "{n}", "{p}"), _NORM_PARAM),
+        KeyRule(r"lm\.layers\.(?P<i>\d+)\.(?P<s>self_attn|mlp)\."
+                r"(?P<m>q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.(?P<p>weight|bias)",
+                ("language_model", "layers", "{i}", "{s}", "{m}", "{p}"), _PARAM),
+        KeyRule(r"vis\.embeddings\.class_embedding", ("vision_tower", "class_embedding")),
+        KeyRule(r"vis\.embeddings\.patch_embedding\.weight", ("vision_tower", "patch_embedding")),
+        KeyRule(r"vis\.embeddings\.position_embedding\.weight", ("vision_tower", "position_embedding")),
+        KeyRule(r"vis\.(?P<n>pre_layrnorm|post_layernorm)\.(?P<p>weight|bias)",
+                ("vision_tower", "{n}", "{p}"), _NORM_PARAM),
+        KeyRule(r"vis\.encoder\.layers\.(?P<i>\d+)\.(?P<n>layer_norm1|layer_norm2)\.(?P<p>weight|bias)",
+                ("vision_tower", "layers", "{i}", "{n}", "{p}"), _NORM_PARAM),
+        KeyRule(r"vis\.encoder\.layers\.(?P<i>\d+)\.(?P<s>self_attn|mlp)\."
+                r"(?P<m>q_proj|k_proj|v_proj|out_proj|fc1|fc2)\.(?P<p>weight|bias)",
+                ("vision_tower", "layers", "{i}", "{s}", "{m}", "{p}"), _PARAM),
+        KeyRule(r"proj\.(?P<m>linear_1|linear_2)\.(?P<p>weight|bias)", ("multi_modal_projector", "{m}", "{p}"),
+                _PARAM),
+    ],
+)
 
 
 def map_key(key: str) -> tuple | None:
     """Target path in the NNX state (ints for list indices) for one HF key, or None."""
-    norm = _normalise(key)
-    if norm is None:
-        return None
-    for pattern, template, table in _RULES:
-        m = pattern.fullmatch(norm)
-        if not m:
-            continue
-        groups = m.groupdict()
-        path = []
-        for part in template:
-            if part == "{p}":
-                path.append(table[groups["p"]])
-                continue
-            part = part.format(**groups)
-            path.append(int(part) if part.isdigit() else part)
-        return tuple(path)
-    return None
+    mapped = _KEYS(key)
+    return None if mapped is None else mapped[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,49 +101,11 @@ def load_llava(path_or_id: str | os.PathLike, dtype=jnp.float32) -> tuple[Llava,
     """
     model_dir = resolve_model_dir(path_or_id)
     config = config_from_hf(read_config(model_dir))
-    ckpt = open_checkpoint(model_dir)
-
-    graphdef, state = nnx.split(abstract_model(config, dtype))
-    expected = {tuple(path): var for path, var in nnx.to_flat_state(state)}
-    found: dict[tuple, jax.Array] = {}
-    sources: dict[tuple, str] = {}
-    unexpected = []
-    for key in ckpt.keys():  # noqa: SIM118 (a checkpoint view, not a dict)
-        path = map_key(key)
-        if path is None:
-            if not _IGNORED.fullmatch(key):
-                unexpected.append(key)
-            continue
-        if path not in expected:
-            if path == ("language_model", "lm_head", "w") and config.text.tie_word_embeddings:
-                continue  # a tied checkpoint may still store a copy of the embeddings
-            unexpected.append(key)
-            continue
-        if path in sources:
-            raise ConversionError(f"{key!r} and {sources[path]!r} both map to {'.'.join(map(str, path))}; "
-                                  f"the checkpoint mixes two key spellings, keep one")
-        want, got = tuple(expected[path].shape), tuple(ckpt.shape(key))
-        if got != want:
-            raise ConversionError(f"{key!r} has shape {got} but the model expects {want}; "
-                                  f"config.json does not describe these weights")
-        found[path] = jnp.asarray(ckpt.get(key).astype(dtype))  # one tensor in host memory at a time
-        sources[path] = key
-    if unexpected:
-        raise ConversionError(f"{len(unexpected)} checkpoint tensors are not LLaVA weights "
-                              f"(first: {unexpected[:3]}); is this the right checkpoint for this converter?")
-    missing = [".".join(map(str, p)) for p in expected if p not in found]
-    if missing:
-        raise ConversionError(f"{len(missing)} model parameters are missing from the checkpoint "
-                              f"(first: {missing[:3]}); the checkpoint is incomplete, re-download it")
-
-    pure: dict = {}
-    for path, value in found.items():
-        node = pure
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = value
-    nnx.replace_by_pure_dict(state, pure)
-    return nnx.merge(graphdef, state), config
+    # a tied checkpoint may still store a copy of the embeddings as lm_head
+    tied = [("language_model", "lm_head", "w")] if config.text.tie_word_embeddings else []
+    model = load_state(abstract_model(config, dtype), open_checkpoint(model_dir), _KEYS, family="LLaVA",
+                       ignored=_IGNORED, tolerated=tied)
+    return model, config
 
 
 __all__ = ["ARCHITECTURES", "config_from_hf", "load_llava", "map_key"]

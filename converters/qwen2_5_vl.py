@@ -16,12 +16,11 @@ import os
 import re
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from converters.hf import ConversionError, open_checkpoint, read_config, require_architecture, resolve_model_dir
+from converters.hf import (ConversionError, KeyMap, KeyRule, load_state, open_checkpoint, read_config,
+                           require_architecture, resolve_model_dir)
 from splitq_jax.models.layers import DecoderConfig
 from splitq_jax.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig, VisionConfig, abstract_model
 
@@ -90,63 +89,37 @@ def config_from_hf(hf: dict[str, Any]) -> Qwen2_5_VLConfig:
 # Key mapping
 # --------------------------------------------------------------------------------------------
 
-# (pattern on the spelling-normalised key, target path template, transform)
 _LINEAR = r"(?P<m>q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|qkv|proj)"
-_RULES: list[tuple[re.Pattern, tuple, str | None]] = [
-    (re.compile(r"lm\.embed_tokens\.weight"), ("language_model", "embed_tokens", "weight"), None),
-    (re.compile(r"lm\.norm\.weight"), ("language_model", "norm", "scale"), None),
-    (re.compile(r"lm_head\.weight"), ("language_model", "lm_head", "w"), None),
-    (re.compile(r"lm\.layers\.(?P<i>\d+)\.(?P<n>input_layernorm|post_attention_layernorm)\.weight"),
-     ("language_model", "layers", "{i}", "{n}", "scale"), None),
-    (re.compile(r"lm\.layers\.(?P<i>\d+)\.(?P<s>self_attn|mlp)\." + _LINEAR + r"\.(?P<p>weight|bias)"),
-     ("language_model", "layers", "{i}", "{s}", "{m}", "{p}"), None),
-    (re.compile(r"vis\.patch_embed\.proj\.weight"), ("visual", "patch_embed", "w"), "flatten_patch"),
-    (re.compile(r"vis\.blocks\.(?P<i>\d+)\.(?P<n>norm1|norm2)\.weight"),
-     ("visual", "blocks", "{i}", "{n}", "scale"), None),
-    (re.compile(r"vis\.blocks\.(?P<i>\d+)\.(?P<s>attn|mlp)\." + _LINEAR + r"\.(?P<p>weight|bias)"),
-     ("visual", "blocks", "{i}", "{s}", "{m}", "{p}"), None),
-    (re.compile(r"vis\.merger\.ln_q\.weight"), ("visual", "merger", "ln_q", "scale"), None),
-    # nn.Sequential(Linear, GELU, Linear): indices 0 and 2
-    (re.compile(r"vis\.merger\.mlp\.0\.(?P<p>weight|bias)"), ("visual", "merger", "fc1", "{p}"), None),
-    (re.compile(r"vis\.merger\.mlp\.2\.(?P<p>weight|bias)"), ("visual", "merger", "fc2", "{p}"), None),
-]
 _PARAM = {"weight": "w", "bias": "b"}
-
-
-def _normalise(key: str) -> str | None:
-    """Map both spellings onto ``lm.*`` / ``vis.*`` / ``lm_head.*``; None for foreign keys."""
-    for prefix, repl in (("model.language_model.", "lm."), ("model.visual.", "vis."), ("visual.", "vis."),
-                         ("model.", "lm."), ("lm_head.", "lm_head.")):
-        if key.startswith(prefix):
-            return repl + key[len(prefix):]
-    return None
+# Both spellings onto lm.* / vis.* / lm_head.*, then one rule per kind of tensor.
+_KEYS = KeyMap(
+    prefixes=[("model.language_model.", "lm."), ("model.visual.", "vis."), ("visual.", "vis."), ("model.", "lm."),
+              ("lm_head.", "lm_head.")],
+    rules=[
+        KeyRule(r"lm\.embed_tokens\.weight", ("language_model", "embed_tokens", "weight")),
+        KeyRule(r"lm\.norm\.weight", ("language_model", "norm", "scale")),
+        KeyRule(r"lm_head\.weight", ("language_model", "lm_head", "w")),
+        KeyRule(r"lm\.layers\.(?P<i>\d+)\.(?P<n>input_layernorm|post_attention_layernorm)\.weight",
+                ("language_model", "layers", "{i}", "{n}", "scale")),
+        KeyRule(r"lm\.layers\.(?P<i>\d+)\.(?P<s>self_attn|mlp)\." + _LINEAR + r"\.(?P<p>weight|bias)",
+                ("language_model", "layers", "{i}", "{s}", "{m}", "{p}"), _PARAM),
+        KeyRule(r"vis\.patch_embed\.proj\.weight", ("visual", "patch_embed", "w"), transform="flatten_patch"),
+        KeyRule(r"vis\.blocks\.(?P<i>\d+)\.(?P<n>norm1|norm2)\.weight", ("visual", "blocks", "{i}", "{n}", "scale")),
+        KeyRule(r"vis\.blocks\.(?P<i>\d+)\.(?P<s>attn|mlp)\." + _LINEAR + r"\.(?P<p>weight|bias)",
+                ("visual", "blocks", "{i}", "{s}", "{m}", "{p}"), _PARAM),
+        KeyRule(r"vis\.merger\.ln_q\.weight", ("visual", "merger", "ln_q", "scale")),
+        # nn.Sequential(Linear, GELU, Linear): indices 0 and 2
+        KeyRule(r"vis\.merger\.mlp\.0\.(?P<p>weight|bias)", ("visual", "merger", "fc1", "{p}"), _PARAM),
+        KeyRule(r"vis\.merger\.mlp\.2\.(?P<p>weight|bias)", ("visual", "merger", "fc2", "{p}"), _PARAM),
+    ],
+)
+_TRANSFORMS = {"flatten_patch": lambda arr: arr.reshape(arr.shape[0], -1)}  # Conv3d (out, C, T, P, P) -> linear
 
 
 def map_key(key: str) -> tuple[tuple, str | None] | None:
     """Target path in the NNX state (ints for list indices) and transform name for one HF key,
     or None when the key is not a Qwen2.5-VL weight."""
-    norm = _normalise(key)
-    if norm is None:
-        return None
-    for pattern, template, transform in _RULES:
-        m = pattern.fullmatch(norm)
-        if not m:
-            continue
-        groups = m.groupdict()
-        path = []
-        for part in template:
-            part = part.format(**groups)
-            if groups.get("p") and part == groups["p"]:
-                part = _PARAM[part]
-            path.append(int(part) if part.isdigit() else part)
-        return tuple(path), transform
-    return None
-
-
-def _transform(arr: np.ndarray, transform: str | None) -> np.ndarray:
-    if transform == "flatten_patch":  # Conv3d (out, C, T, P, P) -> linear (out, C*T*P*P)
-        return arr.reshape(arr.shape[0], -1)
-    return arr
+    return _KEYS(key)
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,57 +137,8 @@ def load_qwen2_5_vl(path_or_id: str | os.PathLike, dtype=jnp.float32) -> tuple[Q
     config = config_from_hf(read_config(model_dir))
     if not os.path.exists(os.path.expanduser(str(path_or_id))):  # fetched by hub id
         config = dataclasses.replace(config, hf_id=str(path_or_id))
-    ckpt = open_checkpoint(model_dir)
-
-    graphdef, state = nnx.split(abstract_model(config, dtype))
-    expected = {tuple(path): var for path, var in nnx.to_flat_state(state)}
-    # Plan from the headers alone, so that a wrong checkpoint fails before any data is read.
-    plan: dict[str, tuple[tuple, str | None]] = {}  # HF key -> (our path, transform)
-    sources: dict[tuple, str] = {}
-    unexpected = []
-    for key in ckpt.keys():
-        mapped = map_key(key)
-        if mapped is None:
-            if not _IGNORED.fullmatch(key):
-                unexpected.append(key)
-            continue
-        path, transform = mapped
-        if path not in expected:
-            if path == ("language_model", "lm_head", "w") and config.text.tie_word_embeddings:
-                continue  # a tied checkpoint may still store a copy of the embeddings
-            unexpected.append(key)
-            continue
-        if path in sources:
-            raise ConversionError(f"{key!r} and {sources[path]!r} both map to {'.'.join(map(str, path))}; "
-                                  f"the checkpoint mixes two key spellings, keep one")
-        want = tuple(expected[path].shape)
-        got = ckpt.shape(key)
-        if int(np.prod(got)) != int(np.prod(want)) or (transform is None and tuple(got) != want):
-            raise ConversionError(f"{key!r} has shape {tuple(got)} but the model expects {want}; "
-                                  f"config.json does not describe these weights")
-        plan[key] = (path, transform)
-        sources[path] = key
-    if unexpected:
-        raise ConversionError(f"{len(unexpected)} checkpoint tensors are not Qwen2.5-VL weights "
-                              f"(first: {unexpected[:3]}); is this the right checkpoint for this converter?")
-    missing = [".".join(map(str, p)) for p in expected if p not in sources]
-    if missing:
-        raise ConversionError(f"{len(missing)} model parameters are missing from the checkpoint "
-                              f"(first: {missing[:3]}); the checkpoint is incomplete, re-download it")
-
-    # Stream: one tensor at a time in host memory, each shard opened once.
-    found: dict[tuple, jax.Array] = {}
-    for key, arr in ckpt.items():
-        if key in plan:
-            path, transform = plan[key]
-            found[path] = jnp.asarray(_transform(arr, transform).astype(dtype, copy=False))
-        del arr
-
-    pure: dict = {}
-    for path, value in found.items():
-        node = pure
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = value
-    nnx.replace_by_pure_dict(state, pure)
-    return nnx.merge(graphdef, state), config
+    # a tied checkpoint may still store a copy of the embeddings as lm_head
+    tied = [("language_model", "lm_head", "w")] if config.text.tie_word_embeddings else []
+    model = load_state(abstract_model(config, dtype), open_checkpoint(model_dir), _KEYS, family="Qwen2.5-VL",
+                       transforms=_TRANSFORMS, ignored=_IGNORED, tolerated=tied)
+    return model, config
