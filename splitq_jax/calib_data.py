@@ -209,7 +209,7 @@ def load_jsonl(path: str | os.PathLike, *, n: int | None = None, seed: int = 0) 
     try:
         raw = path.read_bytes()
     except OSError as e:
-        raise CalibDataError(f"{path}: cannot read calibration data: {e.strerror or e}") from e
+        raise CalibDataError(f"{path}: cannot read data: {e.strerror or e}") from e
     if not raw:
         raise CalibDataError(f"{path}: file is empty; expected one JSON object per line")
     try:
