@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-slow demo bench clean
+.PHONY: test test-slow demo demo-block clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,7 +18,14 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow
 
+# The main job on the embedded default model: calibrate (splitq w4a4, bundled data), export, then
+# evaluate the exported checkpoint against the full-precision model on held-out samples.
 demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/calibrate.py --out runs/demo --overwrite
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/evaluate.py --checkpoint runs/demo --samples 16
+
+# One decoder block, every method side by side (the first demo; still a quick look at the engine).
+demo-block: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/demo_block.py
 
 clean:
