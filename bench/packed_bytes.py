@@ -19,7 +19,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from bench._common import block_params, machine_name, run_record, write_json_atomic  # noqa: E402
 from splitq_jax import calibrate as cal  # noqa: E402
