@@ -1,0 +1,429 @@
+"""The main job end to end: ``scripts/calibrate.py`` and ``quantize.quantize_model`` -> checkpoint -> runtime.
+
+* the CLI with no model argument runs offline on the embedded default and its checkpoint loads;
+  the packed-integer runtime reproduces the fake-quant model it was folded from;
+* every method on the tiny Qwen2.5-VL, splitq on the tiny LLaVA, each checkpoint reloaded
+  bit-identically;
+* an interrupted run resumed (library and CLI) equals a clean run bit for bit;
+* bad input: a clear error, exit status 2 and nothing partial left behind.
+
+Cost: one mini-model CLI run (+ its resume twin) and a handful of tiny-model runs; the bad-input
+tests that get past the model load share one embedded model (``cached_model``).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from splitq_jax import calib_data as cd
+from splitq_jax import export, fold, pipeline
+from splitq_jax import quantize as qz
+from splitq_jax.config import method_config
+from splitq_jax.export import CheckpointError
+from splitq_jax.models import llava, qwen2_5_vl
+from splitq_jax.runtime import QuantizedModel, load_quantized
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("calibrate_cli", ROOT / "scripts" / "calibrate.py")
+cli = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cli)
+
+# The same arguments for the default run and its resumed twin, so both share compiled programs.
+DEFAULT_ARGS = ["--samples", "4", "--epochs", "1"]
+METHODS = ("rtn", "smoothquant", "flatquant", "splitq")
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def tree_snapshot(root: Path) -> dict[str, str]:
+    """Relative path -> sha256 (files) or 'dir' of everything under ``root`` (the directory itself too)."""
+    if not root.exists():
+        return {}
+    out = {".": "dir"}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        out[rel] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def flat_leaves(tree) -> tuple[object, list[np.ndarray]]:
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return treedef, [np.asarray(x) for x in leaves]
+
+
+def assert_trees_identical(a, b, what: str) -> None:
+    """Same treedef (PackedTensor metadata included), same dtypes, bit-identical values."""
+    da, la = flat_leaves(a)
+    db, lb = flat_leaves(b)
+    assert da == db, f"{what}: tree structure differs"
+    for i, (x, y) in enumerate(zip(la, lb, strict=True)):
+        assert x.dtype == y.dtype and x.shape == y.shape, f"{what}: leaf {i} {x.dtype}{x.shape} vs {y.dtype}{y.shape}"
+        assert np.array_equal(x, y), f"{what}: leaf {i} differs"
+
+
+def assert_checkpoints_identical(a: Path, b: Path) -> None:
+    """Every array of two checkpoints bit-identical; manifests equal up to times and resume flags."""
+    ma, fpa, ba = export.load_quantized_tree(a)
+    mb, fpb, bb = export.load_quantized_tree(b)
+    assert_trees_identical(fpa, fpb, "fp params")
+    for i, (x, y) in enumerate(zip(ba, bb, strict=True)):
+        assert_trees_identical(x, y, f"block {i}")
+
+    def strip(m):
+        m = {k: v for k, v in m.items() if k not in ("created", "files")}
+        m["blocks"] = [{k: v for k, v in blk.items() if k not in ("seconds", "resumed")} for blk in m["blocks"]]
+        return m
+
+    assert strip(ma) == strip(mb)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "bcfg"))
+def _fake_quant_block(folded, x, cos, sin, mask, modality, cfg, bcfg):
+    return fold.folded_block_forward(folded, x, cos, sin, mask, modality, cfg, bcfg)
+
+
+def fake_quant_logits(qm: QuantizedModel, batch: dict) -> jax.Array:
+    """The same folded blocks through ``fold.folded_block_forward`` (fake-quant, float matmuls)."""
+    emb = qm.embed(batch["input_ids"], batch.get("pixel_values"), batch.get("image_grid_thw"),
+                   batch.get("attention_mask"))
+    modality = jnp.asarray(batch["modality"], jnp.int32) if "modality" in batch else emb.modality_mask
+    cos, sin = qm.model.rope(emb.position_ids)
+    mask = qm.model.attention_mask(modality)
+    x = emb.hidden
+    for folded in qm.blocks:
+        x = _fake_quant_block(folded, x, cos, sin, mask, modality, cfg=qm.method_config, bcfg=qm.block_config)
+    return qm.head(x)
+
+
+def assert_runtime_matches_fake_quant(qm: QuantizedModel, batch: dict, tol: float = 1e-4) -> np.ndarray:
+    got = np.asarray(qm.logits(batch))
+    ref = np.asarray(fake_quant_logits(qm, batch))
+    valid = np.asarray(batch["attention_mask"]).astype(bool)
+    assert np.isfinite(got[valid]).all()
+    rel = np.abs(got[valid] - ref[valid]).max() / np.abs(ref[valid]).max()
+    assert rel < tol, f"integer runtime vs fake-quant: max relative difference {rel:.2e}"
+    return got
+
+
+def run_cli(argv, capsys) -> tuple[int, str]:
+    rc = cli.main([str(a) for a in argv])
+    return rc, capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------- the default CLI run
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """``calibrate.py --samples 4 --epochs 1 --out DIR``: no model argument, offline (conftest sets
+    HF_HUB_OFFLINE=1). Also hands out the embedded model the CLI built, for the other CLI tests."""
+    out = tmp_path_factory.mktemp("default") / "ckpt"
+    handles = []
+    real = qz.load_model_for_calibration
+
+    def spy(*a, **kw):
+        handles.append(real(*a, **kw))
+        return handles[-1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(qz, "load_model_for_calibration", spy)
+        rc = cli.main([*DEFAULT_ARGS, "--out", str(out)])
+    assert rc == 0
+    assert len(handles) == 1 and handles[0].name == qz.EMBEDDED_DEFAULT and handles[0].source_dir is None
+    return out, handles[0]
+
+
+@pytest.fixture
+def cached_model(monkeypatch, default_run):
+    """The CLI's model loader, returning the embedded model built once (same seed, same weights)."""
+    handle = default_run[1]
+    real = qz.load_model_for_calibration
+
+    def load(ref, *, seed=0, **kw):
+        return handle if ref is None and seed == 0 and not kw else real(ref, seed=seed, **kw)
+
+    monkeypatch.setattr(qz, "load_model_for_calibration", load)
+    return handle
+
+
+def test_default_run_offline_checkpoint_loads_and_matches_fake_quant(default_run):
+    out, handle = default_run
+    assert sorted(p.name for p in out.parent.iterdir()) == ["ckpt"]  # no .work, no .tmp-* left
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["method"] == "splitq" and manifest["bits"] == "w4a4"
+    assert manifest["method_config"]["epochs"] == 1
+    assert manifest["model"]["name"] == qz.EMBEDDED_DEFAULT and manifest["model"]["family"] == "qwen2_5_vl"
+    assert manifest["data"]["samples"] == 4 and manifest["data"]["source"] == "default"
+    blocks = manifest["blocks"]
+    assert [b["index"] for b in blocks] == list(range(handle.model.config.text.num_layers))
+    for b in blocks:
+        assert np.isfinite(b["init_loss"]) and np.isfinite(b["final_loss"]) and not b["resumed"]
+
+    qm = load_quantized(out)
+    assert qm.method_config.method == "splitq" and len(qm.blocks) == len(blocks)
+    # two held-out samples of the bundled set, through the embedded model's own processor
+    samples = cd.load_samples("default", n=2, split="eval", seed=0)
+    enc = cd.encode_samples(samples, handle.family, handle.tokenizer, handle.image_cfg)
+    batch = cd.make_batches(enc, 2, handle.pad_id)[0]
+    got = assert_runtime_matches_fake_quant(qm, batch)
+    assert got.shape == (*batch["input_ids"].shape, handle.model.config.text.vocab_size)
+
+
+@pytest.mark.slow  # ~25 s: two more mini-model runs; tests/test_cli.py::test_library_resume_* is the fast twin
+def test_cli_resume_reproduces_clean_run(default_run, cached_model, tmp_path, monkeypatch, capsys):
+    """Interrupted after block 1, a different-options resume is refused, the real resume finishes
+    and equals the uninterrupted default run bit for bit."""
+    clean, _ = default_run
+    out = tmp_path / "ckpt"
+    work = tmp_path / "ckpt.work"
+    real_quantize = qz.quantize_model
+    with monkeypatch.context() as mp:
+        mp.setattr(qz, "quantize_model", functools.partial(real_quantize, fail_after_block=1))
+        with pytest.raises(RuntimeError, match="injected failure after block 1"):
+            cli.main([*DEFAULT_ARGS, "--out", str(out)])
+    assert not out.exists()
+    assert {"run.json", "block_000", "block_001"} <= {p.name for p in work.iterdir()}
+    before = tree_snapshot(tmp_path)
+
+    rc, err = run_cli([*DEFAULT_ARGS, "--lr", "0.001", "--out", out, "--resume"], capsys)
+    assert rc == 2 and "different options" in err
+    assert tree_snapshot(tmp_path) == before
+
+    rc, _ = run_cli([*DEFAULT_ARGS, "--out", out, "--resume"], capsys)
+    assert rc == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # work directory removed
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [b["resumed"] for b in manifest["blocks"]] == [True, True, False, False]
+    assert_checkpoints_identical(out, clean)
+
+
+# ------------------------------------------------------------------ every method, tiny models
+
+
+def qwen_tiny_batches(cfg, n_batches=2, batch=2, seed=0):
+    """Token batches with one 8x8-patch image each (grid (1, 4, 4) -> 4 merged vision tokens)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n_batches):
+        ids, pix = [], []
+        for _ in range(batch):
+            pre, post = rng.integers(3, 100, 5), rng.integers(3, 100, 7)
+            ids.append(np.r_[pre, cfg.vision_start_token_id, [cfg.image_token_id] * 4, cfg.vision_end_token_id, post])
+            pix.append(rng.normal(size=(16, 3 * 2 * 4 * 4)).astype(np.float32))
+        input_ids = np.stack(ids).astype(np.int32)
+        modality = np.where(input_ids == cfg.image_token_id, 2, 1).astype(np.int32)
+        modality[:, -3:] = 3  # the last tokens are an "answer"
+        out.append({"input_ids": input_ids, "attention_mask": np.ones_like(input_ids),
+                    "pixel_values": np.concatenate(pix), "image_grid_thw": np.array([[1, 4, 4]] * batch),
+                    "modality": modality})
+    return out
+
+
+def llava_tiny_batches(cfg, n_batches=2, batch=2, seed=0):
+    """BOS, text, 4 image placeholders (one 28 px image = 2x2 patches), text; the last row left-padded."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n_batches):
+        ids = np.stack([np.r_[cfg.bos_token_id, rng.integers(3, 100, 4), [cfg.image_token_id] * cfg.num_image_tokens,
+                              rng.integers(3, 100, 7)] for _ in range(batch)]).astype(np.int32)
+        attn = np.ones_like(ids)
+        ids[-1, :2], attn[-1, :2] = cfg.pad_token_id, 0
+        modality = np.where(ids == cfg.image_token_id, 2, 1).astype(np.int32)
+        modality[:, -3:] = 3
+        modality[attn == 0] = 0
+        pixel_values = rng.normal(size=(batch, 3, cfg.vision.image_size, cfg.vision.image_size)).astype(np.float32)
+        out.append({"input_ids": ids, "attention_mask": attn, "pixel_values": pixel_values, "modality": modality})
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """family -> (handle, batches, stream) for the tiny Qwen2.5-VL and LLaVA, random init."""
+    qcfg = qwen2_5_vl.get_config("qwen2.5-vl-tiny")
+    lcfg = llava.get_config("llava-1.5-tiny")
+    out = {}
+    for family, name, model, batches in (
+        ("qwen2_5_vl", "qwen2.5-vl-tiny", qwen2_5_vl.Qwen2_5_VL(qcfg, rngs=nnx.Rngs(0)), qwen_tiny_batches(qcfg)),
+        ("llava", "llava-1.5-tiny", llava.Llava(lcfg, rngs=nnx.Rngs(0)), llava_tiny_batches(lcfg)),
+    ):
+        handle = qz.ModelHandle(model, family, name, None, None, model.config.pad_token_id, None)
+        out[family] = (handle, batches, pipeline.embed_batches(model, batches, family))
+    return out
+
+
+def tiny_cfg(method: str):
+    return method_config(method, "w4a4", epochs=1, batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tiny, tmp_path_factory):
+    """(family, method) -> (checkpoint path, ModelResult), each quantized once."""
+    cache = {}
+
+    def get(family: str, method: str):
+        if (family, method) not in cache:
+            handle, _, stream = tiny[family]
+            out = tmp_path_factory.mktemp(f"{family}-{method}") / "ckpt"
+            path, result = qz.quantize_model(handle, stream, tiny_cfg(method), out, data_record={"source": "synthetic"})
+            cache[family, method] = (path, result)
+        return cache[family, method]
+
+    return get
+
+
+@pytest.mark.parametrize("family,method", [("qwen2_5_vl", m) for m in METHODS] + [("llava", "splitq")])
+def test_method_checkpoint_reloads_bit_identically(tiny, tiny_runs, family, method):
+    handle, batches, _ = tiny[family]
+    path, result = tiny_runs(family, method)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["method"] == method and manifest["bits"] == "w4a4"
+    assert manifest["model"]["family"] == family and len(manifest["blocks"]) == 2
+    assert all(np.isfinite(b["final_loss"]) for b in manifest["blocks"])
+    if tiny_cfg(method).trains:
+        assert all(b["final_loss"] <= b["init_loss"] * 1.05 for b in manifest["blocks"])
+    assert not path.with_name("ckpt.work").exists()
+
+    qm = load_quantized(path)
+    # every leaf saved = every leaf loaded (treedef incl. PackedTensor metadata, dtype, bits)
+    for i, (saved, loaded) in enumerate(zip(result.folded_blocks, qm.blocks, strict=True)):
+        assert_trees_identical(saved, loaded, f"block {i}")
+    assert_trees_identical(export.fp_state_dict(handle.model), export.fp_state_dict(qm.model), "fp params")
+
+    batch = batches[0]
+    got = assert_runtime_matches_fake_quant(qm, batch)
+    in_memory = QuantizedModel.from_parts(family=family, model_config=handle.model.config, fp_params=handle.model,
+                                          folded_blocks=result.folded_blocks, method_config=tiny_cfg(method))
+    assert np.array_equal(got, np.asarray(in_memory.logits(batch)))  # outputs identical after reload
+
+
+def test_library_resume_reproduces_clean_run(tiny, tiny_runs, tmp_path):
+    handle, _, stream = tiny["qwen2_5_vl"]
+    clean, _ = tiny_runs("qwen2_5_vl", "splitq")
+    cfg = tiny_cfg("splitq")
+    out, work = tmp_path / "ckpt", tmp_path / "ckpt.work"
+    data = {"source": "synthetic"}
+    with pytest.raises(RuntimeError, match="injected failure after block 0"):
+        qz.quantize_model(handle, stream, cfg, out, data_record=data, fail_after_block=0)
+    assert not out.exists() and (work / "block_000").is_dir() and not (work / "block_001").exists()
+    before = tree_snapshot(tmp_path)
+    with pytest.raises(qz.QuantizeError, match="different options"):
+        qz.quantize_model(handle, stream, cfg.replace(seed=1), out, data_record=data, resume=True)
+    assert tree_snapshot(tmp_path) == before
+    path, result = qz.quantize_model(handle, stream, cfg, out, data_record=data, resume=True)
+    assert [r.resumed for r in result.reports] == [True, False]
+    assert not work.exists()
+    assert_checkpoints_identical(path, clean)
+
+
+def test_corrupted_checkpoint_names_the_file(tiny_runs, tmp_path):
+    src, _ = tiny_runs("qwen2_5_vl", "splitq")
+    ck = tmp_path / "ckpt"
+    shutil.copytree(src, ck)
+    target = max((p for p in (ck / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    raw = bytearray(target.read_bytes())
+    mid = len(raw) // 2
+    raw[mid:mid + 8] = bytes(b ^ 0xFF for b in raw[mid:mid + 8])
+    target.write_bytes(bytes(raw))
+    rel = target.relative_to(ck).as_posix()
+    with pytest.raises(CheckpointError, match="corrupted") as e:
+        load_quantized(ck)
+    assert rel in str(e.value)
+
+
+# ------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "qwen9-vl-77b"], "does not exist"),  # unknown model name
+    (["--model", "splitq-tests/no-such-model"], "HF_HUB_OFFLINE"),  # a hub id while offline
+    (["--bits", "w9a4"], "unsupported bit width 9"),
+    (["--bits", "int4"], "not of the form wXaY"),
+    (["--samples", "0"], "--samples must be at least 1"),
+], ids=["unknown-model", "hub-id-offline", "bits-w9a4", "bits-int4", "samples-0"])
+def test_bad_argument_fails_cleanly(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # conftest sets it too; never reach for the network here
+    rc, err = run_cli([*argv, "--out", tmp_path / "ckpt"], capsys)
+    assert rc == 2 and message in err and err.startswith("error: ")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_method_fails_cleanly(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:  # argparse choices: usage + message, status 2
+        cli.main(["--method", "gptq", "--out", str(tmp_path / "ckpt")])
+    assert e.value.code == 2 and "invalid choice: 'gptq'" in capsys.readouterr().err
+    config = tmp_path / "method.json"
+    config.write_text(json.dumps({"method": "gptq"}))
+    rc, err = run_cli(["--config", config, "--out", tmp_path / "ckpt"], capsys)
+    assert rc == 2 and "unknown method 'gptq'" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["method.json"]
+
+
+def _write_png(path: Path) -> None:
+    from PIL import Image
+
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(path)
+
+
+@pytest.mark.parametrize("case", ["empty", "malformed", "missing-image", "undecodable-image"])
+def test_bad_calibration_data_fails_cleanly(case, cached_model, tmp_path, capsys):
+    data = tmp_path / "calib.jsonl"
+    _write_png(tmp_path / "ok.png")
+    good = json.dumps({"image": "ok.png", "prompt": "What is this?", "answer": "grey"})
+    if case == "empty":
+        data.write_text("")
+        message = "file is empty"
+    elif case == "malformed":
+        data.write_text(good + "\n" + '{"image": "ok.png", "prompt": "What' + "\n")
+        message = f"{data}:2: malformed JSON"
+    elif case == "missing-image":
+        data.write_text(good + "\n" + json.dumps({"image": "nope.png", "prompt": "What?"}) + "\n")
+        message = f"{data}:2: image {str(tmp_path / 'nope.png')!r} does not exist"
+    else:
+        (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+        data.write_text(good + "\n" + json.dumps({"image": "bad.png", "prompt": "What?"}) + "\n")
+        message = f"{data}:2: cannot decode image file"
+    before = tree_snapshot(tmp_path)
+    rc, err = run_cli(["--calib-data", data, "--samples", "1", "--out", tmp_path / "ckpt"], capsys)
+    assert rc == 2 and message in err, err
+    assert tree_snapshot(tmp_path) == before
+
+
+def test_existing_output_refused_unless_overwrite(default_run, cached_model, tmp_path, capsys):
+    out, _ = default_run
+    before = tree_snapshot(out.parent)
+    rc, err = run_cli([*DEFAULT_ARGS, "--out", out], capsys)
+    assert rc == 2 and "already exists" in err and "--overwrite" in err
+    assert tree_snapshot(out.parent) == before  # untouched, no .work beside it
+
+    # an unrelated existing directory: refused and untouched, then replaced with --overwrite
+    target = tmp_path / "ckpt"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    before = tree_snapshot(tmp_path)
+    args = ["--method", "rtn", "--samples", "2", "--out", target]
+    rc, err = run_cli(args, capsys)
+    assert rc == 2 and "already exists" in err
+    assert tree_snapshot(tmp_path) == before
+    rc, _ = run_cli([*args, "--overwrite"], capsys)
+    assert rc == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert not (target / "keep.txt").exists()
+    assert load_quantized(target).method_config.method == "rtn"
+
+
+def test_resume_without_interrupted_run_fails_cleanly(cached_model, tmp_path, capsys):
+    rc, err = run_cli(["--samples", "1", "--out", tmp_path / "ckpt", "--resume"], capsys)
+    assert rc == 2 and "nothing to resume" in err
+    assert list(tmp_path.iterdir()) == []
