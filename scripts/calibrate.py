@@ -21,7 +21,7 @@ from tqdm import tqdm  # noqa: E402
 
 from converters.hf import ConversionError  # noqa: E402
 from splitq_jax import quantize as qz  # noqa: E402
-from splitq_jax.calib_data import CalibDataError  # noqa: E402
+from splitq_jax.calib_data import CalibDataError, load_samples  # noqa: E402
 from splitq_jax.config import ConfigError, add_method_args, config_from_args, load_config_file  # noqa: E402
 from splitq_jax.quant import QuantError  # noqa: E402
 
@@ -53,15 +53,19 @@ def main(argv=None) -> int:
         if args.quantize_vision:
             raise qz.QuantizeError("--quantize-vision is not available yet: only the language model is "
                                    "quantized; run without it")
-        handle = qz.load_model_for_calibration(args.model, seed=cfg.seed)
-        out = Path(args.out or f"runs/{handle.name.replace('/', '_')}-{cfg.method}-{cfg.bits}")
-        # Fail on the output directory before spending minutes on data and calibration.
+        # Refuse a bad output directory or calibration file before spending minutes loading a model.
+        name = args.model or qz.EMBEDDED_DEFAULT
+        out = Path(args.out or f"runs/{name.strip('/').replace('/', '_')}-{cfg.method}-{cfg.bits}")
         if out.exists() and not args.overwrite:
             raise qz.QuantizeError(f"output directory {out} already exists; pass --overwrite to replace it "
                                    "or choose another --out")
+        if args.resume and not (out.with_name(out.name + ".work") / "run.json").exists():
+            raise qz.QuantizeError(f"nothing to resume for {out}: no interrupted run there; run without --resume")
+        raw = None if args.calib_data == "default" else load_samples(args.calib_data, n=args.samples, seed=cfg.seed)
+        handle = qz.load_model_for_calibration(args.model, seed=cfg.seed)
         t0 = time.time()
         stream = qz.calibration_stream(handle, source=args.calib_data, samples=args.samples, seed=cfg.seed,
-                                       batch_size=args.calib_batch_size, max_tokens=args.max_tokens)
+                                       batch_size=args.calib_batch_size, max_tokens=args.max_tokens, raw=raw)
         print(f"{handle.name}: {cfg.method} {cfg.bits}; {stream.x.shape[0]} samples x {stream.x.shape[1]} tokens "
               f"({time.time() - t0:.1f} s to prepare)")
         bars: dict[int, tqdm] = {}

@@ -55,8 +55,16 @@ def load_model_for_calibration(model_ref: str | None, *, seed: int = 0, dtype=jn
         model = Qwen2_5_VL(cfg, dtype=dtype, rngs=nnx.Rngs(seed))
         return ModelHandle(model, "qwen2_5_vl", EMBEDDED_DEFAULT, pp.qwen_tokenizer(), EMBEDDED_IMAGE_CFG,
                            cfg.pad_token_id, None)
-    from converters.checkpoints import load_model
+    import os
 
+    from converters.checkpoints import load_model, named_models
+
+    ref = str(model_ref)
+    if not os.path.exists(os.path.expanduser(ref)) and ref not in named_models() and "/" not in ref:
+        raise QuantizeError(
+            f"unknown model {ref!r}: give a named model ({', '.join(sorted(named_models()))}), a local "
+            f"Hugging Face directory, or a hub id like Qwen/Qwen2.5-VL-3B-Instruct; omit --model for the "
+            f"embedded default ({EMBEDDED_DEFAULT})")
     model, config, family, model_dir = load_model(model_ref, dtype=dtype)
     tokenizer = pp.load_tokenizer(model_dir)
     pad = config.pad_token_id if config.pad_token_id is not None else (tokenizer.pad_token_id or 0)
@@ -64,9 +72,12 @@ def load_model_for_calibration(model_ref: str | None, *, seed: int = 0, dtype=jn
 
 
 def calibration_stream(handle: ModelHandle, *, source: str = cd.DEFAULT_SOURCE, samples: int = 128, seed: int = 0,
-                       batch_size: int = 8, max_tokens: int | None = None) -> pipeline.Stream:
-    """Calibration samples (bundled default or JSONL) through the model's processor and embedding."""
-    raw = cd.load_samples(source, n=samples, split="calib", seed=seed)
+                       batch_size: int = 8, max_tokens: int | None = None,
+                       raw: list[cd.Sample] | None = None) -> pipeline.Stream:
+    """Calibration samples (bundled default or JSONL; or ``raw`` if already loaded) through the model's
+    processor and embedding."""
+    if raw is None:
+        raw = cd.load_samples(source, n=samples, split="calib", seed=seed)
     encoded = cd.encode_samples(raw, handle.family, handle.tokenizer, handle.image_cfg)
     batches = cd.make_batches(encoded, batch_size, handle.pad_id, max_tokens=max_tokens)
     return pipeline.embed_batches(handle.model, batches, handle.family)
