@@ -33,6 +33,7 @@ from splitq_jax.config import method_config
 from splitq_jax.export import CheckpointError
 from splitq_jax.models import llava, qwen2_5_vl
 from splitq_jax.runtime import QuantizedModel, load_quantized
+from test_pipeline import tiny_batches as qwen_tiny_batches  # the same tiny Qwen2.5-VL stream
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("calibrate_cli", ROOT / "scripts" / "calibrate.py")
@@ -210,25 +211,6 @@ def test_cli_resume_reproduces_clean_run(default_run, cached_model, tmp_path, mo
 
 
 # ------------------------------------------------------------------ every method, tiny models
-
-
-def qwen_tiny_batches(cfg, n_batches=2, batch=2, seed=0):
-    """Token batches with one 8x8-patch image each (grid (1, 4, 4) -> 4 merged vision tokens)."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n_batches):
-        ids, pix = [], []
-        for _ in range(batch):
-            pre, post = rng.integers(3, 100, 5), rng.integers(3, 100, 7)
-            ids.append(np.r_[pre, cfg.vision_start_token_id, [cfg.image_token_id] * 4, cfg.vision_end_token_id, post])
-            pix.append(rng.normal(size=(16, 3 * 2 * 4 * 4)).astype(np.float32))
-        input_ids = np.stack(ids).astype(np.int32)
-        modality = np.where(input_ids == cfg.image_token_id, 2, 1).astype(np.int32)
-        modality[:, -3:] = 3  # the last tokens are an "answer"
-        out.append({"input_ids": input_ids, "attention_mask": np.ones_like(input_ids),
-                    "pixel_values": np.concatenate(pix), "image_grid_thw": np.array([[1, 4, 4]] * batch),
-                    "modality": modality})
-    return out
 
 
 def llava_tiny_batches(cfg, n_batches=2, batch=2, seed=0):
