@@ -10,6 +10,8 @@ Per method (default flatquant and splitq), measured side by side in one process:
 * ``step_s``: median wall time of ``--steps`` steps after ``--warmup`` warm-up steps, the methods
   *interleaved* step by step so that load from other processes hits both alike;
 * ``xla_bytes``: temp + argument + output buffers of the compiled step (``memory_analysis``);
+* ``xla_flops``, ``xla_bytes_accessed``: XLA's static cost analysis of the compiled step
+  (load-independent, so component costs can be compared even when wall times are noisy);
 * ``rss_delta_bytes``: host peak RSS while compiling and running that method minus the RSS before
   it (sampled every 5 ms by a thread; on CPU this is where the step's buffers live);
 * ``device_peak_bytes``: ``memory_stats()["peak_bytes_in_use"]`` after the method (GPU; cumulative
@@ -140,6 +142,12 @@ def prepare(name, bits, block_params, data, bcfg, total_steps=1000):
     t0 = time.perf_counter()
     compiled = step.lower(qparams, opt_state, qconsts, data).compile()
     compile_s = time.perf_counter() - t0
+    try:
+        ca = compiled.cost_analysis()
+        ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+        flops, bytes_accessed = float(ca.get("flops", float("nan"))), float(ca.get("bytes accessed", float("nan")))
+    except Exception:  # noqa: BLE001 - not every backend implements it
+        flops = bytes_accessed = None
     mem = compiled.memory_analysis()
     # XLA:CPU reports peak_memory_in_bytes far below the temp buffers; temp + arguments + outputs
     # - aliased is the allocation of one call.
@@ -149,7 +157,8 @@ def prepare(name, bits, block_params, data, bcfg, total_steps=1000):
                      - mem.alias_size_in_bytes)
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(qparams))
     return dict(name=name, cfg=cfg, compiled=compiled, state=[qparams, opt_state], qconsts=qconsts,
-                stats_s=stats_s, init_s=init_s, svd_reused=svd_reused, compile_s=compile_s, xla_bytes=xla_bytes, n_params=int(n_params),
+                stats_s=stats_s, init_s=init_s, svd_reused=svd_reused, xla_flops=flops,
+                xla_bytes_accessed=bytes_accessed, compile_s=compile_s, xla_bytes=xla_bytes, n_params=int(n_params),
                 times=[], losses=[])
 
 
@@ -229,7 +238,7 @@ class SvdMemo:
 
 
 def summary(m, timing) -> dict:
-    keep = ("name", "stats_s", "init_s", "svd_reused", "compile_s", "xla_bytes", "rss_delta_bytes", "device_peak_bytes", "n_params")
+    keep = ("name", "stats_s", "init_s", "svd_reused", "xla_flops", "xla_bytes_accessed", "compile_s", "xla_bytes", "rss_delta_bytes", "device_peak_bytes", "n_params")
     return dict({k: m.get(k) for k in keep}, **timing)
 
 
@@ -293,7 +302,7 @@ def main(argv=None) -> None:
                 records.append(dict(base, metric="step_times_s", value=[round(t, 4) for t in m["times"]], unit="s"))
                 continue
             for metric, unit in (("step_s", "s"), ("compile_s", "s"), ("stats_s", "s"), ("init_s", "s"),
-                                 ("svd_reused", "count"),
+                                 ("svd_reused", "count"), ("xla_flops", "flop"), ("xla_bytes_accessed", "bytes"),
                                  ("xla_bytes", "bytes"), ("rss_delta_bytes", "bytes"),
                                  ("device_peak_bytes", "bytes"), ("n_params", "count")):
                 if m.get(metric) is not None:
@@ -322,11 +331,13 @@ def main(argv=None) -> None:
     C.write_json_atomic(out, records)
 
     print(f"\n{args.model}, batch {args.batch} x {args.tokens} tokens ({vision_share:.0%} vision), {args.bits}, {machine}")
-    print(f"{'method':<18}{'phase':<9}{'step s':>9}{'compile s':>11}{'stats s':>9}{'init s':>8}{'xla GiB':>9}{'rss delta GiB':>15}")
+    print(f"{'method':<18}{'phase':<9}{'step s':>9}{'compile s':>11}{'stats s':>9}{'init s':>8}{'xla GiB':>9}"
+          f"{'rss delta GiB':>15}{'GFLOP':>9}{'GB accessed':>13}")
     for phase, group in (("main", ms), ("profile", prof)):
         for m in group:
             print(f"{m['name']:<18}{phase:<9}{m['step_s']:>9.2f}{m['compile_s']:>11.1f}{m['stats_s']:>9.1f}"
-                  f"{m['init_s']:>8.1f}{(m['xla_bytes'] or 0) / 2**30:>9.2f}{m['rss_delta_bytes'] / 2**30:>15.2f}")
+                  f"{m['init_s']:>8.1f}{(m['xla_bytes'] or 0) / 2**30:>9.2f}{m['rss_delta_bytes'] / 2**30:>15.2f}"
+                  f"{(m['xla_flops'] or 0) / 1e9:>9.0f}{(m['xla_bytes_accessed'] or 0) / 1e9:>13.1f}")
     if ratio is not None:
         print(f"splitq / flatquant step time: {ratio:.2f}x (ratio of medians), {paired:.2f}x "
               f"(median of paired per-step ratios); goal <= {args.goal}")
