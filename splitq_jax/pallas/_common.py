@@ -27,6 +27,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from splitq_jax.quant import _EPS, qrange
@@ -221,3 +222,17 @@ class RowQuant:
     def dequantize(self, q, scale, zero):
         """``(q - zero) * scale``, rounded as the reference rounds it before its final cast."""
         return self._r((q - zero) * scale)
+
+
+def row_tiled_inputs(x, sig_max, sig_min, *, n_rows: int, block_rows: int, tile_cols: int):
+    """Operands and BlockSpecs of a kernel tiled over rows: one ``(block_rows, tile_cols)`` tile of
+    ``x`` per program, plus the per-row clipping factors ``(n_rows, 1)`` when given."""
+    args, in_specs = [x], [pl.BlockSpec((block_rows, tile_cols), lambda i: (i, 0))]
+    if sig_max is not None:
+        for s in (sig_max, sig_min):
+            if s.shape != (n_rows, 1):
+                raise ValueError(f"clipping factors must have shape {(n_rows, 1)}, got {s.shape}")
+        row_spec = pl.BlockSpec((block_rows, 1), lambda i: (i, 0))
+        args += [sig_max, sig_min]
+        in_specs += [row_spec, row_spec]
+    return args, in_specs

@@ -79,14 +79,8 @@ def fake_quant_pallas(
         precise_div = not interpret
     has_clip = sig_max is not None
     tile = pl.BlockSpec((block_rows, tile_cols), lambda i: (i, 0))
-    args, in_specs = [x], [tile]
-    if has_clip:
-        for s in (sig_max, sig_min):
-            if s.shape != (n_rows, 1):
-                raise ValueError(f"clipping factors must have shape {(n_rows, 1)}, got {s.shape}")
-        row_spec = pl.BlockSpec((block_rows, 1), lambda i: (i, 0))
-        args += [sig_max, sig_min]
-        in_specs += [row_spec, row_spec]
+    args, in_specs = C.row_tiled_inputs(x, sig_max, sig_min, n_rows=n_rows, block_rows=block_rows,
+                                        tile_cols=tile_cols)
     kernel = functools.partial(
         _fake_quant_kernel,
         n_rows=n_rows,

@@ -125,14 +125,8 @@ def quantize_pack_pallas(
         precise_div = not interpret
     has_clip = sig_max is not None
     row_spec = pl.BlockSpec((block_rows, 1), lambda i: (i, 0))
-    args = [x]
-    in_specs = [pl.BlockSpec((block_rows, tile_cols), lambda i: (i, 0))]
-    if has_clip:
-        for s in (sig_max, sig_min):
-            if s.shape != (n_rows, 1):
-                raise ValueError(f"clipping factors must have shape {(n_rows, 1)}, got {s.shape}")
-        args += [sig_max, sig_min]
-        in_specs += [row_spec, row_spec]
+    args, in_specs = C.row_tiled_inputs(x, sig_max, sig_min, n_rows=n_rows, block_rows=block_rows,
+                                        tile_cols=tile_cols)
     kernel = functools.partial(
         _quantize_pack_kernel,
         n_rows=n_rows,
