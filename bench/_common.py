@@ -84,6 +84,7 @@ def write_json_atomic(path: Path, records: list[dict[str, Any]]) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(records, f, indent=1, default=_jsonable)
             f.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

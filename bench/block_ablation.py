@@ -17,7 +17,9 @@ Methods (all at the same recipe: samples, tokens, batch, epochs):
 * ``flatquant``: learned Kronecker transform + clipping (``method_config("flatquant", bits)``);
 * ``flatquant+mocd``: + MOCD channel split (``method_config("splitq", bits, cws=False, mac=False)``);
 * ``flatquant+mocd+cws``: + CWS low-rank branch (``method_config("splitq", bits, mac=False)``);
-* ``splitq``: + MAC (full SplitQ, ``method_config("splitq", bits)``).
+* ``splitq``: + MAC (full SplitQ, ``method_config("splitq", bits)``);
+* ``splitq-k1`` (not in the default run): SplitQ with Eq. 10's instability as the plain rank
+  variance (``instability="variance"``, K = 1).
 
 Metric: block-output MSE against the full-precision block (mean over channels, then over tokens;
 the library's ``evaluate``), on the held-out samples and on the calibration samples, also split by
@@ -59,7 +61,10 @@ METHODS = {
     "flatquant+mocd+cws": ("splitq", dict(mac=False)),
     "splitq": ("splitq", {}),
 }
-LEARNED = ("flatquant", "flatquant+mocd", "flatquant+mocd+cws", "splitq")
+DEFAULT_METHODS = tuple(METHODS)
+# Not in the default run: SplitQ with Eq. 10's [choice] switched to the plain rank variance (K = 1).
+METHODS["splitq-k1"] = ("splitq", dict(instability="variance", n_clusters=1))
+LEARNED = ("flatquant", "flatquant+mocd", "flatquant+mocd+cws", "splitq", "splitq-k1")
 
 
 def log(msg: str) -> None:
@@ -75,7 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--batch", type=int, default=4, help="calibration batch size")
     ap.add_argument("--epochs", type=int, default=5, help="epochs of every learned method (paper: 15)")
     ap.add_argument("--bits", default="w4a8,w4a4,w3a3,w3a2")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                    help=f"comma list from {', '.join(METHODS)}")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="output JSON (default bench/results/block_ablation-<machine>.json)")
     return ap.parse_args(argv)
