@@ -13,6 +13,12 @@ Block parameters (HF orientation, ``y = x @ w.T + b``)::
 
 The seven linears form four groups that share an input (one activation quantizer each):
 ``attn_in`` (q, k, v), ``attn_out`` (o), ``mlp_in`` (gate, up), ``mlp_out`` (down).
+
+A block configuration is also the block's *architecture* for calibration, folding and inference:
+``bcfg.groups`` (group -> linear names), ``bcfg.group_norm`` (group -> the norm producing its input),
+``bcfg.norm_keys`` and ``bcfg.forward(norms, linear, x, cos, sin, mask, capture=, cache=)``. The
+vision towers' blocks (:mod:`splitq_jax.vision_block`) implement the same four members, so every
+calibration and folding function works on them unchanged.
 """
 
 from __future__ import annotations
@@ -46,6 +52,22 @@ class BlockConfig:
     head_dim: int | None = None
     rms_eps: float = 1e-6
     qkv_bias: bool = True
+
+    # -- architecture protocol (see the module docstring) ---------------------------------------
+    @property
+    def groups(self) -> dict[str, tuple[str, ...]]:
+        return GROUPS
+
+    @property
+    def group_norm(self) -> dict[str, str]:
+        return GROUP_NORM
+
+    @property
+    def norm_keys(self) -> tuple[str, ...]:
+        return ("input_layernorm", "post_attention_layernorm")
+
+    def forward(self, norms, linear, x, cos, sin, mask, *, capture=None, cache=None):
+        return block_forward(norms, linear, x, cos, sin, mask, self, capture=capture, cache=cache)
 
     @classmethod
     def from_decoder(cls, text_cfg) -> "BlockConfig":
@@ -96,12 +118,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     return o.reshape(b, n, h * hd)
 
 
-def dense_linear(params: dict[str, Any]) -> Linear:
+def dense_linear(params: dict[str, Any], groups: dict[str, tuple[str, ...]] = GROUPS) -> Linear:
     """Full-precision group application from block parameters."""
 
     def linear(group: str, x: jax.Array) -> dict[str, jax.Array]:
         out = {}
-        for name in GROUPS[group]:
+        for name in groups[group]:
             y = x @ params[name]["w"].T.astype(x.dtype)
             if params[name].get("b") is not None:
                 y = y + params[name]["b"].astype(x.dtype)
@@ -164,9 +186,9 @@ def block_forward(
     return out if cache is None else (out, cache)
 
 
-def fp_block(params: dict[str, Any], x, cos, sin, mask, cfg: BlockConfig, capture=None) -> jax.Array:
-    """The full-precision block from its parameters."""
-    return block_forward(params, dense_linear(params), x, cos, sin, mask, cfg, capture=capture)
+def fp_block(params: dict[str, Any], x, cos, sin, mask, cfg, capture=None) -> jax.Array:
+    """The full-precision block from its parameters (any architecture, see the module docstring)."""
+    return cfg.forward(params, dense_linear(params, cfg.groups), x, cos, sin, mask, capture=capture)
 
 
 def causal_mask(valid: jax.Array) -> jax.Array:

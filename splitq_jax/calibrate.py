@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 from splitq_jax import split_linear as sl
-from splitq_jax.block import GROUPS, BlockConfig, block_forward, fp_block
+from splitq_jax.block import BlockConfig, fp_block
 from splitq_jax.config import MethodConfig
 
 from splitq_jax.modality import ANSWER, PAD, TEXT, VISION  # noqa: F401  (re-exported)
@@ -108,13 +108,13 @@ def collect_stats(block_params: Tree, data: BlockData, cfg: MethodConfig, bcfg: 
     """Run the full-precision block over ``data.x`` and derive, per group, the activation maxima and
     the channel split chosen by ``cfg.selector`` from the raw group inputs (before any transform)."""
 
-    pooled: dict[str, list[np.ndarray]] = {g: [] for g in GROUPS}
+    pooled: dict[str, list[np.ndarray]] = {g: [] for g in bcfg.groups}
     s = data.x.shape[0]
     mod = np.asarray(data.modality)
     for i in range(0, s, batch_size):
         cap = group_inputs_jit(bcfg)(block_params, data.x[i:i + batch_size], data.cos[i:i + batch_size], data.sin[i:i + batch_size],
                       data.mask[i:i + batch_size])
-        for g in GROUPS:
+        for g in bcfg.groups:
             pooled[g].append(np.asarray(cap[g]).reshape(-1, cap[g].shape[-1]))
     modality = mod.reshape(-1)
     valid = modality != PAD
@@ -122,7 +122,7 @@ def collect_stats(block_params: Tree, data: BlockData, cfg: MethodConfig, bcfg: 
     tmask = np.asarray(text_mask_of(jnp.asarray(modality), cfg))
     codes = np.where(modality == VISION, 2, np.where(tmask, 1, 0)).astype(np.int32)
     stats = {}
-    for g in GROUPS:
+    for g in bcfg.groups:
         xs = np.concatenate(pooled[g])
         st = GroupStats(absmax=jnp.asarray(np.max(np.abs(xs[valid]), axis=0)))
         do_split = cfg.split and (g != "attn_out" or cfg.mocd_o_proj)
@@ -147,11 +147,12 @@ def collect_stats(block_params: Tree, data: BlockData, cfg: MethodConfig, bcfg: 
 
 def init_qblock(key: jax.Array, block_params: Tree, stats: dict[str, GroupStats], cfg: MethodConfig,
                 bcfg: BlockConfig) -> tuple[Tree, Tree]:
-    """``(qparams, qconsts)`` of the quantized block: one split group per entry of ``GROUPS``."""
+    """``(qparams, qconsts)`` of the quantized block: one split group per entry of ``bcfg.groups``."""
     qparams: Tree = {}
-    qconsts: Tree = {"norms": {k: block_params[k] for k in ("input_layernorm", "post_attention_layernorm")}}
-    for g, key_g in zip(GROUPS, jax.random.split(key, len(GROUPS))):
-        weights = {n: block_params[n] for n in GROUPS[g]}
+    qconsts: Tree = {"norms": {k: block_params[k] for k in bcfg.norm_keys}}
+    groups = bcfg.groups
+    for g, key_g in zip(groups, jax.random.split(key, len(groups))):
+        weights = {n: block_params[n] for n in groups[g]}
         st = stats[g]
         qparams[g], qconsts[g] = sl.init_group(
             key_g, weights, cfg, text_idx=st.text_idx, vision_idx=st.vision_idx, act_absmax=st.absmax
@@ -167,7 +168,7 @@ def qblock_forward(qparams: Tree, qconsts: Tree, x, cos, sin, mask, modality, cf
     def linear(group: str, inp: jax.Array) -> dict[str, jax.Array]:
         return sl.group_forward(qparams[group], qconsts[group], inp, tmask, cfg, quantize=quantize)
 
-    return block_forward(qconsts["norms"], linear, x, cos, sin, mask, bcfg)
+    return bcfg.forward(qconsts["norms"], linear, x, cos, sin, mask)
 
 
 def token_weights(modality: jax.Array, cfg: MethodConfig) -> jax.Array:

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from splitq_jax import split_linear as sl
-from splitq_jax.block import GROUP_NORM, GROUPS, BlockConfig, block_forward
+from splitq_jax.block import GROUP_NORM, BlockConfig
 from splitq_jax.calibrate import text_mask_of
 from splitq_jax.config import MethodConfig
 from splitq_jax.packing import PackedTensor, pack_quantized, unpack_dequantize
@@ -72,32 +72,36 @@ def folded_group_forward(folded: Tree, x: jax.Array, text_mask: jax.Array | None
                           x, text_mask, cfg, bits)
 
 
-def _fold_diag_into_norm(norm_scale: jax.Array, folded: Tree, cfg: MethodConfig) -> jax.Array:
-    """Move ``c`` of the group's main transform into the norm scale that produces its input.
+def _fold_diag_into_norm(norm: Tree, folded: Tree, cfg: MethodConfig) -> Tree:
+    """Move ``c`` of the group's main transform into the norm that produces its input: its scale,
+    and its bias too for a LayerNorm (``(n(x) g + b) c = n(x) (g c) + b c``).
 
     Outlier channels keep ``c = 1`` there so the outlier paths see the same input as before; in
     the masked main path their ``c`` only ever multiplied zeros.
     """
     t = folded["acts"]["transform"]
     if t is None or "c" not in t:
-        return norm_scale
+        return norm
     split = folded["split"]
-    d = norm_scale.shape[0]
+    d = norm["scale"].shape[0]
     if cfg.main_path == "gathered":
         c_full = jnp.ones((d,), jnp.float32).at[split["main_idx"]].set(t["c"])
     else:
         c_full = t["c"] * split["main_mask"] + (1.0 - split["main_mask"])
     folded["acts"]["transform"] = {k: v for k, v in t.items() if k != "c"}
-    return norm_scale * c_full
+    return {k: v * c_full for k, v in norm.items()}
 
 
-def fold_block(qparams: Tree, qconsts: Tree, cfg: MethodConfig, *, fold_norms: bool = True) -> Tree:
-    """Fold a calibrated block: ``{"norms": {...}, "groups": {group: folded group}}``."""
-    groups = {g: fold_group(qparams[g], qconsts[g], cfg) for g in GROUPS}
+def fold_block(qparams: Tree, qconsts: Tree, cfg: MethodConfig, *, fold_norms: bool = True,
+               bcfg=None) -> Tree:
+    """Fold a calibrated block: ``{"norms": {...}, "groups": {group: folded group}}``.
+
+    ``bcfg`` names the norm before each group (default: the decoder block's)."""
+    groups = {g: fold_group(qparams[g], qconsts[g], cfg) for g in qparams}
     norms = {k: dict(v) for k, v in qconsts["norms"].items()}
     if fold_norms:
-        for g, norm in GROUP_NORM.items():
-            norms[norm]["scale"] = _fold_diag_into_norm(norms[norm]["scale"], groups[g], cfg)
+        for g, norm in (GROUP_NORM if bcfg is None else bcfg.group_norm).items():
+            norms[norm] = _fold_diag_into_norm(norms[norm], groups[g], cfg)
     return {"norms": norms, "groups": groups}
 
 
@@ -112,4 +116,4 @@ def folded_block_forward(folded: Tree, x, cos, sin, mask, modality, cfg: MethodC
         f = folded["groups"][group]
         return sl.apply_group(f["acts"], f["split"], weights[group], f["biases"], inp, tmask, cfg, bits)
 
-    return block_forward(folded["norms"], linear, x, cos, sin, mask, bcfg)
+    return bcfg.forward(folded["norms"], linear, x, cos, sin, mask)

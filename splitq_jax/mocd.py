@@ -740,7 +740,9 @@ def select_channels(
     is_text = modality == TEXT
     is_vision = modality == VISION
     n_text = int(is_text.sum())
-    if selector in ("mocd", "text_max") and n_text < 2:
+    # MOCD looks at text tokens only to choose the text group (Eq. 9-11); with k_t = 0 (a vision
+    # tower) it is Eq. 8 alone.
+    if (selector == "text_max" or (selector == "mocd" and k_t > 0)) and n_text < 2:
         raise ValueError(
             f"selector={selector!r} needs at least 2 text tokens (modality == {TEXT}), got {n_text}; "
             f"calibrate on samples with text"

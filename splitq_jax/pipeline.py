@@ -42,6 +42,8 @@ class Stream:
     """Everything the blocks of one model see, for all calibration samples at once.
 
     x: (S, N, d) block input; cos, sin: (S, N, hd); mask: (S, N, N) bool; modality: (S, N) int.
+    When blocks attend differently (Qwen2.5-VL's vision tower: windowed or full), ``masks`` holds
+    each kind and ``block_masks`` names the kind of every block; ``mask_for(i)`` picks.
     """
 
     x: jax.Array
@@ -49,6 +51,11 @@ class Stream:
     sin: jax.Array
     mask: jax.Array
     modality: jax.Array
+    masks: dict[str, jax.Array] | None = None
+    block_masks: tuple[str, ...] | None = None
+
+    def mask_for(self, block: int) -> jax.Array:
+        return self.mask if self.block_masks is None else self.masks[self.block_masks[block]]
 
 
 def _left_pad(a: np.ndarray, n: int, value) -> np.ndarray:
@@ -103,6 +110,7 @@ class BlockReport:
     seconds: float
     resumed: bool = False
     channels: dict[str, dict[str, int]] = field(default_factory=dict)
+    part: str = "language"  # "language" (decoder blocks) or "vision" (vision-tower blocks)
 
 
 @dataclass
@@ -131,51 +139,83 @@ def calibrate_model(
       fail_after_block: test hook: raise after that block has been saved (simulates a crash).
       on_step: ``(block, step, loss)`` after every optimiser step; on_block: after every block.
     """
-    bcfg = block_config_of(model.config.text)
     blocks = list(model.blocks)
+    return calibrate_blocks([layer.block_params for layer in blocks], block_config_of(model.config.text), stream,
+                            cfg, work_dir=work_dir, save_block=save_block, load_block=load_block, resume=resume,
+                            fail_after_block=fail_after_block, on_step=on_step, on_block=on_block)
+
+
+def calibrate_blocks(
+    params_of: Sequence[Callable[[], Tree]],
+    bcfg,
+    stream: Stream,
+    cfg: MethodConfig,
+    *,
+    part: str = "language",
+    work_dir: str | Path | None = None,
+    save_block: Callable[[Path, Tree], None] | None = None,
+    load_block: Callable[[Path], Tree] | None = None,
+    resume: bool = False,
+    fail_after_block: int | None = None,
+    on_step: Callable[[int, int, float], None] | None = None,
+    on_block: Callable[[BlockReport], None] | None = None,
+) -> ModelResult:
+    """Calibrate a chain of blocks of one architecture (``bcfg``, see :mod:`splitq_jax.block`).
+
+    ``params_of[i]()`` returns block ``i``'s parameters (read lazily, one block at a time). Blocks
+    are saved as ``block_XXX`` for the language model and ``vision_block_XXX`` for a vision tower.
+    Arguments otherwise as :func:`calibrate_model`.
+    """
     if stream.x.shape[-1] != bcfg.hidden:
-        raise ValueError(f"stream width {stream.x.shape[-1]} != model hidden size {bcfg.hidden}")
+        raise ValueError(f"stream width {stream.x.shape[-1]} != block width {bcfg.hidden}")
     work = Path(work_dir) if work_dir is not None else None
     if resume and (work is None or load_block is None):
         raise ValueError("resume needs a work directory and a block loader")
+    prefix = "block" if part == "language" else f"{part}_block"
+    # Vision blocks draw their keys from a separate stream so that adding --quantize-vision does
+    # not change the language blocks' calibration.
     base_key = jax.random.PRNGKey(cfg.seed)
+    if part != "language":
+        base_key = jax.random.fold_in(base_key, 1 << 20)
     x_fp = stream.x
     x_q = stream.x if cfg.block_inputs == "quantized" else None
     folded_blocks: list[Tree] = []
     reports: list[BlockReport] = []
-    for i, layer in enumerate(blocks):
+    for i, get_params in enumerate(params_of):
         t0 = time.time()
-        params = layer.block_params()
-        path = work / f"block_{i:03d}" if work is not None else None
+        params = get_params()
+        mask = stream.mask_for(i)
+        path = work / f"{prefix}_{i:03d}" if work is not None else None
         if resume and path is not None and path.exists():
             folded = load_block(path)
-            y_fp = cal.fp_block_jit(bcfg)(params, x_fp, stream.cos, stream.sin, stream.mask)
+            y_fp = cal.fp_block_jit(bcfg)(params, x_fp, stream.cos, stream.sin, mask)
             report = _read_report(path, i)
         else:
-            data = cal.make_block_data(params, x_fp, stream.cos, stream.sin, stream.mask, stream.modality, bcfg,
+            data = cal.make_block_data(params, x_fp, stream.cos, stream.sin, mask, stream.modality, bcfg,
                                        x_quant=x_q)
             step_cb = (lambda t, loss, i=i: on_step(i, t, loss)) if on_step is not None else None
             result = cal.calibrate_block(params, data, cfg, bcfg, key=jax.random.fold_in(base_key, i),
                                          on_step=step_cb)
-            folded = fold.fold_block(result.qparams, result.qconsts, cfg)
+            folded = fold.fold_block(result.qparams, result.qconsts, cfg, bcfg=bcfg)
             y_fp = data.y
             report = BlockReport(
                 i, result.init_loss, result.final_loss, time.time() - t0,
                 channels={g: {"text": int(len(s.text_idx)), "vision": int(len(s.vision_idx))}
                           for g, s in result.stats.items()},
+                part=part,
             )
             if path is not None and save_block is not None:
                 _write_report(path, report)  # first: a block counts as done once its folded state exists
                 save_block(path, folded)
         if x_q is not None:
-            x_q = _folded_forward(cfg, bcfg)(folded, x_q, stream.cos, stream.sin, stream.mask, stream.modality)
+            x_q = _folded_forward(cfg, bcfg)(folded, x_q, stream.cos, stream.sin, mask, stream.modality)
         x_fp = y_fp
         folded_blocks.append(folded)
         reports.append(report)
         if on_block is not None:
             on_block(report)
         if fail_after_block is not None and i == fail_after_block:
-            raise RuntimeError(f"injected failure after block {i}")
+            raise RuntimeError(f"injected failure after {'' if part == 'language' else part + ' '}block {i}")
     return ModelResult(folded_blocks, reports)
 
 
@@ -203,7 +243,7 @@ def _read_report(block_path, index: int) -> BlockReport:
 _FOLDED_CACHE: dict = {}
 
 
-def _folded_forward(cfg: MethodConfig, bcfg: BlockConfig):
+def _folded_forward(cfg: MethodConfig, bcfg):
     """``jit(folded_block_forward)`` per configuration (the quantized-input stream)."""
     key = (cfg, bcfg)
     if key not in _FOLDED_CACHE:

@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from splitq_jax import export
-from splitq_jax.block import BlockConfig, block_forward
+from splitq_jax.block import BlockConfig
 from splitq_jax.calibrate import ANSWER, PAD, text_mask_of
 from splitq_jax.config import MethodConfig
 from splitq_jax.export import CheckpointError
@@ -51,7 +51,7 @@ def quantized_block_forward(folded: Tree, x, cos, sin, mask, modality, cfg: Meth
     def linear(group: str, inp: jax.Array) -> dict[str, jax.Array]:
         return quantized_group_apply(folded["groups"][group], inp, tmask, cfg)
 
-    return block_forward(folded["norms"], linear, x, cos, sin, mask, bcfg, cache=cache)
+    return bcfg.forward(folded["norms"], linear, x, cos, sin, mask, cache=cache)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "bcfg"))

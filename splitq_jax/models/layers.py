@@ -106,6 +106,15 @@ def rms_norm(x: Array, scale: Array, eps: float) -> Array:
     return scale * xf.astype(x.dtype)
 
 
+def layer_norm(x: Array, scale: Array, bias: Array, eps: float) -> Array:
+    """LayerNorm over the last axis: statistics and affine in float32, output in ``x.dtype``."""
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + eps)
+    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
 class RMSNorm(nnx.Module):
     """RMS normalisation over the last axis with a learned ``scale: (d,)``."""
 

@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from splitq_jax.models.layers import (
-    decoder_decode_step, decoder_forward, decoder_prefill,
+    decoder_decode_step, decoder_forward, decoder_prefill, layer_norm,
     Array,
     Decoder,
     DecoderConfig,
@@ -113,6 +113,18 @@ class LlavaConfig:
         """Feature layers as a tuple (one entry for the usual int setting)."""
         v = self.vision_feature_layer
         return (v,) if isinstance(v, int) else tuple(v)
+
+    @property
+    def hidden_state_indices(self) -> tuple[int, ...]:
+        """Feature layers as indices into ``hidden_states`` (0 = embeddings, i = output of layer i)."""
+        n = self.vision.num_layers
+        return tuple(i % (n + 1) for i in self.feature_layers)
+
+    @property
+    def used_vision_layers(self) -> int:
+        """How many CLIP layers the features need (the deepest feature layer); later layers never
+        reach the language model."""
+        return max(self.hidden_state_indices)
 
     @property
     def num_image_tokens(self) -> int:
@@ -207,12 +219,7 @@ class LayerNorm(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((d,), dtype))
 
     def __call__(self, x: Array) -> Array:
-        xf = x.astype(jnp.float32)
-        mean = jnp.mean(xf, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
-        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
-        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-        return y.astype(x.dtype)
+        return layer_norm(x, self.scale[...], self.bias[...], self.eps)
 
 
 class CLIPAttention(nnx.Module):
@@ -357,11 +364,14 @@ class Llava(nnx.Module):
         return _image_features_jit(self, jnp.asarray(pixel_values))
 
     def _image_features(self, pixel_values: Array) -> Array:
+        states = self.vision_tower.hidden_states(pixel_values, upto=self.config.used_vision_layers)
+        return self.project_features(states)
+
+    def project_features(self, states: Sequence[Array]) -> Array:
+        """``hidden_states`` of the tower (at least up to the deepest feature layer) -> projected
+        image features ``(num_images, num_image_tokens, d_text)``."""
         cfg = self.config
-        n = cfg.vision.num_layers
-        layers = [i % (n + 1) for i in cfg.feature_layers]  # negative indices count from the end
-        states = self.vision_tower.hidden_states(pixel_values, upto=max(layers))
-        feats = [states[i] for i in layers]
+        feats = [states[i] for i in cfg.hidden_state_indices]
         if cfg.vision_feature_select_strategy == "default":
             feats = [f[:, 1:] for f in feats]  # drop the class token
         return self.multi_modal_projector(jnp.concatenate(feats, axis=-1))

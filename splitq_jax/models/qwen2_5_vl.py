@@ -18,6 +18,11 @@ checkpoint -- and patches ordered by 2x2 merge block (the processor's order). ``
 
 Everything that depends on image sizes (window reordering, 3-D position ids) is planned on the
 host with numpy, because those sizes decide array shapes; the heavy math is plain JAX.
+
+A config with ``vision=None`` is a *text-only* model (no ``visual`` tower): the Qwen2 decoder on
+its own. Every token is text there (placeholder ids included), positions are ``0, 1, 2, ...`` over
+the real tokens on all three M-RoPE axes -- which is exactly Qwen2's 1-D rotary -- and passing
+pixels raises ``ValueError``. Qwen2 checkpoints (``Qwen2ForCausalLM``, GGUF ``qwen2``) load this way.
 """
 
 from __future__ import annotations
@@ -80,10 +85,14 @@ class VisionConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Qwen2_5_VLConfig:
-    """Full model: language decoder + vision tower + the token ids that tie them together."""
+    """Full model: language decoder + vision tower + the token ids that tie them together.
+
+    ``vision=None`` makes a text-only model (a Qwen2 decoder); see :func:`text_only_mrope_section`
+    for a valid ``mrope_section`` at any head size (it does not change a text-only model's output).
+    """
 
     text: DecoderConfig
-    vision: VisionConfig
+    vision: VisionConfig | None = None
     # M-RoPE: head_dim/2 frequency slots split into (temporal, height, width) sections
     mrope_section: tuple[int, int, int] = (16, 24, 24)
     # special tokens
@@ -101,11 +110,32 @@ class Qwen2_5_VLConfig:
         hd = self.text.resolved_head_dim
         if 2 * sum(self.mrope_section) != hd:
             raise ValueError(f"mrope_section {self.mrope_section} must sum to head_dim/2 = {hd // 2}")
+        if self.vision is None:  # a text-only model never looks at the vision token ids
+            return
         for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
             if not 0 <= getattr(self, name) < self.text.vocab_size:
                 raise ValueError(f"{name}={getattr(self, name)} is outside the vocabulary ({self.text.vocab_size})")
         if self.vision.out_hidden_size != self.text.hidden_size:
             raise ValueError("vision.out_hidden_size must equal the language model hidden size")
+
+    @property
+    def text_only(self) -> bool:
+        """True for a model without a vision tower (``vision=None``)."""
+        return self.vision is None
+
+
+def text_only_mrope_section(head_dim: int) -> tuple[int, int, int]:
+    """An ``mrope_section`` for ``head_dim`` in Qwen2.5-VL's 2:3:3 proportion (16, 24, 24 at 128).
+
+    With equal temporal/height/width positions -- all a text-only model ever sees -- the split does
+    not change the rotary angles; it only has to sum to ``head_dim / 2``.
+    """
+    half = head_dim // 2
+    if head_dim % 2 or half < 3:
+        raise ValueError(f"head_dim must be even and at least 6, got {head_dim}")
+    t = max(1, half // 4)
+    h = (half - t) // 2
+    return (t, h, half - t - h)
 
 
 def _qwen_vision(out_hidden_size: int) -> VisionConfig:
@@ -241,6 +271,13 @@ def get_rope_index(input_ids: np.ndarray, cfg: Qwen2_5_VLConfig, *, attention_ma
     input_ids = np.asarray(input_ids)
     b, n = input_ids.shape
     valid = np.ones((b, n), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    if cfg.vision is None:  # text-only: every token is text, placeholder ids included
+        if image_grid_thw is not None or video_grid_thw is not None:
+            raise ValueError("this is a text-only model (config.vision is None); it takes no image_grid_thw "
+                             "or video_grid_thw. Use a Qwen2.5-VL checkpoint with a vision tower for images")
+        pos = np.where(valid, np.cumsum(valid, axis=1) - 1, 0)
+        deltas = pos.max(axis=1, initial=-1) + 1 - valid.sum(axis=1)
+        return (np.broadcast_to(pos[None], (3, b, n)).astype(np.int32), deltas.astype(np.int32))
     m = cfg.vision.spatial_merge_size
     grids = {1: iter(np.asarray(image_grid_thw).reshape(-1, 3).tolist() if image_grid_thw is not None else []),
              2: iter(np.asarray(video_grid_thw).reshape(-1, 3).tolist() if video_grid_thw is not None else [])}
@@ -362,8 +399,9 @@ class VisionTower(nnx.Module):
                              f"({n} patches of {self.config.patch_dim} values)")
         return _vision_forward(self, jnp.asarray(pixel_values), grid)
 
-    def forward(self, pixel_values: Array, grid: tuple[tuple[int, int, int], ...]) -> Array:
-        """Uncompiled body of :meth:`__call__`; ``grid`` must be concrete."""
+    def block_inputs(self, pixel_values: Array, grid: tuple[tuple[int, int, int], ...]) -> "VisionInputs":
+        """What the first block sees: patch embeddings and rotary tables in window order, and the
+        attention segments (uncompiled; ``grid`` must be concrete)."""
         cfg = self.config
         plan = plan_vision(np.asarray(grid), cfg)
         n = pixel_values.shape[0]
@@ -378,14 +416,44 @@ class VisionTower(nnx.Module):
         pos = jnp.asarray(plan.rot_pos, jnp.float32)
         freqs = jnp.concatenate([pos[:, :1] * inv, pos[:, 1:] * inv], axis=-1)
         emb = to_windows(jnp.concatenate([freqs, freqs], axis=-1))
-        cos, sin = jnp.cos(emb), jnp.sin(emb)
-        full_seg, win_seg = jnp.asarray(plan.full_segments), jnp.asarray(plan.window_segments)
-        full_mask = full_seg[:, None] == full_seg[None, :]
-        window_mask = win_seg[:, None] == win_seg[None, :]
-        for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, full_mask if i in cfg.fullatt_block_indexes else window_mask)
-        merged = self.merger(x)
-        return merged[np.argsort(plan.window_index)]
+        return VisionInputs(x, jnp.cos(emb), jnp.sin(emb), plan.window_segments, plan.full_segments,
+                            plan.window_index)
+
+    def block_mask_kinds(self) -> tuple[str, ...]:
+        """``"full"`` or ``"window"`` attention for each block."""
+        cfg = self.config
+        return tuple("full" if i in cfg.fullatt_block_indexes else "window" for i in range(cfg.depth))
+
+    def merge(self, x: Array, window_index: np.ndarray) -> Array:
+        """Last block's output (window order) -> merged tokens in the processor's order."""
+        return self.merger(x)[np.argsort(window_index)]
+
+    def forward(self, pixel_values: Array, grid: tuple[tuple[int, int, int], ...]) -> Array:
+        """Uncompiled body of :meth:`__call__`; ``grid`` must be concrete."""
+        inp = self.block_inputs(pixel_values, grid)
+        masks = {"full": segment_mask(inp.full_segments), "window": segment_mask(inp.window_segments)}
+        x = inp.x
+        for block, kind in zip(self.blocks, self.block_mask_kinds()):
+            x = block(x, inp.cos, inp.sin, masks[kind])
+        return self.merge(x, inp.window_index)
+
+
+class VisionInputs(NamedTuple):
+    """:meth:`VisionTower.block_inputs`: ``x (L, d)``, ``cos/sin (L, head_dim)`` in window order;
+    ``window_segments``/``full_segments (L,)`` attention segment ids; ``window_index`` the order."""
+
+    x: Array
+    cos: Array
+    sin: Array
+    window_segments: np.ndarray
+    full_segments: np.ndarray
+    window_index: np.ndarray
+
+
+def segment_mask(segments) -> Array:
+    """``(L, L)`` bool: a patch attends to the patches of its own segment."""
+    seg = jnp.asarray(segments)
+    return seg[:, None] == seg[None, :]
 
 
 @functools.partial(nnx.jit, static_argnums=2)
@@ -412,12 +480,15 @@ class Embedded(NamedTuple):
 
 
 class Qwen2_5_VL(nnx.Module):
-    """Qwen2.5-VL for conditional generation (``visual`` tower + ``language_model`` decoder)."""
+    """Qwen2.5-VL for conditional generation (``visual`` tower + ``language_model`` decoder).
+
+    ``visual`` is None for a text-only config (``config.vision is None``).
+    """
 
     def __init__(self, config: Qwen2_5_VLConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = config
         self.dtype = dtype
-        self.visual = VisionTower(config.vision, dtype=dtype, rngs=rngs)
+        self.visual = None if config.vision is None else VisionTower(config.vision, dtype=dtype, rngs=rngs)
         self.language_model = Decoder(config.text, dtype=dtype, rngs=rngs)
 
     # -- pieces -------------------------------------------------------------------------------
@@ -437,14 +508,30 @@ class Qwen2_5_VL(nnx.Module):
           attention_mask: ``(B, N)``, 0 at padding (left or right); None = no padding.
           pixel_values_videos / video_grid_thw / second_per_grid_ts: the same for videos.
         Runs eagerly: placeholder positions and grids must be concrete.
+
+        A text-only model (``config.vision is None``) takes ``input_ids`` and ``attention_mask``
+        only; any pixels or grids raise ``ValueError``, and every real token is ``TEXT``.
         """
         cfg = self.config
         ids_np = np.asarray(input_ids)
+        if ids_np.ndim != 2:
+            raise ValueError(f"input_ids must be (batch, length), got shape {ids_np.shape}")
         valid = np.ones(ids_np.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
         hidden = self.language_model.embed(jnp.asarray(ids_np))
         is_vision = np.zeros(ids_np.shape, bool)
-        for token, pix, grid in ((cfg.image_token_id, pixel_values, image_grid_thw),
-                                 (cfg.video_token_id, pixel_values_videos, video_grid_thw)):
+        vision_inputs = ((cfg.image_token_id, pixel_values, image_grid_thw),
+                         (cfg.video_token_id, pixel_values_videos, video_grid_thw))
+        if self.visual is None:
+            given = [name for name, v in (("pixel_values", pixel_values), ("image_grid_thw", image_grid_thw),
+                                          ("pixel_values_videos", pixel_values_videos),
+                                          ("video_grid_thw", video_grid_thw),
+                                          ("second_per_grid_ts", second_per_grid_ts)) if v is not None]
+            if given:
+                raise ValueError(f"this is a text-only model (config.vision is None, no vision tower) but "
+                                 f"{', '.join(given)} were given; pass text only, or use a Qwen2.5-VL "
+                                 f"checkpoint with a vision tower for images and videos")
+            vision_inputs = ()
+        for token, pix, grid in vision_inputs:
             where = (ids_np == token) & valid
             is_vision |= where
             if pix is None:
@@ -543,4 +630,5 @@ def abstract_model(config: Qwen2_5_VLConfig, dtype=jnp.float32) -> Qwen2_5_VL:
 
 
 __all__ = ["CONFIGS", "Embedded", "Qwen2_5_VL", "Qwen2_5_VLConfig", "VisionConfig", "VisionTower",
-           "abstract_model", "get_config", "get_rope_index", "mrope_cos_sin", "plan_vision", "KVCache"]
+           "abstract_model", "get_config", "get_rope_index", "mrope_cos_sin", "plan_vision", "KVCache",
+           "text_only_mrope_section"]

@@ -1,0 +1,288 @@
+"""Vision-tower blocks as calibration units (paper A.4: SplitQ on the visual encoder).
+
+Each config here implements the block *architecture protocol* of :mod:`splitq_jax.block`
+(``groups``, ``group_norm``, ``norm_keys``, ``forward``), so :mod:`splitq_jax.calibrate`,
+:mod:`splitq_jax.fold` and the runtime treat a vision block exactly like a decoder block:
+
+* :class:`QwenVisionBlockConfig` -- Qwen2.5-VL's ViT block: RMSNorm, one fused biased ``qkv``
+  projection, 2-D rotary, windowed or full attention (the mask is an input), biased ``proj``,
+  RMSNorm, biased SwiGLU. Groups ``attn_in`` (qkv), ``attn_out`` (proj), ``mlp_in`` (gate, up),
+  ``mlp_out`` (down).
+* :class:`ClipBlockConfig` -- LLaVA's CLIP block: LayerNorm, biased q/k/v, full attention without
+  rotary, biased ``out_proj``, LayerNorm, ``fc2(quick_gelu(fc1(x)))``.
+
+Block parameters use the modules' own names (``norm1``, ``qkv``, ... / ``layer_norm1``, ``q_proj``,
+...); :func:`block_params` reads them from the NNX blocks.
+
+A vision tower only sees vision tokens, so the text side of SplitQ has nothing to act on:
+:func:`vision_method_config` sets the text-outlier group to size 0 and turns MAC (a text-token
+branch) off. With ``k_t = 0`` MOCD reduces to Eq. 8 -- the ``vision_ratio`` channels with the largest
+vision-token magnitude form the outlier group -- and CWS, the transforms and clipping are unchanged.
+This is the toolkit's reading of A.4, which gives no details [choice].
+
+Calibration samples are images: one image per row of the stream, its patches padded to the longest
+image (padding never attends to or from real patches).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from splitq_jax import calibrate as cal
+from splitq_jax.config import MethodConfig, parse_bits
+from splitq_jax.models import layers
+from splitq_jax.pipeline import Stream
+
+Tree = dict[str, Any]
+
+QWEN_VISION_GROUPS = {"attn_in": ("qkv",), "attn_out": ("proj",), "mlp_in": ("gate_proj", "up_proj"),
+                      "mlp_out": ("down_proj",)}
+CLIP_GROUPS = {"attn_in": ("q_proj", "k_proj", "v_proj"), "attn_out": ("out_proj",), "mlp_in": ("fc1",),
+               "mlp_out": ("fc2",)}
+
+
+def _no_cache(cache) -> None:
+    if cache is not None:
+        raise ValueError("vision blocks attend over a whole image at once: they take no KV cache")
+
+
+def _runner(linear, capture):
+    def run(group: str, inp: jax.Array) -> dict[str, jax.Array]:
+        if capture is not None:
+            capture[group] = inp
+        return linear(group, inp)
+
+    return run
+
+
+@dataclass(frozen=True, kw_only=True)
+class QwenVisionBlockConfig:
+    """One Qwen2.5-VL vision block. ``cos, sin: (B, N, head_dim)`` 2-D rotary; ``mask: (B, N, N)``."""
+
+    hidden: int
+    intermediate: int
+    num_heads: int
+    rms_eps: float = 1e-6
+    act: str = "silu"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.num_heads
+
+    @property
+    def groups(self) -> dict[str, tuple[str, ...]]:
+        return QWEN_VISION_GROUPS
+
+    @property
+    def group_norm(self) -> dict[str, str]:
+        return {"attn_in": "norm1", "mlp_in": "norm2"}
+
+    @property
+    def norm_keys(self) -> tuple[str, ...]:
+        return ("norm1", "norm2")
+
+    def forward(self, norms, linear, x, cos, sin, mask, *, capture=None, cache=None) -> jax.Array:
+        _no_cache(cache)
+        run = _runner(linear, capture)
+        b, n, _ = x.shape
+        h = layers.rms_norm(x, norms["norm1"]["scale"], self.rms_eps)
+        qkv = run("attn_in", h)["qkv"].reshape(b, n, 3, self.num_heads, self.head_dim)
+        # Rotation in float32, as the module does.
+        q, k = (layers.apply_rotary(qkv[:, :, i].astype(jnp.float32), cos, sin).astype(x.dtype) for i in (0, 1))
+        a = layers.dot_product_attention(q, k, qkv[:, :, 2], mask, self.head_dim ** -0.5)
+        x = x + run("attn_out", a.reshape(b, n, -1))["proj"]
+        h = layers.rms_norm(x, norms["norm2"]["scale"], self.rms_eps)
+        gu = run("mlp_in", h)
+        m = layers.get_activation(self.act)(gu["gate_proj"]) * gu["up_proj"]
+        return x + run("mlp_out", m)["down_proj"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClipBlockConfig:
+    """One CLIP encoder layer. No rotary (``cos``/``sin`` are ignored); ``mask: (B, N, N)`` or None."""
+
+    hidden: int
+    intermediate: int
+    num_heads: int
+    ln_eps: float = 1e-5
+    act: str = "quick_gelu"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.num_heads
+
+    @property
+    def groups(self) -> dict[str, tuple[str, ...]]:
+        return CLIP_GROUPS
+
+    @property
+    def group_norm(self) -> dict[str, str]:
+        return {"attn_in": "layer_norm1", "mlp_in": "layer_norm2"}
+
+    @property
+    def norm_keys(self) -> tuple[str, ...]:
+        return ("layer_norm1", "layer_norm2")
+
+    def forward(self, norms, linear, x, cos, sin, mask, *, capture=None, cache=None) -> jax.Array:
+        del cos, sin
+        _no_cache(cache)
+        run = _runner(linear, capture)
+        b, n, _ = x.shape
+        heads = lambda y: y.reshape(b, n, self.num_heads, self.head_dim)  # noqa: E731
+        ln1, ln2 = norms["layer_norm1"], norms["layer_norm2"]
+        qkv = run("attn_in", layers.layer_norm(x, ln1["scale"], ln1["bias"], self.ln_eps))
+        a = layers.dot_product_attention(heads(qkv["q_proj"]), heads(qkv["k_proj"]), heads(qkv["v_proj"]),
+                                         mask, self.head_dim ** -0.5)
+        x = x + run("attn_out", a.reshape(b, n, -1))["out_proj"]
+        h = run("mlp_in", layers.layer_norm(x, ln2["scale"], ln2["bias"], self.ln_eps))["fc1"]
+        return x + run("mlp_out", layers.get_activation(self.act)(h))["fc2"]
+
+
+VisionBlockConfig = QwenVisionBlockConfig | ClipBlockConfig
+
+
+# ---------------------------------------------------------------------------------------------
+# Models -> block configs, parameters
+
+
+def block_config(model, family: str) -> VisionBlockConfig:
+    """The vision block architecture of a loaded model."""
+    if family == "qwen2_5_vl":
+        v = _qwen_vision_config(model)
+        return QwenVisionBlockConfig(hidden=v.hidden_size, intermediate=v.intermediate_size, num_heads=v.num_heads,
+                                     rms_eps=v.rms_norm_eps, act=v.hidden_act)
+    if family == "llava":
+        v = model.config.vision
+        return ClipBlockConfig(hidden=v.hidden_size, intermediate=v.intermediate_size, num_heads=v.num_heads,
+                               ln_eps=v.layer_norm_eps, act=v.hidden_act)
+    raise ValueError(f"no vision tower to quantize for model family {family!r}")
+
+
+def _qwen_vision_config(model):
+    v = model.config.vision
+    if v is None:
+        raise ValueError("this model has no vision tower; run without --quantize-vision")
+    return v
+
+
+def _linear(m) -> Tree:
+    return m.params()
+
+
+def block_params(block, family: str) -> Tree:
+    """A vision block's weights as the plain dict its config's ``forward`` reads."""
+    if family == "qwen2_5_vl":
+        return {"norm1": {"scale": block.norm1.scale[...]}, "qkv": _linear(block.attn.qkv),
+                "proj": _linear(block.attn.proj), "norm2": {"scale": block.norm2.scale[...]},
+                "gate_proj": _linear(block.mlp.gate_proj), "up_proj": _linear(block.mlp.up_proj),
+                "down_proj": _linear(block.mlp.down_proj)}
+    if family == "llava":
+        ln = lambda m: {"scale": m.scale[...], "bias": m.bias[...]}  # noqa: E731
+        a = block.self_attn
+        return {"layer_norm1": ln(block.layer_norm1), "q_proj": _linear(a.q_proj), "k_proj": _linear(a.k_proj),
+                "v_proj": _linear(a.v_proj), "out_proj": _linear(a.out_proj), "layer_norm2": ln(block.layer_norm2),
+                "fc1": _linear(block.mlp.fc1), "fc2": _linear(block.mlp.fc2)}
+    raise ValueError(f"no vision tower to quantize for model family {family!r}")
+
+
+def quantized_blocks(model, family: str) -> list:
+    """The vision blocks that quantization covers: every Qwen2.5-VL block; for LLaVA the CLIP
+    layers up to the deepest feature layer (later layers never reach the language model)."""
+    if family == "qwen2_5_vl":
+        _qwen_vision_config(model)
+        return list(model.visual.blocks)
+    if family == "llava":
+        return list(model.vision_tower.layers[:model.config.used_vision_layers])
+    raise ValueError(f"no vision tower to quantize for model family {family!r}")
+
+
+def vision_method_config(cfg: MethodConfig, bits: str | None = None) -> MethodConfig:
+    """The method applied to vision blocks: ``cfg`` at ``bits`` (default: the same bits), with no
+    text-outlier group and no MAC (there are no text tokens in a vision tower; see the module doc)."""
+    changes: dict[str, Any] = {"text_ratio": 0.0, "mac": False}
+    if bits is not None:
+        changes["w_bits"], changes["a_bits"] = parse_bits(bits)
+    return cfg.replace(**changes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration streams: one image per sample
+
+
+def _pad_rows(arrays: Sequence[np.ndarray], n: int, value) -> np.ndarray:
+    return np.stack([np.pad(a, [(0, n - a.shape[0])] + [(0, 0)] * (a.ndim - 1), constant_values=value)
+                     for a in arrays])
+
+
+def _segment_mask(segments: Sequence[np.ndarray], n: int) -> np.ndarray:
+    """``(S, n, n)`` bool: tokens attend within their segment; padding (segment -1) only to padding."""
+    seg = _pad_rows([np.asarray(s, np.int64) for s in segments], n, -1)
+    return seg[:, :, None] == seg[:, None, :]
+
+
+def qwen_images(batches: Sequence[dict]) -> list[tuple[np.ndarray, tuple[int, int, int]]]:
+    """Split calibration batches into ``(patches, (t, h, w))`` per image."""
+    out = []
+    for b in batches:
+        if b.get("pixel_values") is None:
+            continue
+        pix, grids = np.asarray(b["pixel_values"]), np.asarray(b["image_grid_thw"]).reshape(-1, 3)
+        start = 0
+        for t, h, w in grids.tolist():
+            out.append((pix[start:start + t * h * w], (t, h, w)))
+            start += t * h * w
+    return out
+
+
+def qwen_vision_stream(model, batches: Sequence[dict]) -> Stream:
+    """The inputs of the first Qwen2.5-VL vision block for every calibration image, with the window
+    and full-attention masks (``Stream.masks``, chosen per block by ``Stream.block_masks``)."""
+    images = qwen_images(batches)
+    if not images:
+        raise ValueError("--quantize-vision needs calibration samples with images; none of them has one")
+    tower = model.visual
+    xs, coss, sins, wins, fulls = [], [], [], [], []
+    for pix, grid in images:
+        inp = tower.block_inputs(jnp.asarray(pix), (grid,))
+        xs.append(np.asarray(inp.x, np.float32))
+        coss.append(np.asarray(inp.cos, np.float32))
+        sins.append(np.asarray(inp.sin, np.float32))
+        wins.append(inp.window_segments)
+        fulls.append(inp.full_segments)
+    n = max(a.shape[0] for a in xs)
+    lengths = np.array([a.shape[0] for a in xs])
+    modality = np.where(np.arange(n)[None] < lengths[:, None], cal.VISION, cal.PAD).astype(np.int32)
+    masks = {"window": jnp.asarray(_segment_mask(wins, n)), "full": jnp.asarray(_segment_mask(fulls, n))}
+    kinds = tower.block_mask_kinds()
+    return Stream(jnp.asarray(_pad_rows(xs, n, 0.0)), jnp.asarray(_pad_rows(coss, n, 1.0)),
+                  jnp.asarray(_pad_rows(sins, n, 0.0)), masks["full"], jnp.asarray(modality),
+                  masks=masks, block_masks=kinds)
+
+
+def clip_vision_stream(model, batches: Sequence[dict]) -> Stream:
+    """The inputs of the first CLIP layer (pre-LN'd embeddings) for every calibration image."""
+    pix = [np.asarray(b["pixel_values"]) for b in batches if b.get("pixel_values") is not None]
+    if not pix:
+        raise ValueError("--quantize-vision needs calibration samples with images; none of them has one")
+    x = model.vision_tower.embed(jnp.asarray(np.concatenate(pix)))
+    s, n, _ = x.shape
+    empty = jnp.zeros((s, n, 0), jnp.float32)  # no rotary in CLIP
+    return Stream(x.astype(jnp.float32), empty, empty, jnp.ones((s, n, n), bool),
+                  jnp.full((s, n), cal.VISION, jnp.int32))
+
+
+def vision_stream(model, family: str, batches: Sequence[dict]) -> Stream:
+    if family == "qwen2_5_vl":
+        return qwen_vision_stream(model, batches)
+    if family == "llava":
+        return clip_vision_stream(model, batches)
+    raise ValueError(f"no vision tower to quantize for model family {family!r}")
+
+
+__all__ = ["ClipBlockConfig", "QwenVisionBlockConfig", "block_config", "block_params", "quantized_blocks",
+           "vision_method_config", "vision_stream"]
