@@ -3,6 +3,7 @@
     python scripts/calibrate.py                                   # embedded default model, offline
     python scripts/calibrate.py --model qwen2.5-vl-3b --method splitq --bits w4a4 --out ckpt/qwen3b-w4a4
     python scripts/calibrate.py --model /path/to/hf_dir --calib-data my.jsonl --samples 64 --resume
+    python scripts/calibrate.py --bits w3a3 --quantize-vision --vision-bits w4a4   # vision tower too
 
 Every option of the method (see ``splitq_jax/config.py``) is a flag of the same name; ``--config
 FILE`` reads them from JSON (flags typed on the command line win). Exit status 2 on bad input.
@@ -20,7 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tqdm import tqdm  # noqa: E402
 
 from converters.hf import ConversionError  # noqa: E402
+from splitq_jax import pipeline  # noqa: E402
 from splitq_jax import quantize as qz  # noqa: E402
+from splitq_jax.pipeline import Stream  # noqa: E402
 from splitq_jax.calib_data import CalibDataError, load_samples  # noqa: E402
 from splitq_jax.config import ConfigError, add_method_args, config_from_args, load_config_file  # noqa: E402
 from splitq_jax.quant import QuantError  # noqa: E402
@@ -38,7 +41,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--max-tokens", type=int, default=None, help="cut samples longer than this")
     ap.add_argument("--resume", action="store_true", help="continue an interrupted run from its last block")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    ap.add_argument("--quantize-vision", action="store_true", help="also quantize the vision tower (paper A.4)")
+    ap.add_argument("--quantize-vision", action="store_true",
+                    help="also quantize the vision tower (paper A.4); calibrated on the calibration images")
+    ap.add_argument("--vision-bits", default=None,
+                    help="bit widths wXaY of the vision tower, e.g. w4a4 (default: --bits)")
     ap.add_argument("--config", default=None, help="JSON file of method options")
     add_method_args(ap)
     return ap.parse_args(argv)
@@ -50,9 +56,8 @@ def main(argv=None) -> int:
         cfg = config_from_args(args, load_config_file(args.config) if args.config else None)
         if args.samples < 1:
             raise qz.QuantizeError(f"--samples must be at least 1, got {args.samples}")
-        if args.quantize_vision:
-            raise qz.QuantizeError("--quantize-vision is not available yet: only the language model is "
-                                   "quantized; run without it")
+        if args.vision_bits and not args.quantize_vision:
+            raise qz.QuantizeError("--vision-bits needs --quantize-vision")
         # Refuse a bad output directory or calibration file before spending minutes loading a model.
         name = args.model or qz.EMBEDDED_DEFAULT
         out = Path(args.out or f"runs/{name.strip('/').replace('/', '_')}-{cfg.method}-{cfg.bits}")
@@ -64,36 +69,53 @@ def main(argv=None) -> int:
         raw = None if args.calib_data == "default" else load_samples(args.calib_data, n=args.samples, seed=cfg.seed)
         handle = qz.load_model_for_calibration(args.model, seed=cfg.seed)
         t0 = time.time()
-        stream = qz.calibration_stream(handle, source=args.calib_data, samples=args.samples, seed=cfg.seed,
-                                       batch_size=args.calib_batch_size, max_tokens=args.max_tokens, raw=raw)
+        batches = qz.calibration_batches(handle, source=args.calib_data, samples=args.samples, seed=cfg.seed,
+                                         batch_size=args.calib_batch_size, max_tokens=args.max_tokens, raw=raw)
+        stream = pipeline.embed_batches(handle.model, batches, handle.family)
+        vision = qz.vision_job(handle, batches, cfg, args.vision_bits) if args.quantize_vision else None
         print(f"{handle.name}: {cfg.method} {cfg.bits}; {stream.x.shape[0]} samples x {stream.x.shape[1]} tokens "
               f"({time.time() - t0:.1f} s to prepare)")
-        bars: dict[int, tqdm] = {}
-        steps_per_block = cfg.epochs * (stream.x.shape[0] // min(cfg.batch_size, stream.x.shape[0])) if cfg.trains else 0
+        if vision is not None:
+            print(f"vision tower: {vision.cfg.method} {vision.cfg.bits}; {vision.stream.x.shape[0]} images x "
+                  f"up to {vision.stream.x.shape[1]} patches")
+        bars: dict[tuple[str, int], tqdm] = {}
+        reports = []
 
-        def on_step(block: int, step: int, loss: float) -> None:
-            if block not in bars:
-                bars[block] = tqdm(total=steps_per_block, desc=f"block {block:>3}", leave=False)
-            bars[block].update(1)
-            bars[block].set_postfix(loss=f"{loss:.4g}")
+        def steps_per_block(s: Stream, c) -> int:
+            return c.epochs * (s.x.shape[0] // min(c.batch_size, s.x.shape[0])) if c.trains else 0
+
+        def stepper(part: str, s: Stream, c):
+            label = "block" if part == "language" else "vision"
+
+            def on_step(block: int, step: int, loss: float) -> None:
+                if (part, block) not in bars:
+                    bars[part, block] = tqdm(total=steps_per_block(s, c), desc=f"{label} {block:>3}", leave=False)
+                bars[part, block].update(1)
+                bars[part, block].set_postfix(loss=f"{loss:.4g}")
+
+            return on_step
 
         def on_block(r) -> None:
-            if r.index in bars:
-                bars.pop(r.index).close()
+            if (r.part, r.index) in bars:
+                bars.pop((r.part, r.index)).close()
+            reports.append(r)
             state = "resumed" if r.resumed else f"{r.init_loss:.4g} -> {r.final_loss:.4g}"
-            tqdm.write(f"block {r.index:>3}: mse {state} ({r.seconds:.1f} s)")
+            label = "block" if r.part == "language" else "vision"
+            tqdm.write(f"{label} {r.index:>3}: mse {state} ({r.seconds:.1f} s)")
 
         data_record = {"source": args.calib_data, "samples": int(stream.x.shape[0]),
                        "tokens": int(stream.x.shape[1]), "seed": cfg.seed}
-        path, result = qz.quantize_model(handle, stream, cfg, out, data_record=data_record,
-                                         overwrite=args.overwrite, resume=args.resume,
-                                         on_step=on_step, on_block=on_block)
+        path, _ = qz.quantize_model(handle, stream, cfg, out, data_record=data_record,
+                                    overwrite=args.overwrite, resume=args.resume,
+                                    on_step=stepper("language", stream, cfg), on_block=on_block, vision=vision,
+                                    on_vision_step=None if vision is None else stepper("vision", vision.stream,
+                                                                                       vision.cfg))
     except (ConfigError, QuantError, ConversionError, CalibDataError, qz.QuantizeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"\n{'block':>5} {'init mse':>12} {'final mse':>12} {'seconds':>9}")
-    for r in result.reports:
-        print(f"{r.index:>5} {r.init_loss:>12.5g} {r.final_loss:>12.5g} {r.seconds:>9.1f}")
+    print(f"\n{'part':>8} {'block':>5} {'init mse':>12} {'final mse':>12} {'seconds':>9}")
+    for r in reports:
+        print(f"{r.part:>8} {r.index:>5} {r.init_loss:>12.5g} {r.final_loss:>12.5g} {r.seconds:>9.1f}")
     print(f"\nwrote {path} in {time.time() - t0:.1f} s")
     return 0
 

@@ -338,7 +338,10 @@ def check_reference(qmodel: Any, fp_model: Any) -> None:
     if _plain(dataclasses.asdict(fp_model.config)) != _plain(dataclasses.asdict(qmodel.config)):
         raise EvaluateError("the reference model's config differs from the checkpoint's; evaluate against the "
                             "model the checkpoint was calibrated from")
-    ref = jax.tree_util.tree_leaves_with_path(export.fp_state_dict(fp_model))
+    ref_fp = export.fp_state_dict(fp_model)
+    if getattr(qmodel, "vision_blocks", None) is not None:  # the tower's blocks are stored quantized
+        ref_fp = export.strip_vision_layers(ref_fp, qmodel.family)
+    ref = jax.tree_util.tree_leaves_with_path(ref_fp)
     ck = dict(jax.tree_util.tree_leaves_with_path(export.fp_state_dict(qmodel.model)))
     for path, value in ref:
         if path not in ck or not np.array_equal(np.asarray(value), np.asarray(ck[path])):

@@ -11,7 +11,9 @@ Two artifacts, one encoding:
         state/            one orbax checkpoint (StandardCheckpointer) of the tree
                             {"fp":     the model's unquantized parameters (embeddings, vision tower,
                                         final norm, head; NNX names, e.g. fp.language_model.norm.scale),
-                             "blocks": {"0": folded block 0, ...}}
+                             "blocks": {"0": folded block 0, ...},
+                             "vision_blocks": {"0": ...}}   only with a quantized vision tower, whose
+                                        blocks are then left out of "fp"
                           packed weights are leaves named like
                             blocks.3.groups.attn_in.weights.q_proj.main.{qvalue,scale,zero_point}
         structure.json    what orbax cannot hold: the tree layout, PackedTensor metadata (bits,
@@ -68,7 +70,9 @@ BLOCK_FILE = "block.json"
 FAMILIES = ("qwen2_5_vl", "llava")
 _PACKAGES = ("splitq-jax", "jax", "jaxlib", "flax", "orbax-checkpoint", "numpy", "ml_dtypes")
 _RESERVED = frozenset({"format", "format_version", "created", "model", "method", "bits", "method_config",
-                       "storage", "versions", "files"})
+                       "storage", "versions", "files", "vision"})
+# Where each family keeps its vision-tower blocks (dropped from "fp" when they are quantized).
+VISION_LAYERS = {"qwen2_5_vl": ("visual", "blocks"), "llava": ("vision_tower", "layers")}
 
 
 class CheckpointError(ValueError):
@@ -501,11 +505,32 @@ def abstract_fp_model(family: str, model_config, dtype=jnp.float32):
     return abstract_model(without_layers(model_config), dtype)
 
 
-def _check_fp(fp: dict, family: str, model_config) -> str:
+def strip_vision_layers(fp: dict, family: str) -> dict:
+    """``fp`` without the vision tower's blocks (they are stored quantized instead)."""
+    top, key = VISION_LAYERS[family]
+    if top not in fp:
+        raise ValueError(f"the {family} fp parameters have no {top!r}: there is no vision tower to quantize")
+    return {**fp, top: {k: v for k, v in fp[top].items() if k != key}}
+
+
+def drop_vision_layers(module, family: str):
+    """An NNX model whose vision tower has no blocks (the runtime module of a checkpoint with a
+    quantized tower: its blocks run from the folded trees)."""
+    from flax import nnx
+
+    top, key = VISION_LAYERS[family]
+    setattr(getattr(module, top), key, nnx.List([]))
+    return module
+
+
+def _check_fp(fp: dict, family: str, model_config, vision_quantized: bool = False) -> str:
     """Shapes of ``fp`` against the model; returns the parameter dtype name."""
     from flax import nnx
 
-    expected = nnx.to_pure_dict(nnx.state(abstract_fp_model(family, model_config)))
+    abstract = abstract_fp_model(family, model_config)
+    if vision_quantized:
+        abstract = drop_vision_layers(abstract, family)
+    expected = nnx.to_pure_dict(nnx.state(abstract))
     exp_flat = {tuple(map(str, p)): v for p, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
     got_flat = {tuple(map(str, p)): v for p, v in jax.tree_util.tree_flatten_with_path(fp)[0]}
     missing, extra = sorted(set(exp_flat) - set(got_flat)), sorted(set(got_flat) - set(exp_flat))
@@ -538,7 +563,8 @@ def _storage(folded_blocks: Sequence[Tree], fp: dict) -> dict[str, int]:
 def save_quantized(out_dir: str | os.PathLike, *, family: str, model_config, fp_params: Any,
                    folded_blocks: Sequence[Tree], method_config: MethodConfig,
                    manifest_extra: Mapping[str, Any] | None = None, model_name: str | None = None,
-                   overwrite: bool = False) -> Path:
+                   overwrite: bool = False, vision_blocks: Sequence[Tree] | None = None,
+                   vision_method_config: MethodConfig | None = None) -> Path:
     """Write a quantized model to ``out_dir`` atomically (layout in the module docstring).
 
     Args:
@@ -552,6 +578,8 @@ def save_quantized(out_dir: str | os.PathLike, *, family: str, model_config, fp_
         ``{"block_losses": [...], "calibration": {...}}``); NaN/inf become null.
       model_name: recorded in the manifest; defaults to ``model_config.hf_id``.
       overwrite: replace an existing ``out_dir`` (otherwise FileExistsError).
+      vision_blocks: folded vision-tower blocks (``--quantize-vision``), with the
+        ``vision_method_config`` they were calibrated with; the tower's fp blocks are then not saved.
     Returns:
       the absolute path of the checkpoint.
     """
@@ -565,10 +593,19 @@ def save_quantized(out_dir: str | os.PathLike, *, family: str, model_config, fp_
     if len(folded_blocks) != n_layers:
         raise ValueError(f"{len(folded_blocks)} folded blocks for a decoder of {n_layers} layers")
     fp = fp_state_dict(fp_params)
-    dtype = _check_fp(fp, family, model_config)
+    tree = {"fp": fp, "blocks": {str(i): b for i, b in enumerate(folded_blocks)}}
+    vision = None
+    if vision_blocks is not None:
+        if vision_method_config is None:
+            raise ValueError("vision_blocks need the vision_method_config they were calibrated with")
+        fp = tree["fp"] = strip_vision_layers(fp, family)
+        tree["vision_blocks"] = {str(i): b for i, b in enumerate(vision_blocks)}
+        vision = {"num_blocks": len(vision_blocks), "method": vision_method_config.method,
+                  "bits": vision_method_config.bits, "method_config": vision_method_config.to_dict()}
+    dtype = _check_fp(fp, family, model_config, vision_quantized=vision is not None)
     out, tmp = _prepare(out_dir, overwrite)
     try:
-        structure, arrays = encode_tree({"fp": fp, "blocks": {str(i): b for i, b in enumerate(folded_blocks)}})
+        structure, arrays = encode_tree(tree)
         _save_arrays(tmp / STATE_DIR, arrays)
         _write_json(tmp / STRUCTURE_FILE, structure)
         manifest = {
@@ -580,7 +617,8 @@ def save_quantized(out_dir: str | os.PathLike, *, family: str, model_config, fp_
             "method": method_config.method,
             "bits": method_config.bits,
             "method_config": method_config.to_dict(),
-            "storage": _storage(folded_blocks, fp),
+            "storage": _storage(list(folded_blocks) + list(vision_blocks or []), fp),
+            **({"vision": vision} if vision is not None else {}),
             **extra,
             "versions": package_versions(),
             "files": _checksums(tmp),
@@ -615,17 +653,27 @@ def verify_checkpoint(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
-def load_quantized_tree(ckpt_dir: str | os.PathLike, *, verify: bool = True) -> tuple[dict, dict, list[Tree]]:
-    """``(manifest, fp_params pure dict, folded_blocks)`` of a checkpoint written by :func:`save_quantized`."""
+def load_quantized_parts(ckpt_dir: str | os.PathLike, *, verify: bool = True
+                         ) -> tuple[dict, dict, list[Tree], list[Tree] | None]:
+    """``(manifest, fp_params pure dict, folded_blocks, folded vision blocks or None)`` of a
+    checkpoint written by :func:`save_quantized`."""
     root = Path(ckpt_dir).expanduser().absolute()
     manifest = verify_checkpoint(root) if verify else read_manifest(root)
     structure = _read_json(root / STRUCTURE_FILE, "the checkpoint is incomplete")
     tree = decode_tree(structure, _restore_arrays(root / STATE_DIR, structure))
     blocks = [tree["blocks"][str(i)] for i in range(manifest["model"]["num_layers"])]
-    return manifest, tree["fp"], blocks
+    vision = None
+    if manifest.get("vision") is not None:
+        vision = [tree["vision_blocks"][str(i)] for i in range(manifest["vision"]["num_blocks"])]
+    return manifest, tree["fp"], blocks, vision
+
+
+def load_quantized_tree(ckpt_dir: str | os.PathLike, *, verify: bool = True) -> tuple[dict, dict, list[Tree]]:
+    """``(manifest, fp_params pure dict, folded_blocks)`` of a checkpoint written by :func:`save_quantized`."""
+    return load_quantized_parts(ckpt_dir, verify=verify)[:3]
 
 
 __all__ = ["CheckpointError", "FORMAT", "FORMAT_VERSION", "decode_tree", "encode_tree", "fp_state_dict",
-           "load_block", "load_block_meta", "load_quantized_tree", "method_config_from_dict",
+           "load_block", "load_block_meta", "load_quantized_parts", "load_quantized_tree", "method_config_from_dict",
            "model_config_from_dict", "package_versions", "read_manifest", "save_block", "save_quantized",
            "verify_checkpoint"]

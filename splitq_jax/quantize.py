@@ -71,20 +71,57 @@ def load_model_for_calibration(model_ref: str | None, *, seed: int = 0, dtype=jn
     return ModelHandle(model, family, str(model_ref), tokenizer, None, int(pad), str(model_dir))
 
 
-def calibration_stream(handle: ModelHandle, *, source: str = cd.DEFAULT_SOURCE, samples: int = 128, seed: int = 0,
-                       batch_size: int = 8, max_tokens: int | None = None,
-                       raw: list[cd.Sample] | None = None) -> pipeline.Stream:
-    """Calibration samples (bundled default or JSONL; or ``raw`` if already loaded) through the model's
-    processor and embedding."""
+def calibration_batches(handle: ModelHandle, *, source: str = cd.DEFAULT_SOURCE, samples: int = 128, seed: int = 0,
+                        batch_size: int = 8, max_tokens: int | None = None,
+                        raw: list[cd.Sample] | None = None) -> list[dict]:
+    """Calibration samples (bundled default or JSONL; or ``raw`` if already loaded) through the
+    model's processor: padded token batches with their pixels."""
     if raw is None:
         raw = cd.load_samples(source, n=samples, split="calib", seed=seed)
     encoded = cd.encode_samples(raw, handle.family, handle.tokenizer, handle.image_cfg)
-    batches = cd.make_batches(encoded, batch_size, handle.pad_id, max_tokens=max_tokens)
+    return cd.make_batches(encoded, batch_size, handle.pad_id, max_tokens=max_tokens)
+
+
+def calibration_stream(handle: ModelHandle, *, source: str = cd.DEFAULT_SOURCE, samples: int = 128, seed: int = 0,
+                       batch_size: int = 8, max_tokens: int | None = None,
+                       raw: list[cd.Sample] | None = None) -> pipeline.Stream:
+    """:func:`calibration_batches` through the model's embedding: the first decoder block's inputs."""
+    batches = calibration_batches(handle, source=source, samples=samples, seed=seed, batch_size=batch_size,
+                                  max_tokens=max_tokens, raw=raw)
     return pipeline.embed_batches(handle.model, batches, handle.family)
 
 
-def _run_record(handle: ModelHandle, cfg: MethodConfig, data: dict[str, Any]) -> dict[str, Any]:
-    return {"model": handle.name, "family": handle.family, "method": cfg.to_dict(), "data": data}
+@dataclass
+class VisionJob:
+    """What ``--quantize-vision`` adds to a run: the tower's calibration stream (one image per
+    sample, :func:`splitq_jax.vision_block.vision_stream`) and the method for its blocks."""
+
+    stream: pipeline.Stream
+    cfg: MethodConfig
+
+
+def vision_job(handle: ModelHandle, batches: list[dict], cfg: MethodConfig, bits: str | None = None) -> VisionJob:
+    """The vision-tower part of a run, calibrated on the images of ``batches`` at ``bits``
+    (default: the language model's)."""
+    from splitq_jax import vision_block as vb
+
+    try:
+        vb.num_quantized_blocks(handle.model.config, handle.family)
+    except ValueError as e:
+        raise QuantizeError(str(e)) from None
+    try:
+        stream = vb.vision_stream(handle.model, handle.family, batches)
+    except ValueError as e:
+        raise QuantizeError(f"{e}; give a --calib-data file whose samples have images") from None
+    return VisionJob(stream, vb.vision_method_config(cfg, bits))
+
+
+def _run_record(handle: ModelHandle, cfg: MethodConfig, data: dict[str, Any],
+                vision: VisionJob | None = None) -> dict[str, Any]:
+    record = {"model": handle.name, "family": handle.family, "method": cfg.to_dict(), "data": data}
+    if vision is not None:
+        record["vision"] = {"method": vision.cfg.to_dict(), "images": int(vision.stream.x.shape[0])}
+    return record
 
 
 def prepare_output(out_dir: str | Path, *, overwrite: bool, resume: bool, record: dict[str, Any]) -> Path:
@@ -124,27 +161,40 @@ def quantize_model(
     fail_after_block: int | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
     on_block: Callable[[pipeline.BlockReport], None] | None = None,
+    vision: VisionJob | None = None,
+    on_vision_step: Callable[[int, int, float], None] | None = None,
 ) -> tuple[Path, pipeline.ModelResult]:
-    """Calibrate every block, then export the packed checkpoint to ``out_dir`` (atomically)."""
+    """Calibrate every block (the vision tower's first when ``vision`` is given), then export the
+    packed checkpoint to ``out_dir`` (atomically). ``on_block`` sees both parts (``report.part``)."""
     from splitq_jax import export
 
-    record = _run_record(handle, cfg, data_record)
+    record = _run_record(handle, cfg, data_record, vision)
     work = prepare_output(out_dir, overwrite=overwrite, resume=resume, record=record)
+    vision_result = None
+    if vision is not None:
+        from splitq_jax import vision_block as vb
+
+        fam = handle.family
+        blocks = vb.quantized_blocks(handle.model, fam)
+        vision_result = pipeline.calibrate_blocks(
+            [lambda b=b: vb.block_params(b, fam) for b in blocks], vb.block_config(handle.model, fam), vision.stream,
+            vision.cfg, part="vision", work_dir=work, save_block=export.save_block, load_block=export.load_block,
+            resume=resume, on_step=on_vision_step, on_block=on_block)
     result = pipeline.calibrate_model(
         handle.model, stream, cfg, work_dir=work, save_block=export.save_block, load_block=export.load_block,
         resume=resume, fail_after_block=fail_after_block, on_step=on_step, on_block=on_block,
     )
-    manifest_extra = {
-        "source_dir": handle.source_dir,
-        "data": data_record,
-        "blocks": [
-            {"index": r.index, "init_loss": r.init_loss, "final_loss": r.final_loss, "seconds": r.seconds,
-             "resumed": r.resumed, "channels": r.channels}
-            for r in result.reports
-        ],
-    }
+    def reports(rs):
+        return [{"index": r.index, "init_loss": r.init_loss, "final_loss": r.final_loss, "seconds": r.seconds,
+                 "resumed": r.resumed, "channels": r.channels} for r in rs]
+
+    manifest_extra = {"source_dir": handle.source_dir, "data": data_record, "blocks": reports(result.reports)}
+    if vision_result is not None:
+        manifest_extra["vision_block_reports"] = reports(vision_result.reports)
     path = export.save_quantized(out_dir, family=handle.family, model_config=handle.model.config,
                                  fp_params=handle.model, folded_blocks=result.folded_blocks, method_config=cfg,
-                                 manifest_extra=manifest_extra, model_name=handle.name, overwrite=overwrite)
+                                 manifest_extra=manifest_extra, model_name=handle.name, overwrite=overwrite,
+                                 vision_blocks=None if vision_result is None else vision_result.folded_blocks,
+                                 vision_method_config=None if vision is None else vision.cfg)
     shutil.rmtree(work, ignore_errors=True)
     return Path(path), result

@@ -12,6 +12,10 @@ parameters. Each decoder block is a folded tree run by :func:`splitq_jax.block.b
 :func:`splitq_jax.qlinear.quantized_group_apply` as its linear, compiled once per block shape (all
 blocks of a model share one compiled program).
 
+With a quantized vision tower (``--quantize-vision``) the module's tower has no blocks: its patch
+embedding (+ rotary tables and attention segments for Qwen2.5-VL) feeds the folded vision blocks,
+run the same way, and the tower's merger / LLaVA's projector finish the features.
+
 Generation is greedy with a fixed-size KV cache per block (``(B, prompt + max_new_tokens, KV, hd)``
 plus a write index). Activations are quantized per token, so a cached decode step computes the
 same integers as recomputing the whole sequence; ``use_cache=False`` does the latter (the check).
@@ -33,7 +37,7 @@ from flax import nnx
 
 from splitq_jax import export
 from splitq_jax.block import BlockConfig
-from splitq_jax.calibrate import ANSWER, PAD, text_mask_of
+from splitq_jax.calibrate import ANSWER, PAD, VISION, text_mask_of
 from splitq_jax.config import MethodConfig
 from splitq_jax.export import CheckpointError
 from splitq_jax.models.layers import Decoder, KVCache, make_attention_mask
@@ -84,16 +88,32 @@ class QuantizedModel:
     method_config: MethodConfig
     block_config: BlockConfig
     manifest: dict = dataclasses.field(default_factory=dict)
+    vision_blocks: list[Tree] | None = None  # folded vision-tower blocks (None: the fp tower runs)
+    vision_method_config: MethodConfig | None = None
 
     @classmethod
     def from_parts(cls, *, family: str, model_config, fp_params: Any, folded_blocks: Sequence[Tree],
-                   method_config: MethodConfig, manifest: Mapping[str, Any] | None = None) -> "QuantizedModel":
+                   method_config: MethodConfig, manifest: Mapping[str, Any] | None = None,
+                   vision_blocks: Sequence[Tree] | None = None,
+                   vision_method_config: MethodConfig | None = None) -> "QuantizedModel":
         """Assemble from in-memory pieces (the arguments of :func:`splitq_jax.export.save_quantized`)."""
 
         fp = export.fp_state_dict(fp_params)
+        if vision_blocks is not None:
+            from splitq_jax import vision_block as vb
+
+            if vision_method_config is None:
+                raise CheckpointError("quantized vision blocks without their method config")
+            fp = export.strip_vision_layers(fp, family)
+            n = vb.num_quantized_blocks(model_config, family)
+            if len(vision_blocks) != n:
+                raise CheckpointError(f"{len(vision_blocks)} vision blocks for a tower that quantizes {n}")
         dtypes = {jnp.dtype(v.dtype) for v in jax.tree_util.tree_leaves(fp)}
         dtype = dtypes.pop() if len(dtypes) == 1 else jnp.float32
-        graphdef, state = nnx.split(export.abstract_fp_model(family, model_config, dtype))
+        abstract = export.abstract_fp_model(family, model_config, dtype)
+        if vision_blocks is not None:
+            abstract = export.drop_vision_layers(abstract, family)
+        graphdef, state = nnx.split(abstract)
         try:
             nnx.replace_by_pure_dict(state, fp)
         except (KeyError, ValueError) as e:
@@ -101,17 +121,50 @@ class QuantizedModel:
         if len(folded_blocks) != model_config.text.num_layers:
             raise CheckpointError(f"{len(folded_blocks)} blocks for {model_config.text.num_layers} decoder layers")
         return cls(nnx.merge(graphdef, state), list(folded_blocks), model_config, family, method_config,
-                   BlockConfig.from_decoder(model_config.text), dict(manifest or {}))
+                   BlockConfig.from_decoder(model_config.text), dict(manifest or {}),
+                   None if vision_blocks is None else list(vision_blocks), vision_method_config)
 
     # -- pieces -------------------------------------------------------------------------------
 
     def embed(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None):
         """The family's ``embed`` (hidden, position_ids, modality_mask)."""
+        encoder = None if self.vision_blocks is None else self.vision_features
         if self.family == "qwen2_5_vl":
-            return self.model.embed(input_ids, pixel_values, image_grid_thw, attention_mask)
+            return self.model.embed(input_ids, pixel_values, image_grid_thw, attention_mask, vision_encoder=encoder)
         if image_grid_thw is not None:
             raise ValueError("image_grid_thw is a Qwen2.5-VL input; LLaVA images are (n, 3, S, S) pixel_values")
-        return self.model.embed(input_ids, pixel_values, attention_mask)
+        return self.model.embed(input_ids, pixel_values, attention_mask, vision_encoder=encoder)
+
+    def vision_features(self, pixel_values, image_grid_thw=None, *, block=None) -> jax.Array:
+        """Image features from the quantized vision tower (needs ``vision_blocks``): Qwen2.5-VL
+        ``(patches, C*T*P*P)`` + ``grid_thw`` -> merged tokens; LLaVA ``(n, 3, S, S)`` -> projected
+        ``(n, tokens, d_text)``. ``block(folded, x, cos, sin, mask, modality)`` replaces the integer
+        block (tests pass the fake-quant one)."""
+        from splitq_jax import vision_block as vb
+        from splitq_jax.models.qwen2_5_vl import segment_mask
+
+        if self.vision_blocks is None:
+            raise ValueError("this checkpoint's vision tower is not quantized; use the model's own embed")
+        vcfg = self.vision_method_config
+        bcfg = vb.block_config(self.model, self.family)
+        run = block or functools.partial(_block, cache=None, cfg=vcfg, bcfg=bcfg)
+        if self.family == "qwen2_5_vl":
+            tower = self.model.visual
+            grid = tuple(tuple(int(v) for v in row) for row in np.asarray(image_grid_thw).reshape(-1, 3))
+            inp = tower.block_inputs(jnp.asarray(pixel_values), grid)
+            masks = {"full": segment_mask(inp.full_segments)[None], "window": segment_mask(inp.window_segments)[None]}
+            x, cos, sin = inp.x[None], inp.cos[None], inp.sin[None]
+            modality = jnp.full(x.shape[:2], VISION, jnp.int32)
+            for folded, kind in zip(self.vision_blocks, tower.block_mask_kinds(), strict=True):
+                x = run(folded, x, cos, sin, masks[kind], modality)
+            return tower.merge(x[0], inp.window_index)
+        x = self.model.vision_tower.embed(jnp.asarray(pixel_values))
+        none = jnp.zeros((*x.shape[:2], 0), jnp.float32)  # CLIP has no rotary
+        modality = jnp.full(x.shape[:2], VISION, jnp.int32)
+        states = [x]
+        for folded in self.vision_blocks:
+            states.append(run(folded, states[-1], none, none, None, modality))
+        return self.model.project_features(states)
 
     def run_blocks(self, x, cos, sin, mask, modality, caches: list[KVCache] | None = None):
         """Every quantized block: ``x (B, N, d)`` -> ``(B, N, d)`` (and the updated caches if given)."""
@@ -240,15 +293,18 @@ def load_quantized(ckpt_dir: str | os.PathLike, *, verify: bool = True) -> Quant
     ``verify`` recomputes every file's sha256 first. A missing manifest (an interrupted export), an
     unknown format version or a corrupted file raises :class:`~splitq_jax.export.CheckpointError`.
     """
-    manifest, fp, blocks = export.load_quantized_tree(ckpt_dir, verify=verify)
+    manifest, fp, blocks, vision_blocks = export.load_quantized_parts(ckpt_dir, verify=verify)
     family = manifest["model"]["family"]
     try:
         model_config = export.model_config_from_dict(family, manifest["model"]["config"])
         cfg = export.method_config_from_dict(manifest["method_config"])
+        vcfg = (None if vision_blocks is None
+                else export.method_config_from_dict(manifest["vision"]["method_config"]))
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{ckpt_dir}: the manifest's model or method config is invalid: {e}") from e
     return QuantizedModel.from_parts(family=family, model_config=model_config, fp_params=fp, folded_blocks=blocks,
-                                     method_config=cfg, manifest=manifest)
+                                     method_config=cfg, manifest=manifest, vision_blocks=vision_blocks,
+                                     vision_method_config=vcfg)
 
 
 __all__ = ["QuantizedModel", "load_quantized", "quantized_block_forward"]

@@ -190,15 +190,22 @@ def block_params(block, family: str) -> Tree:
     raise ValueError(f"no vision tower to quantize for model family {family!r}")
 
 
-def quantized_blocks(model, family: str) -> list:
-    """The vision blocks that quantization covers: every Qwen2.5-VL block; for LLaVA the CLIP
+def num_quantized_blocks(model_config, family: str) -> int:
+    """How many vision blocks quantization covers: every Qwen2.5-VL block; for LLaVA the CLIP
     layers up to the deepest feature layer (later layers never reach the language model)."""
     if family == "qwen2_5_vl":
-        _qwen_vision_config(model)
-        return list(model.visual.blocks)
+        if model_config.vision is None:
+            raise ValueError("this model has no vision tower; run without --quantize-vision")
+        return model_config.vision.depth
     if family == "llava":
-        return list(model.vision_tower.layers[:model.config.used_vision_layers])
+        return model_config.used_vision_layers
     raise ValueError(f"no vision tower to quantize for model family {family!r}")
+
+
+def quantized_blocks(model, family: str) -> list:
+    """The NNX vision blocks that quantization covers (see :func:`num_quantized_blocks`)."""
+    n = num_quantized_blocks(model.config, family)
+    return list(model.visual.blocks if family == "qwen2_5_vl" else model.vision_tower.layers)[:n]
 
 
 def vision_method_config(cfg: MethodConfig, bits: str | None = None) -> MethodConfig:

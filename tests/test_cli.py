@@ -409,3 +409,55 @@ def test_resume_without_interrupted_run_fails_cleanly(cached_model, tmp_path, ca
     rc, err = run_cli(["--samples", "1", "--out", tmp_path / "ckpt", "--resume"], capsys)
     assert rc == 2 and "nothing to resume" in err
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------- vision tower
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
+def test_quantize_vision_checkpoint(tiny, family, tmp_path):
+    """--quantize-vision: vision blocks calibrated (W4A4 here while the LLM is W3A3), exported
+    without the tower's fp blocks, reloaded bit-identically; the integer vision tower matches the
+    fake-quant folded blocks, and the logits use it."""
+    from splitq_jax import vision_block as vb
+
+    handle, batches, stream = tiny[family]
+    cfg = method_config("splitq", "w3a3", epochs=1, batch_size=2)
+    job = qz.vision_job(handle, batches, cfg, "w4a4")
+    assert job.cfg.bits == "w4a4" and job.cfg.text_ratio == 0 and not job.cfg.mac
+    reports = []
+    path, result = qz.quantize_model(handle, stream, cfg, tmp_path / "ckpt", data_record={"source": "synthetic"},
+                                     vision=job, on_block=reports.append)
+    n_vision = vb.num_quantized_blocks(handle.model.config, family)
+    assert [r.part for r in reports] == ["vision"] * n_vision + ["language"] * 2
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["vision"]["bits"] == "w4a4" and manifest["vision"]["num_blocks"] == n_vision
+    assert manifest["bits"] == "w3a3" and len(manifest["vision_block_reports"]) == n_vision
+
+    qm = load_quantized(path)
+    top, key = export.VISION_LAYERS[family]
+    assert key not in export.fp_state_dict(qm.model)[top]  # the fp tower blocks are not stored
+    vbcfg = vb.block_config(handle.model, family)
+
+    def fake(folded, x, cos, sin, mask, modality):
+        return _fake_quant_block(folded, x, cos, sin, mask, modality, cfg=qm.vision_method_config, bcfg=vbcfg)
+
+    batch = batches[0]
+    args = (batch["pixel_values"], batch.get("image_grid_thw"))
+    got = np.asarray(qm.vision_features(*args))
+    ref = np.asarray(qm.vision_features(*args, block=fake))
+    assert np.abs(got - ref).max() < 1e-4 * np.abs(ref).max()
+    fp_feats = np.asarray(handle.model.visual(jnp.asarray(args[0]), args[1]) if family == "qwen2_5_vl"
+                          else handle.model.image_features(args[0]))
+    assert got.shape == fp_feats.shape and not np.allclose(got, fp_feats)  # really quantized
+    assert np.abs(got - fp_feats).max() < 0.5 * np.abs(fp_feats).max()  # ... and still close
+    assert_runtime_matches_fake_quant(qm, batch)  # the LLM blocks after the integer vision tower
+    emb = qm.embed(batch["input_ids"], batch.get("pixel_values"), batch.get("image_grid_thw"), batch["attention_mask"])
+    is_vis = np.asarray(emb.modality_mask) == 2
+    np.testing.assert_array_equal(np.asarray(emb.hidden)[is_vis], got.reshape(-1, got.shape[-1]))
+
+
+def test_vision_bits_without_quantize_vision_fails(tmp_path, capsys):
+    rc, err = run_cli(["--vision-bits", "w4a4", "--out", tmp_path / "ckpt"], capsys)
+    assert rc == 2 and "--vision-bits needs --quantize-vision" in err
+    assert list(tmp_path.iterdir()) == []

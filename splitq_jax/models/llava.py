@@ -376,13 +376,15 @@ class Llava(nnx.Module):
             feats = [f[:, 1:] for f in feats]  # drop the class token
         return self.multi_modal_projector(jnp.concatenate(feats, axis=-1))
 
-    def embed(self, input_ids, pixel_values=None, attention_mask=None) -> Embedded:
+    def embed(self, input_ids, pixel_values=None, attention_mask=None, *, vision_encoder=None) -> Embedded:
         """Token + image embeddings, 1-D positions and the modality mask.
 
         Args:
           input_ids: ``(B, N)`` with ``num_image_tokens`` placeholders (``image_token_id``) per image.
           pixel_values: ``(num_images, 3, S, S)``, images in order of appearance across the batch.
           attention_mask: ``(B, N)``, 0 at padding (left or right); None = no padding.
+          vision_encoder: ``pixel_values -> (num_images, num_image_tokens, d_text)`` used instead of
+            :meth:`image_features` (the quantized tower of a loaded checkpoint).
         Runs eagerly: placeholder positions must be concrete.
         """
         cfg = self.config
@@ -395,7 +397,8 @@ class Llava(nnx.Module):
                              f"{n_images} image(s) need {n_images * cfg.num_image_tokens} "
                              f"({cfg.num_image_tokens} each)")
         if n_images:
-            feats = self.image_features(pixel_values).reshape(-1, cfg.text.hidden_size)
+            encode = self.image_features if vision_encoder is None else vision_encoder
+            feats = encode(pixel_values).reshape(-1, cfg.text.hidden_size)
         else:
             feats = jnp.zeros((0, cfg.text.hidden_size), self.dtype)
         rows, cols = np.nonzero(is_vision)  # row-major = order of appearance, as HF's masked_scatter

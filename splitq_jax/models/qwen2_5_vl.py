@@ -499,7 +499,8 @@ class Qwen2_5_VL(nnx.Module):
         return self.language_model.layers
 
     def embed(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None, *,
-              pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None) -> Embedded:
+              pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None,
+              vision_encoder=None) -> Embedded:
         """Token + vision embeddings, M-RoPE positions and the modality mask.
 
         Args:
@@ -507,6 +508,8 @@ class Qwen2_5_VL(nnx.Module):
           pixel_values: ``(L, C*T*P*P)`` patches of all images in order; image_grid_thw: ``(n, 3)``.
           attention_mask: ``(B, N)``, 0 at padding (left or right); None = no padding.
           pixel_values_videos / video_grid_thw / second_per_grid_ts: the same for videos.
+          vision_encoder: ``(pixels, grid_thw) -> merged features`` used instead of ``self.visual``
+            (the quantized tower of a loaded checkpoint).
         Runs eagerly: placeholder positions and grids must be concrete.
 
         A text-only model (``config.vision is None``) takes ``input_ids`` and ``attention_mask``
@@ -538,7 +541,7 @@ class Qwen2_5_VL(nnx.Module):
                 if where.any():
                     raise ValueError(f"input_ids contain placeholder {token} but no pixels were given")
                 continue
-            feats = self.visual(jnp.asarray(pix), np.asarray(grid))
+            feats = (self.visual if vision_encoder is None else vision_encoder)(jnp.asarray(pix), np.asarray(grid))
             if feats.shape[0] != where.sum():
                 raise ValueError(f"{where.sum()} placeholder tokens ({token}) for {feats.shape[0]} vision tokens")
             rows, cols = np.nonzero(where)  # row-major = order of appearance
