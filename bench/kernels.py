@@ -13,6 +13,12 @@ in one process (median of ``--iters`` after a warm-up, all jitted):
   the main, outlier and rank-r branch activations (the branch down-projections ``x_hat L_in`` as
   bf16 dots; XLA ops, a stand-in for the activation kernel) + ``split_gemm``. The online Kronecker
   transform of the main path is not included.
+* ``act_pack``: the activation stage alone as inference runs it
+  (:func:`splitq_jax.pallas.act_pack.act_pack`, one kernel): masked main path, online Kronecker
+  transform (``kron_factors`` of ``d_in``), per-token quantization, both outlier groups with their
+  dense transforms, CWS and MAC down-projections (packed int4 ``L_in``) and their re-quantization;
+* ``act_pack_linear``: the whole quantized linear of the runtime
+  (``qlinear.quantized_group_apply``'s kernel path): ``act_pack`` + ``split_gemm``.
 
 Auxiliary sizes are the paper's ratios at these shapes: 2% text and 2% vision outlier channels,
 CWS rank 2% and MAC rank 3% of ``min(d_in, d_out)``; W4A4, symmetric.
@@ -46,6 +52,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from splitq_jax import packing  # noqa: E402
+from splitq_jax import transforms as tf  # noqa: E402
+from splitq_jax.pallas.act_pack import OutlierGroup, act_pack  # noqa: E402
 from splitq_jax.pallas.split_gemm import gemm_weight, quantize_acts, split_gemm  # noqa: E402
 from splitq_jax.pallas.split_gemm.kernel import default_blocks  # noqa: E402
 from splitq_jax.pallas.testing import time_fn  # noqa: E402
@@ -94,6 +102,10 @@ def build(k: int, n: int, seed: int = 0):
                 "vision": jnp.asarray(np.sort(perm[k_t:k_t + k_v]))},
         "main_mask": jnp.asarray(np.isin(np.arange(k), perm[:k_t + k_v], invert=True),
                                  jnp.bfloat16),
+        "l_in_packed": {"cws": gemm_weight(_packed(rng, r_cws, k)),
+                        "mac": gemm_weight(_packed(rng, r_mac, k))},
+        "kron": {"p1": tf.random_orthogonal(jax.random.PRNGKey(seed), tf.kron_factors(k)[0]),
+                 "p2": tf.random_orthogonal(jax.random.PRNGKey(seed + 1), tf.kron_factors(k)[1])},
         "w_bf16": jnp.asarray(rng.normal(0, 0.02, (n, k)), jnp.bfloat16),
         "bias": jnp.asarray(rng.normal(0, 0.1, n), jnp.float32),
     }
@@ -124,6 +136,20 @@ def make_fns(wts, interpret: bool | None):
         xq, terms = quantize_all(x, text_mask)
         return gemm(xq, terms, text_mask)
 
+    def pack_acts(x, text_mask):
+        outl = {grp: OutlierGroup(wts["idx"][grp], {"p": wts["p"][grp]}, None)
+                for grp in ("text", "vision")}
+        return act_pack(x, main_bits=4, aux_bits=4, symmetric=True, main_path="masked",
+                        main_mask=wts["main_mask"], transform=wts["kron"], outliers=outl,
+                        branches=wts["l_in_packed"], interpret=interpret)
+
+    def act_pack_linear(x, text_mask):
+        p = pack_acts(x, text_mask)
+        terms = {b: (p.branches[b], g[b]) for b in ("cws", "mac")}
+        terms.update({grp: (p.outliers[grp], g[grp]) for grp in ("text", "vision")})
+        return split_gemm(p.main, g["main"], **terms, text_mask=text_mask, bias=wts["bias"],
+                          out_dtype=jnp.bfloat16, interpret=interpret)
+
     def bf16(x, text_mask):
         return jnp.dot(x, wts["w_bf16"].T)
 
@@ -138,6 +164,8 @@ def make_fns(wts, interpret: bool | None):
         "bf16": jax.jit(bf16),
         "w4a16": jax.jit(w4a16),
         "w4a4_linear": jax.jit(w4a4_linear),
+        "act_pack": jax.jit(pack_acts),
+        "act_pack_linear": jax.jit(act_pack_linear),
         "split_gemm": jax.jit(gemm, static_argnames=("block_m", "block_n")),
         "_quantize": jax.jit(quantize_all),
     }
@@ -180,12 +208,15 @@ def main(argv=None):
                 "w4a16": time_fn(fns["w4a16"], x, tmask, iters=iters),
                 "split_gemm": time_fn(fns["split_gemm"], xq, terms, tmask, iters=iters),
                 "w4a4_linear": time_fn(fns["w4a4_linear"], x, tmask, iters=iters),
+                "act_pack": time_fn(fns["act_pack"], x, tmask, iters=iters),
+                "act_pack_linear": time_fn(fns["act_pack_linear"], x, tmask, iters=iters),
             }
             base = dict(bench=BENCH, machine=machine, shape=shape, m=m, k=k, n=n)
             tile = list(default_blocks(m, n))
             for impl, us in t.items():
                 records.append({**base, "impl": impl, "metric": "time_us", "value": us,
-                                "tile": tile if impl in ("split_gemm", "w4a4_linear") else None})
+                                "tile": tile if impl in ("split_gemm", "w4a4_linear",
+                                                         "act_pack_linear") else None})
             for tile in args.tiles:
                 bm, bn = (int(v) for v in tile.lower().split("x"))
                 us = time_fn(lambda *a: fns["split_gemm"](*a, block_m=bm, block_n=bn), xq, terms,
@@ -193,10 +224,12 @@ def main(argv=None):
                 records.append({**base, "impl": "split_gemm", "metric": "time_us", "value": us,
                                 "tile": [bm, bn]})
                 print(f"{'':>20} {m:>5} split_gemm tile {bm}x{bn}: {us:.1f} us")
-            for impl in ("w4a4_linear", "split_gemm"):
+            for impl in ("w4a4_linear", "act_pack_linear", "split_gemm"):
                 for ref in ("bf16", "w4a16"):
                     records.append({**base, "impl": impl, "metric": f"speedup_vs_{ref}",
                                     "value": t[ref] / t[impl]})
+            print(f"{'':>20} {m:>5} act_pack {t['act_pack']:.1f} us, act_pack + split_gemm "
+                  f"{t['act_pack_linear']:.1f} us")
             print(f"{shape:>20} {m:>5} {t['bf16']:>9.1f} {t['w4a16']:>9.1f} "
                   f"{t['split_gemm']:>9.1f} {t['w4a4_linear']:>9.1f} "
                   f"{t['bf16'] / t['w4a4_linear']:>7.2f} {t['w4a16'] / t['w4a4_linear']:>7.2f}")

@@ -162,20 +162,40 @@ def _kernel_ready(w: Tree) -> bool:
     return all(isinstance(t, PackedTensor) and t.symmetric and t.group_size is None for t in leaves)
 
 
-def _split_gemm_linear(xq, outlier_q, w: Tree, bias, text_mask, cfg: MethodConfig, bits: Bits, dtype,
-                       implementation: str | None) -> jax.Array:
+def _act_pack_group(folded: Tree, x: jax.Array, names: list[str], text_mask, cfg: MethodConfig, bits: Bits,
+                    implementation: str | None):
+    """Every activation operand of the group's split GEMMs in one :func:`splitq_jax.pallas.act_pack.act_pack`
+    call: main path, outlier groups and the down-projected branch intermediates of the linears ``names``
+    (CWS for every token; MAC only when text tokens are given, as :func:`splitq_jax.split_linear.apply_group`)."""
+    from splitq_jax.pallas.act_pack import OutlierGroup, act_pack
+    from splitq_jax.pallas.split_gemm import gemm_weight
+
+    acts, split = folded["acts"], folded["split"]
+    outliers = {g: OutlierGroup(split[f"{g}_idx"], acts[g]["transform"], acts[g]["act_clip"])
+                for g in ("text", "vision") if acts.get(g) is not None}
+    branches = {}
+    for name in names:
+        w = folded["weights"][name]
+        for branch in ("cws", "mac"):
+            if branch in w and (branch == "cws" or text_mask is not None):
+                branches[f"{name}/{branch}"] = gemm_weight(w[branch]["l_in"])
+    return act_pack(x, main_bits=bits.a, aux_bits=bits.aux_a, symmetric=cfg.a_symmetric, main_path=cfg.main_path,
+                    main_mask=split["main_mask"], main_idx=split["main_idx"], transform=acts["transform"],
+                    act_clip=acts["act_clip"], outliers=outliers, branches=branches, implementation=implementation)
+
+
+def _split_gemm_linear(packed, name: str, w: Tree, bias, text_mask, implementation: str | None) -> jax.Array:
     """One folded linear through :func:`splitq_jax.pallas.split_gemm.split_gemm`: main product, outlier
-    groups, CWS and MAC up-projections and bias in one call (the down-projections run first)."""
-    from splitq_jax.pallas.split_gemm import gemm_weight, quantize_acts as sg_quantize, split_gemm
+    groups, CWS and MAC up-projections and bias in one call, on the operands of :func:`_act_pack_group`."""
+    from splitq_jax.pallas.split_gemm import gemm_weight, split_gemm
 
     terms: dict[str, Any] = {}
     for branch in ("cws", "mac"):
-        if branch in w and (branch == "cws" or (text_mask is not None and bits.a is not None)):
-            h = split_gemm(xq, gemm_weight(w[branch]["l_in"]), implementation=implementation).astype(dtype)
-            terms[branch] = (sg_quantize(h, bits.aux_a, symmetric=cfg.a_symmetric), gemm_weight(w[branch]["l_out"]))
-    for group, xg in outlier_q.items():
+        if f"{name}/{branch}" in packed.branches:
+            terms[branch] = (packed.branches[f"{name}/{branch}"], gemm_weight(w[branch]["l_out"]))
+    for group, xg in packed.outliers.items():
         terms[group] = (xg, gemm_weight(w[group]))
-    return split_gemm(xq, gemm_weight(w["main"]), **terms, text_mask=text_mask if "mac" in terms else None,
+    return split_gemm(packed.main, gemm_weight(w["main"]), **terms, text_mask=text_mask if "mac" in terms else None,
                       bias=bias, implementation=implementation)
 
 
@@ -183,9 +203,11 @@ def quantized_group_apply(folded: Tree, x: jax.Array, text_mask: jax.Array | Non
                           cfg: MethodConfig, *, implementation: str | None = None) -> dict[str, jax.Array]:
     """A folded group (:func:`splitq_jax.fold.fold_group`) with integer matmuls.
 
-    Linears whose weights are all symmetric per-channel (the default) run through the packed split
-    GEMM (``implementation``: None = Pallas on GPU, its XLA reference elsewhere); others use the
-    integer XLA path of this module.
+    Linears whose weights are all symmetric per-channel (the default) run through the Pallas ops
+    (``implementation``: None = Pallas on GPU, their XLA references elsewhere): one
+    :func:`splitq_jax.pallas.act_pack.act_pack` call for the whole group (transform, quantization,
+    outlier groups, every branch down-projection), then one packed split GEMM per linear. Others use
+    the integer XLA path of this module.
 
     Args:
       folded: ``{"acts", "split", "weights", "biases"}`` with packed weights.
@@ -193,39 +215,39 @@ def quantized_group_apply(folded: Tree, x: jax.Array, text_mask: jax.Array | Non
     Returns:
       ``{name: (..., N, d_out)}`` in ``x.dtype``.
     """
-    from splitq_jax.pallas.split_gemm import quantize_acts as sg_quantize
-
     bits = Bits.of(cfg)
     acts, split = folded["acts"], folded["split"]
     dtype = x.dtype
+    kernel_names = [n for n, w in folded["weights"].items() if bits.a is not None and _kernel_ready(w)]
+    out = {}
+    if kernel_names:
+        packed = _act_pack_group(folded, x, kernel_names, text_mask, cfg, bits, implementation)
+        for name in kernel_names:
+            y = _split_gemm_linear(packed, name, folded["weights"][name], folded["biases"].get(name), text_mask,
+                                   implementation)
+            out[name] = y.astype(dtype)
+    if len(kernel_names) == len(folded["weights"]):
+        return out
+
     if cfg.main_path == "gathered":
         xm = jnp.take(x, split["main_idx"], axis=-1)
     else:
         xm = x * split["main_mask"].astype(dtype)
-    xt = tf.apply_act(acts["transform"], xm)
-    xq = _maybe_quantize(xt, bits.a, cfg.a_symmetric, acts["act_clip"])
-    outlier_x, outlier_t = {}, {}
+    xq = _maybe_quantize(tf.apply_act(acts["transform"], xm), bits.a, cfg.a_symmetric, acts["act_clip"])
+    outlier_x = {}
     for group in ("text", "vision"):
         if acts.get(group) is not None:
-            outlier_t[group] = tf.apply_act(acts[group]["transform"], jnp.take(x, split[f"{group}_idx"], axis=-1))
-            outlier_x[group] = _maybe_quantize(outlier_t[group], bits.aux_a, cfg.a_symmetric, acts[group]["act_clip"])
-    kernel_acts = None
+            xg = tf.apply_act(acts[group]["transform"], jnp.take(x, split[f"{group}_idx"], axis=-1))
+            outlier_x[group] = _maybe_quantize(xg, bits.aux_a, cfg.a_symmetric, acts[group]["act_clip"])
 
     def lowrank(f: Tree) -> jax.Array:
         h = linear(xq, f["l_in"]).astype(dtype)
         return linear(_maybe_quantize(h, bits.aux_a, cfg.a_symmetric), f["l_out"])
 
-    out = {}
     for name, w in folded["weights"].items():
-        b = folded["biases"].get(name)
-        if bits.a is not None and _kernel_ready(w):
-            if kernel_acts is None:  # quantize once per group, in the kernel's operand format
-                kernel_acts = (sg_quantize(xt, bits.a, symmetric=cfg.a_symmetric, clip=acts["act_clip"]),
-                               {g: sg_quantize(t, bits.aux_a, symmetric=cfg.a_symmetric, clip=acts[g]["act_clip"])
-                                for g, t in outlier_t.items()})
-            y = _split_gemm_linear(*kernel_acts, w, b, text_mask, cfg, bits, dtype, implementation)
-            out[name] = y.astype(dtype)
+        if name in out:
             continue
+        b = folded["biases"].get(name)
         y = linear(xq, w["main"])
         if "cws" in w:
             y = y + lowrank(w["cws"])
@@ -238,7 +260,7 @@ def quantized_group_apply(folded: Tree, x: jax.Array, text_mask: jax.Array | Non
         if b is not None:
             y = y + b.astype(jnp.float32)
         out[name] = y.astype(dtype)
-    return out
+    return {name: out[name] for name in folded["weights"]}
 
 
 __all__ = ["IntWeight", "QActs", "dequantize_acts", "int_linear", "linear", "quantize_acts",
