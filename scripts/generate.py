@@ -1,10 +1,20 @@
-"""Ask a quantized checkpoint about an image.
+"""Generate text with a quantized checkpoint or a full-precision model, greedily.
 
+    # a quantized checkpoint, asked about an image (chat template + image processor, as in calibration)
     python scripts/generate.py --checkpoint runs/qwen2.5-vl-mini-splitq-w4a4 --image cat.png \\
         --prompt "What is in this picture?"
 
-The prompt goes through the model's chat template and image processor (as in calibration);
-decoding is greedy. Exit status 2 on bad input.
+    # a text-only model by name (converted once into the cache), plain completion of the prompt
+    python scripts/generate.py --model qwen2.5-coder-0.5b --prompt "def fib(n):"
+
+    # the same through the model's chat template
+    python scripts/generate.py --model qwen2.5-coder-0.5b --chat --prompt "Write a Python fib function."
+
+Without ``--image`` the prompt is text only: tokenized as is (a completion), or with ``--chat``
+wrapped in the tokenizer's chat template with a generation prompt. ``--model`` takes anything
+``converters.checkpoints.load_model`` does (named model, HF directory, converted checkpoint).
+Decoding is greedy and stops at the model's EOS (and ``<|endoftext|>`` when the vocabulary has
+it). Exit status 2 on bad input.
 """
 
 from __future__ import annotations
@@ -13,21 +23,60 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from splitq_jax import evaluate as ev  # noqa: E402
 from splitq_jax import preprocess as pp  # noqa: E402
 from splitq_jax.export import CheckpointError  # noqa: E402
-from splitq_jax.runtime import load_quantized  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True, help="directory written by scripts/calibrate.py")
-    ap.add_argument("--image", required=True, help="image file (PNG, JPEG, ...)")
-    ap.add_argument("--prompt", required=True, help="the question or instruction")
+    which = ap.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="directory written by scripts/calibrate.py (a quantized model)")
+    which.add_argument("--model", help="a full-precision model: named model (e.g. qwen2.5-coder-0.5b), HF "
+                                       "checkpoint directory or converted checkpoint")
+    ap.add_argument("--image", help="image file (PNG, JPEG, ...); omit for a text-only prompt")
+    ap.add_argument("--prompt", required=True, help="the question, instruction or text to continue")
+    ap.add_argument("--chat", action="store_true",
+                    help="text only: wrap the prompt in the tokenizer's chat template (default: plain completion)")
     ap.add_argument("--max-new-tokens", type=int, default=32, help="longest reply in tokens (default 32)")
     return ap.parse_args(argv)
+
+
+def stop_tokens(config, tokenizer) -> tuple[int, ...]:
+    """The model's EOS ids plus ``<|endoftext|>`` where the vocabulary has it (a completion's end)."""
+    eos = list(config.eos_token_id or ())
+    extra = tokenizer.convert_tokens_to_ids("<|endoftext|>") if "<|endoftext|>" in tokenizer.get_vocab() else None
+    if extra is not None and extra not in eos:
+        eos.append(int(extra))
+    return tuple(eos)
+
+
+def text_prompt_ids(tokenizer, prompt: str, *, chat: bool) -> np.ndarray:
+    """``(1, N)`` token ids of a text prompt: plain, or through the chat template."""
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("--chat: this model's tokenizer has no chat template; drop --chat")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        ids = tokenizer(prompt)["input_ids"]
+    if not ids:
+        raise ValueError("the prompt is empty after tokenization")
+    return np.asarray([ids], np.int64)
+
+
+def generate_text_only(model, config, tokenizer, prompt: str, *, chat: bool, max_new_tokens: int) -> str:
+    """Greedy continuation of a text prompt by any model with ``generate(ids, max_new_tokens=...)``."""
+    ids = text_prompt_ids(tokenizer, prompt, chat=chat)
+    eos = stop_tokens(config, tokenizer)
+    pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
+    tokens = model.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=eos or None, pad_token_id=pad)
+    return ev.decode_generated(tokens, tokenizer, eos or None)[0]
 
 
 def main(argv=None) -> int:
@@ -35,13 +84,36 @@ def main(argv=None) -> int:
     try:
         if args.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-        image = pp.load_image(args.image) if Path(args.image).is_file() else None
+        image = None
+        if args.image is not None:
+            if not Path(args.image).is_file():
+                raise ValueError(f"image {args.image!r} does not exist or is not a file")
+            image = pp.load_image(args.image)
+            if args.chat:
+                raise ValueError("--chat applies to text-only prompts; image prompts always use the chat template")
+        if args.checkpoint is not None:
+            from splitq_jax.runtime import load_quantized
+
+            model = load_quantized(args.checkpoint)
+            family, config = model.family, model.config
+            tokenizer, image_cfg = ev.processor_for(model.manifest)
+        else:
+            from converters.checkpoints import load_model
+            from converters.hf import ConversionError
+
+            try:
+                model, config, family, model_dir = load_model(args.model)
+            except ConversionError as e:
+                raise ValueError(str(e)) from e
+            tokenizer, image_cfg = pp.load_tokenizer(model_dir), None
         if image is None:
-            raise ValueError(f"image {args.image!r} does not exist or is not a file")
-        qm = load_quantized(args.checkpoint)
-        tokenizer, image_cfg = ev.processor_for(qm.manifest)
-        text = ev.generate_text(qm, image, args.prompt, family=qm.family, tokenizer=tokenizer, image_cfg=image_cfg,
-                                max_new_tokens=args.max_new_tokens)
+            text = generate_text_only(model, config, tokenizer, args.prompt, chat=args.chat,
+                                      max_new_tokens=args.max_new_tokens)
+        else:
+            if getattr(config, "vision", True) is None:
+                raise ValueError("this model is text only (no vision tower); drop --image")
+            text = ev.generate_text(model, image, args.prompt, family=family, tokenizer=tokenizer,
+                                    image_cfg=image_cfg, max_new_tokens=args.max_new_tokens)
     except (CheckpointError, ev.EvaluateError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

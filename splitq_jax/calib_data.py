@@ -24,6 +24,10 @@ Calibration draws from easy-vqa's *train* split and one set of photographs, eval
 *test* split and a disjoint set of photographs, so evaluation never sees a calibration image.
 By default a quarter of the samples are photographs and three quarters easy-vqa questions
 (``photo_fraction``); the two are shuffled together. Everything is a pure function of ``seed``.
+
+For text-only code models (``qwen2.5-coder-0.5b``) :func:`stdlib_code_samples` gives windows of
+token ids of real Python source: this interpreter's standard library, calibration and evaluation
+drawn from two fixed, disjoint file lists (``STDLIB_CALIB_FILES`` / ``STDLIB_EVAL_FILES``).
 """
 
 from __future__ import annotations
@@ -415,3 +419,90 @@ def _truncate(s: EncodedSample, max_tokens: int, index: int) -> EncodedSample:
                              f"more than max_tokens={max_tokens}")
     return dataclasses.replace(s, input_ids=s.input_ids[:max_tokens], modality=s.modality[:max_tokens],
                                answer_start=min(s.answer_start, max_tokens), answer_end=min(s.answer_end, max_tokens))
+
+
+# ------------------------------------------------------------------ Python source (text only)
+
+# Real text for a code model (Qwen2.5-Coder, text only): the source files of the Python standard
+# library of the interpreter running this code (``sysconfig.get_paths()["stdlib"]``). Two fixed,
+# sorted, DISJOINT lists of stable pure-Python modules (all present in CPython 3.11-3.13), paths
+# relative to that directory. Evaluation holds json/decoder.py + json/encoder.py, the text of the
+# perplexity figures in /work/shared/design/data-assets.md. Contents differ between Python
+# versions, so token windows are deterministic for one interpreter version (and tokenizer), not
+# across versions.
+STDLIB_CALIB_FILES = (
+    "argparse.py", "ast.py", "base64.py", "bisect.py", "calendar.py", "collections/__init__.py", "colorsys.py",
+    "configparser.py", "contextlib.py", "copy.py", "csv.py", "dataclasses.py", "difflib.py", "enum.py",
+    "fractions.py", "functools.py", "gettext.py", "heapq.py", "inspect.py", "ipaddress.py", "logging/__init__.py",
+    "operator.py", "pprint.py", "queue.py", "random.py", "sched.py", "secrets.py", "selectors.py", "shutil.py",
+    "tempfile.py", "threading.py", "tokenize.py", "traceback.py", "types.py", "typing.py", "uuid.py", "weakref.py",
+)  # about 1.5 MB of source, ~0.4 M Qwen2.5 tokens
+STDLIB_EVAL_FILES = (
+    "abc.py", "fnmatch.py", "glob.py", "graphlib.py", "json/__init__.py", "json/decoder.py", "json/encoder.py",
+    "keyword.py", "linecache.py", "locale.py", "numbers.py", "optparse.py", "plistlib.py", "reprlib.py", "shlex.py",
+    "statistics.py", "string.py", "textwrap.py",
+)  # about 0.36 MB of source, ~0.1 M Qwen2.5 tokens
+
+
+def stdlib_dir() -> Path:
+    """This interpreter's standard library directory (``sysconfig.get_paths()["stdlib"]``)."""
+    import sysconfig
+
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_code_files(split: str = "calib", root: str | os.PathLike | None = None) -> list[Path]:
+    """The files of ``split`` (``"calib"``: ``STDLIB_CALIB_FILES``, ``"eval"``: ``STDLIB_EVAL_FILES``)
+    under ``root`` (default :func:`stdlib_dir`), in list order; CalibDataError if one is missing."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    base = Path(root) if root is not None else stdlib_dir()
+    names = STDLIB_CALIB_FILES if split == "calib" else STDLIB_EVAL_FILES
+    paths = [base / name for name in names]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise CalibDataError(f"{len(missing)} standard-library source file(s) of the {split!r} list are missing "
+                             f"(first: {missing[0]}); this Python installation lacks its .py sources "
+                             f"(install the full interpreter, not a stripped one)")
+    return paths
+
+
+def stdlib_code_tokens(paths: Sequence[str | os.PathLike], tokenizer) -> list[np.ndarray]:
+    """Token ids (int32) of each file's whole text, no special tokens added."""
+    out = []
+    for path in paths:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise CalibDataError(f"{path}: cannot read source text: {e}") from e
+        out.append(np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32))
+    return out
+
+
+def stdlib_code_samples(split: str = "calib", n: int = 64, max_tokens: int = 512, tokenizer=None, seed: int = 0, *,
+                        root: str | os.PathLike | None = None) -> np.ndarray:
+    """``n`` windows of ``max_tokens`` token ids of real Python code, ``(n, max_tokens)`` int32.
+
+    Each file of the split (:func:`stdlib_code_files`) is tokenized on its own and cut into
+    consecutive, non-overlapping windows of ``max_tokens`` tokens (a file's last partial window is
+    dropped; windows never span two files). ``n`` windows are drawn without replacement, in an
+    order that is a pure function of ``(split, seed)``. Calibration and evaluation windows come
+    from disjoint files. ``tokenizer``: a transformers tokenizer (e.g. the model's, from
+    ``converters.gguf.load_tokenizer()``). Raises CalibDataError when there are fewer than ``n``
+    windows.
+    """
+    if tokenizer is None:
+        raise ValueError("stdlib_code_samples needs the model's tokenizer")
+    if n < 1:
+        raise CalibDataError(f"asked for {n} samples; need at least one")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    windows = []
+    for ids in stdlib_code_tokens(stdlib_code_files(split, root), tokenizer):
+        full = len(ids) // max_tokens
+        windows.extend(ids[k * max_tokens:(k + 1) * max_tokens] for k in range(full))
+    if n > len(windows):
+        raise CalibDataError(f"asked for {n} windows of {max_tokens} tokens; the {split!r} standard-library files "
+                             f"give {len(windows)}; ask for fewer or shorter windows")
+    order = np.random.default_rng([seed, SPLITS.index(split), 7]).permutation(len(windows))[:n]
+    return np.stack([windows[i] for i in order]).astype(np.int32)
