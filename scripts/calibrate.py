@@ -24,7 +24,7 @@ from converters.hf import ConversionError  # noqa: E402
 from splitq_jax import pipeline  # noqa: E402
 from splitq_jax import quantize as qz  # noqa: E402
 from splitq_jax.pipeline import Stream  # noqa: E402
-from splitq_jax.calib_data import CalibDataError, load_samples  # noqa: E402
+from splitq_jax.calib_data import CODE_SOURCE, CalibDataError, load_samples  # noqa: E402
 from splitq_jax.config import ConfigError, add_method_args, config_from_args, load_config_file  # noqa: E402
 from splitq_jax.quant import QuantError  # noqa: E402
 
@@ -36,9 +36,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "or hub id; default: the embedded tiny Qwen2.5-VL (offline)")
     ap.add_argument("--out", default=None, help="output directory (default runs/<model>-<method>-<bits>)")
     ap.add_argument("--samples", type=int, default=128, help="calibration samples (default 128)")
-    ap.add_argument("--calib-data", default="default", help="'default' (bundled set) or a JSONL file")
+    ap.add_argument("--calib-data", default="default",
+                    help="'default' (bundled images + questions; Python code for a text-only model), "
+                         "'stdlib' (Python standard-library code) or a JSONL file")
     ap.add_argument("--calib-batch-size", type=int, default=8, help="samples per embedding batch")
-    ap.add_argument("--max-tokens", type=int, default=None, help="cut samples longer than this")
+    ap.add_argument("--max-tokens", type=int, default=None,
+                    help="cut samples longer than this (text-only models: the code window, default 512)")
     ap.add_argument("--resume", action="store_true", help="continue an interrupted run from its last block")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     ap.add_argument("--quantize-vision", action="store_true",
@@ -66,7 +69,8 @@ def main(argv=None) -> int:
                                    "or choose another --out")
         if args.resume and not (out.with_name(out.name + ".work") / "run.json").exists():
             raise qz.QuantizeError(f"nothing to resume for {out}: no interrupted run there; run without --resume")
-        raw = None if args.calib_data == "default" else load_samples(args.calib_data, n=args.samples, seed=cfg.seed)
+        raw = (None if args.calib_data in ("default", CODE_SOURCE)
+               else load_samples(args.calib_data, n=args.samples, seed=cfg.seed))
         handle = qz.load_model_for_calibration(args.model, seed=cfg.seed)
         t0 = time.time()
         batches = qz.calibration_batches(handle, source=args.calib_data, samples=args.samples, seed=cfg.seed,

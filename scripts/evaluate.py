@@ -34,7 +34,10 @@ DEFAULT_SAMPLES = 32
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="directory written by scripts/calibrate.py")
-    ap.add_argument("--data", default="default", help="'default' (bundled evaluation split) or a JSONL file")
+    ap.add_argument("--data", default="default",
+                    help="'default' (bundled evaluation split; held-out Python code for a text-only model), "
+                         "'stdlib' (code) or a JSONL file")
+    ap.add_argument("--max-tokens", type=int, default=512, help="code window length for text-only models")
     ap.add_argument("--samples", type=int, default=None,
                     help=f"samples to evaluate (default {DEFAULT_SAMPLES} of the bundled set, all of a JSONL file)")
     ap.add_argument("--seed", type=int, default=0, help="which samples (default 0)")
@@ -77,13 +80,24 @@ def main(argv=None) -> int:
                 raise ev.EvaluateError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
         # Data errors surface before the minutes the models may take to load.
         n = args.samples if args.samples is not None or args.data != cd.DEFAULT_SOURCE else DEFAULT_SAMPLES
-        raw = cd.load_samples(args.data, n=n, split="eval", seed=args.seed)
+        code = args.data == cd.CODE_SOURCE
+        raw = None if code else cd.load_samples(args.data, n=n, split="eval", seed=args.seed)
         qm = load_quantized(args.checkpoint)
+        text_only = getattr(qm.config, "vision", True) is None
+        if text_only and args.data == cd.DEFAULT_SOURCE:
+            code, raw = True, None  # a text-only model is evaluated on held-out Python code
+        if code and not text_only:
+            raise ev.EvaluateError(f"--data {cd.CODE_SOURCE} is for text-only models; this checkpoint is a "
+                                   "vision-language model")
         if args.data != cd.DEFAULT_SOURCE and qm.manifest.get("data", {}).get("source") == args.data:
             print(f"warning: {args.data} is also the checkpoint's calibration data; the numbers are not held-out",
                   file=sys.stderr)
         ref = ev.load_reference(qm)
-        encoded = cd.encode_samples(raw, ref.family, ref.tokenizer, ref.image_cfg)
+        if code:
+            encoded = cd.code_samples(ref.tokenizer, split="eval", n=n or DEFAULT_SAMPLES, seed=args.seed,
+                                      max_tokens=args.max_tokens)
+        else:
+            encoded = cd.encode_samples(raw, ref.family, ref.tokenizer, ref.image_cfg)
         batches = ev.eval_batches(encoded, args.batch_size, ref.pad_id)
         print(f"{qm.manifest['model']['name']} {qm.manifest['method']} {qm.manifest['bits']}: {len(encoded)} samples "
               f"x {batches[0]['input_ids'].shape[1]} tokens ({time.time() - t0:.1f} s to load)")

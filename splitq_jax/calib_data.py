@@ -314,24 +314,59 @@ class EncodedSample(pp.Encoded):
     source: str = ""
 
 
+# LLaVA-family models with a DINOv2 tower and Qwen chat prompts (``easyvqa-vlm-0.5b``): 224 px,
+# ImageNet mean/std, 16x16 patches pooled 2x2 = 64 image tokens. Used when such a model's image
+# config is not given (see :func:`llava_prompt_format`).
+def _default_dinov2_llava_image_cfg():
+    from splitq_jax.models.dinov2 import IMAGENET_MEAN, IMAGENET_STD
+    from splitq_jax.models.llava import PooledImageConfig
+
+    return PooledImageConfig(shortest_edge=224, crop_size=224, patch_size=14, image_mean=IMAGENET_MEAN,
+                             image_std=IMAGENET_STD, pool=2)
+
+
+def llava_prompt_format(tokenizer, model_config=None) -> str:
+    """``"llava"`` or ``"qwen"``: the prompt layout of a LLaVA-family model, from its config
+    (``LlavaConfig.prompt_format``) or, without one, from its tokenizer (a Qwen tokenizer has
+    ``<|image_pad|>`` and no ``<image>``)."""
+    if model_config is not None:
+        return getattr(model_config, "prompt_format", "llava")
+    vocab = tokenizer.get_vocab()
+    return "qwen" if pp.QWEN_IMAGE_TOKEN in vocab and pp.LLAVA_IMAGE_TOKEN not in vocab else "llava"
+
+
 def encode_samples(samples: Sequence[Sample], family: str, tokenizer,
                    image_cfg: pp.QwenImageConfig | pp.LlavaImageConfig | None = None, *,
-                   system: str | None = pp.QWEN_DEFAULT_SYSTEM) -> list[EncodedSample]:
+                   system: str | None = pp.QWEN_DEFAULT_SYSTEM, model_config=None) -> list[EncodedSample]:
     """Chat-format, tokenize and preprocess samples for ``family`` (``"qwen2_5_vl"`` or ``"llava"``).
 
     ``image_cfg`` defaults to ``DEFAULT_QWEN_IMAGE_CFG`` for Qwen2.5-VL and to ``LlavaImageConfig()``
     (576 tokens an image) for LLaVA; ``system`` is Qwen's system prompt (``None``: none).
     The answer, when given, follows the assistant prefix; its tokens get ``ANSWER``.
+
+    LLaVA models with Qwen prompts (``LlavaConfig.prompt_format == "qwen"``, the DINOv2 variant)
+    use Qwen's chat template with ``<|vision_start|>`` + ``num_image_tokens`` x ``<|image_pad|>`` +
+    ``<|vision_end|>`` per image and LLaVA-style pixel values. ``model_config`` (a ``LlavaConfig``)
+    gives their format and image config (``image_processor()``); without it both follow the
+    tokenizer (:func:`llava_prompt_format`) with easyvqa-vlm-0.5b's image config.
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; expected one of {FAMILIES}")
     if not samples:
         raise CalibDataError("no samples to encode")
     want = pp.QwenImageConfig if family == "qwen2_5_vl" else pp.LlavaImageConfig
+    fmt = "qwen" if family == "qwen2_5_vl" else llava_prompt_format(tokenizer, model_config)
     if image_cfg is None:
-        image_cfg = DEFAULT_QWEN_IMAGE_CFG if family == "qwen2_5_vl" else pp.LlavaImageConfig()
+        if family == "qwen2_5_vl":
+            image_cfg = DEFAULT_QWEN_IMAGE_CFG
+        elif model_config is not None and hasattr(model_config, "image_processor"):
+            image_cfg = model_config.image_processor()
+        else:
+            image_cfg = _default_dinov2_llava_image_cfg() if fmt == "qwen" else pp.LlavaImageConfig()
     if not isinstance(image_cfg, want):
         raise ValueError(f"family {family!r} needs a {want.__name__}, got {type(image_cfg).__name__}")
+    if family == "llava" and fmt == "qwen":
+        family = "llava_qwen"
     return [_encode_one(s, family, tokenizer, image_cfg, system) for s in samples]
 
 
@@ -343,6 +378,14 @@ def _encode_one(sample: Sample, family: str, tokenizer, cfg, system: str | None)
         enc = pp.qwen_encode(tokenizer, full, [sample.image], cfg)
         image_token, add_special = pp.QWEN_IMAGE_TOKEN, False
         counts = [pp.qwen_num_image_tokens(g, cfg) for g in enc.image_grid_thw]
+    elif family == "llava_qwen":  # LLaVA-family model (DINOv2 variant) with Qwen chat prompts
+        prompt = pp.qwen_chat_prompt(sample.prompt, 1, system=system)
+        full = pp.qwen_chat_prompt(sample.prompt, 1, system=system, answer=answer)
+        image_token, add_special = pp.QWEN_IMAGE_TOKEN, False
+        counts = [cfg.num_image_tokens]
+        ids, mod = pp._tokenize(tokenizer, pp.expand_image_tokens(full, image_token, counts),
+                                tokenizer.convert_tokens_to_ids(image_token), add_special_tokens=False)
+        enc = pp.Encoded(ids, mod, pp.llava_preprocess_images([sample.image], cfg), None)
     else:
         prompt = pp.llava_chat_prompt(sample.prompt, 1)
         full = pp.llava_chat_prompt(sample.prompt, 1, answer=answer)
@@ -477,6 +520,19 @@ def stdlib_code_tokens(paths: Sequence[str | os.PathLike], tokenizer) -> list[np
             raise CalibDataError(f"{path}: cannot read source text: {e}") from e
         out.append(np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32))
     return out
+
+
+CODE_SOURCE = "stdlib"  # --calib-data / --data value: real Python code (text-only models)
+DEFAULT_CODE_TOKENS = 512
+
+
+def code_samples(tokenizer, *, split: str = "calib", n: int = 64, max_tokens: int = DEFAULT_CODE_TOKENS,
+                 seed: int = 0) -> list[EncodedSample]:
+    """:func:`stdlib_code_samples` windows as encoded samples: every token ``TEXT``, no image, no
+    answer; what a text-only model calibrates and is evaluated on (``--calib-data stdlib``)."""
+    ids = stdlib_code_samples(split, n, max_tokens, tokenizer, seed)
+    return [EncodedSample(input_ids=row, modality=np.full(row.shape, TEXT, np.int8),
+                          pixel_values=np.zeros((0,), np.float32), source=f"stdlib:{split}") for row in ids]
 
 
 def stdlib_code_samples(split: str = "calib", n: int = 64, max_tokens: int = 512, tokenizer=None, seed: int = 0, *,

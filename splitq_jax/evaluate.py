@@ -222,8 +222,8 @@ def evaluate(qmodel: Any, fp_model: Any, batches: Sequence[Batch], encoded: Sequ
     eos_token_id = config.eos_token_id if eos_token_id is None else eos_token_id
 
     sums = {k: 0.0 for k in ("kl", "kl_text", "kl_vision", "kl_answer", "top1", "top1_text", "top1_vision",
-                             "top1_answer", "nll_fp", "nll_q")}
-    counts = {"all": 0, "text": 0, "vision": 0, "answer": 0}
+                             "top1_answer", "nll_fp", "nll_q", "nll_all_fp", "nll_all_q")}
+    counts = {"all": 0, "text": 0, "vision": 0, "answer": 0, "next": 0}
     n_samples = 0
     for i, batch in enumerate(batches):
         stats = position_stats(model_logits(fp_model, batch, family), model_logits(qmodel, batch, family),
@@ -237,6 +237,12 @@ def evaluate(qmodel: Any, fp_model: Any, batches: Sequence[Batch], encoded: Sequ
             if name == "answer":
                 sums["nll_fp"] += float(stats["nll_fp"][mask].sum())
                 sums["nll_q"] += float(stats["nll_q"][mask].sum())
+        real = np.asarray(batch["modality"]) != PAD
+        predicts_real = np.zeros_like(real)  # position t predicts the real token t + 1
+        predicts_real[:, :-1] = real[:, :-1] & real[:, 1:]
+        sums["nll_all_fp"] += float(stats["nll_fp"][predicts_real].sum())
+        sums["nll_all_q"] += float(stats["nll_q"][predicts_real].sum())
+        counts["next"] += int(predicts_real.sum())
         n_samples += int(np.shape(batch["input_ids"])[0])
         if on_batch is not None:
             on_batch("logits", i + 1, len(batches))
@@ -248,11 +254,13 @@ def evaluate(qmodel: Any, fp_model: Any, batches: Sequence[Batch], encoded: Sequ
     for who in ("fp", "q"):  # exp of a broken model's NLL may overflow: inf, not an exception
         nll = _mean(sums[f"nll_{who}"], counts["answer"])
         result[f"answer_ppl_{who}"] = math.exp(nll) if nll < 700 or math.isnan(nll) else math.inf
+        nll = _mean(sums[f"nll_all_{who}"], counts["next"])
+        result[f"ppl_{who}"] = math.exp(nll) if nll < 700 or math.isnan(nll) else math.inf
     result.update(_exact_match(qmodel, fp_model, encoded, tokenizer=tokenizer, family=family,
                                max_new_tokens=max_new_tokens, batch_size=gen_batch_size or len(batches[0]["input_ids"]),
                                pad_id=pad_id, eos_token_id=eos_token_id, on_batch=on_batch))
     result.update(n_samples=n_samples, n_positions=counts["all"], n_text_positions=counts["text"],
-                  n_vision_positions=counts["vision"], n_answer_tokens=counts["answer"],
+                  n_vision_positions=counts["vision"], n_answer_tokens=counts["answer"], n_next_tokens=counts["next"],
                   max_new_tokens=max_new_tokens)
     return result
 
@@ -381,6 +389,7 @@ REPORT = (
     ("top1_agreement_vision", None, "top1_agreement_vision", "n_vision_positions"),
     ("top1_agreement_answer", None, "top1_agreement_answer", "n_answer_tokens"),
     ("answer_ppl", "answer_ppl_fp", "answer_ppl_q", "n_answer_tokens"),
+    ("ppl", "ppl_fp", "ppl_q", "n_next_tokens"),  # every real next token (code perplexity of a text model)
     ("exact_match", "exact_match_fp", "exact_match_q", "n_exact_match"),
     ("generation_agreement", None, "generation_agreement", "n_exact_match"),
 )

@@ -478,7 +478,7 @@ def model_config_from_dict(family: str, d: Mapping[str, Any]):
         raise CheckpointError(f"unknown model family {family!r}; known: {FAMILIES}")
     top = {k: tuples(v) for k, v in d.items() if k not in ("text", "vision")}
     text = DecoderConfig(**{k: tuples(v) for k, v in d["text"].items()})
-    vision = VCls(**{k: tuples(v) for k, v in d["vision"].items()})
+    vision = None if d.get("vision") is None else VCls(**{k: tuples(v) for k, v in d["vision"].items()})
     return Cls(text=text, vision=vision, **top)
 
 

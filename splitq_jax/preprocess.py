@@ -463,7 +463,9 @@ def collate(samples: Sequence[Encoded], pad_id: int, *, padding_side: str = "lef
         "input_ids": ids,
         "modality": modality,
         "attention_mask": (modality != PAD).astype(np.int32),
-        "pixel_values": np.concatenate([s.pixel_values for s in samples], 0),
+        # None for text-only batches (no sample has an image)
+        "pixel_values": (np.concatenate([s.pixel_values for s in samples], 0)
+                         if any(np.size(s.pixel_values) for s in samples) else None),
     }
     if all(s.image_grid_thw is not None for s in samples):
         batch["image_grid_thw"] = np.concatenate([s.image_grid_thw for s in samples], 0).astype(np.int64)

@@ -75,11 +75,28 @@ def calibration_batches(handle: ModelHandle, *, source: str = cd.DEFAULT_SOURCE,
                         batch_size: int = 8, max_tokens: int | None = None,
                         raw: list[cd.Sample] | None = None) -> list[dict]:
     """Calibration samples (bundled default or JSONL; or ``raw`` if already loaded) through the
-    model's processor: padded token batches with their pixels."""
+    model's processor: padded token batches with their pixels. A text-only model (the GGUF
+    ``qwen2.5-coder-0.5b``) calibrates on windows of real Python code (``source`` ``"default"`` or
+    ``"stdlib"``; ``max_tokens`` is the window length, default 512)."""
+    if is_text_only(handle.model):
+        if str(source) not in (cd.DEFAULT_SOURCE, cd.CODE_SOURCE) or raw is not None:
+            raise QuantizeError(f"{handle.name} is a text-only model: it calibrates on text, --calib-data "
+                                f"{cd.CODE_SOURCE} (the default for it), not on image samples ({source})")
+        encoded = cd.code_samples(handle.tokenizer, split="calib", n=samples, seed=seed,
+                                  max_tokens=max_tokens or cd.DEFAULT_CODE_TOKENS)
+        return cd.make_batches(encoded, batch_size, handle.pad_id)
+    if str(source) == cd.CODE_SOURCE:
+        raise QuantizeError(f"--calib-data {cd.CODE_SOURCE} (Python code) is for text-only models; {handle.name} "
+                            "is a vision-language model: use the default data or a JSONL file with images")
     if raw is None:
         raw = cd.load_samples(source, n=samples, split="calib", seed=seed)
     encoded = cd.encode_samples(raw, handle.family, handle.tokenizer, handle.image_cfg)
     return cd.make_batches(encoded, batch_size, handle.pad_id, max_tokens=max_tokens)
+
+
+def is_text_only(model) -> bool:
+    """A language model without a vision tower (``config.vision is None``)."""
+    return getattr(model.config, "vision", True) is None
 
 
 def calibration_stream(handle: ModelHandle, *, source: str = cd.DEFAULT_SOURCE, samples: int = 128, seed: int = 0,
