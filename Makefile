@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-slow demo demo-block clean
+.PHONY: test test-slow demo demo-block bench-real clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,6 +27,10 @@ demo: $(STAMP)
 # One decoder block, every method side by side (the first demo; still a quick look at the engine).
 demo-block: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/demo_block.py
+
+# Every method on real weights (issue 7's table; hours on 2 CPU cores, resumable): not part of `make test`.
+bench-real: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/real_weights.py
 
 clean:
 	rm -rf $(VENV)
