@@ -64,22 +64,25 @@ def _left_pad(a: np.ndarray, n: int, value) -> np.ndarray:
     return np.pad(a, pad, constant_values=value)
 
 
-def embed_batches(model, batches: Sequence[dict], family: str) -> Stream:
+def embed_batches(model, batches: Sequence[dict], family: str, *, vision_encoder=None) -> Stream:
     """Embed every batch with the model and left-pad them to one common length.
 
     A batch is a dict of numpy arrays (``splitq_jax.calib_data.make_batches``): ``input_ids``,
     ``attention_mask``, ``pixel_values`` (+ ``image_grid_thw`` for Qwen2.5-VL) and optionally
     ``modality`` (codes 0 pad, 1 text, 2 vision, 3 answer), which overrides the model's own mask
-    so that answer tokens keep their code.
+    so that answer tokens keep their code. ``vision_encoder`` replaces the model's vision tower
+    (the family ``embed``'s argument: the quantized tower for quantized block inputs).
     """
     if not batches:
         raise ValueError("no calibration batches: give at least one sample")
     parts = []
     for b in batches:
         if family == "qwen2_5_vl":
-            emb = model.embed(b["input_ids"], b.get("pixel_values"), b.get("image_grid_thw"), b.get("attention_mask"))
+            emb = model.embed(b["input_ids"], b.get("pixel_values"), b.get("image_grid_thw"), b.get("attention_mask"),
+                              vision_encoder=vision_encoder)
         elif family == "llava":
-            emb = model.embed(b["input_ids"], b.get("pixel_values"), b.get("attention_mask"))
+            emb = model.embed(b["input_ids"], b.get("pixel_values"), b.get("attention_mask"),
+                              vision_encoder=vision_encoder)
         else:
             raise ValueError(f"unknown model family {family!r}")
         cos, sin = model.rope(emb.position_ids)
@@ -131,6 +134,7 @@ def calibrate_model(
     fail_after_block: int | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
     on_block: Callable[[BlockReport], None] | None = None,
+    x_quant: jax.Array | None = None,
 ) -> ModelResult:
     """Calibrate every decoder block of ``model`` on ``stream``; returns the folded blocks.
 
@@ -138,11 +142,13 @@ def calibrate_model(
       work_dir: where finished blocks are kept for ``resume`` (with ``save_block`` / ``load_block``).
       fail_after_block: test hook: raise after that block has been saved (simulates a crash).
       on_step: ``(block, step, loss)`` after every optimiser step; on_block: after every block.
+      x_quant: with ``block_inputs="quantized"``, the first block's quantized-stream input when it
+        differs from ``stream.x`` (embeddings with the quantized vision tower's features).
     """
     blocks = list(model.blocks)
     return calibrate_blocks([layer.block_params for layer in blocks], block_config_of(model.config.text), stream,
                             cfg, work_dir=work_dir, save_block=save_block, load_block=load_block, resume=resume,
-                            fail_after_block=fail_after_block, on_step=on_step, on_block=on_block)
+                            fail_after_block=fail_after_block, on_step=on_step, on_block=on_block, x_quant=x_quant)
 
 
 def calibrate_blocks(
@@ -159,6 +165,7 @@ def calibrate_blocks(
     fail_after_block: int | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
     on_block: Callable[[BlockReport], None] | None = None,
+    x_quant: jax.Array | None = None,
 ) -> ModelResult:
     """Calibrate a chain of blocks of one architecture (``bcfg``, see :mod:`splitq_jax.block`).
 
@@ -178,7 +185,9 @@ def calibrate_blocks(
     if part != "language":
         base_key = jax.random.fold_in(base_key, 1 << 20)
     x_fp = stream.x
-    x_q = stream.x if cfg.block_inputs == "quantized" else None
+    if x_quant is not None and x_quant.shape != stream.x.shape:
+        raise ValueError(f"x_quant {x_quant.shape} does not match the stream {stream.x.shape}")
+    x_q = (stream.x if x_quant is None else x_quant) if cfg.block_inputs == "quantized" else None
     folded_blocks: list[Tree] = []
     reports: list[BlockReport] = []
     for i, get_params in enumerate(params_of):

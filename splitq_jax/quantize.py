@@ -115,6 +115,7 @@ class VisionJob:
 
     stream: pipeline.Stream
     cfg: MethodConfig
+    batches: list[dict] | None = None  # the calibration batches (re-embedded for quantized block inputs)
 
 
 def vision_job(handle: ModelHandle, batches: list[dict], cfg: MethodConfig, bits: str | None = None) -> VisionJob:
@@ -130,7 +131,7 @@ def vision_job(handle: ModelHandle, batches: list[dict], cfg: MethodConfig, bits
         stream = vb.vision_stream(handle.model, handle.family, batches)
     except ValueError as e:
         raise QuantizeError(f"{e}; give a --calib-data file whose samples have images") from None
-    return VisionJob(stream, vb.vision_method_config(cfg, bits))
+    return VisionJob(stream, vb.vision_method_config(cfg, bits), list(batches))
 
 
 def _run_record(handle: ModelHandle, cfg: MethodConfig, data: dict[str, Any],
@@ -197,9 +198,21 @@ def quantize_model(
             [lambda b=b: vb.block_params(b, fam) for b in blocks], vb.block_config(handle.model, fam), vision.stream,
             vision.cfg, part="vision", work_dir=work, save_block=export.save_block, load_block=export.load_block,
             resume=resume, on_step=on_vision_step, on_block=on_block)
+    x_quant = None
+    if vision_result is not None and cfg.block_inputs == "quantized":
+        # The quantized language blocks read what the quantized tower produces.
+        from functools import partial
+
+        from splitq_jax.runtime import quantized_vision_features
+
+        if vision.batches is None:
+            raise QuantizeError("block_inputs='quantized' with a quantized vision tower needs the VisionJob's batches")
+        encoder = partial(quantized_vision_features, handle.model, handle.family, vision_result.folded_blocks,
+                          vision.cfg)
+        x_quant = pipeline.embed_batches(handle.model, vision.batches, handle.family, vision_encoder=encoder).x
     result = pipeline.calibrate_model(
         handle.model, stream, cfg, work_dir=work, save_block=export.save_block, load_block=export.load_block,
-        resume=resume, fail_after_block=fail_after_block, on_step=on_step, on_block=on_block,
+        resume=resume, fail_after_block=fail_after_block, on_step=on_step, on_block=on_block, x_quant=x_quant,
     )
     def reports(rs):
         return [{"index": r.index, "init_loss": r.init_loss, "final_loss": r.final_loss, "seconds": r.seconds,

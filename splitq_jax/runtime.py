@@ -73,6 +73,39 @@ def _embed_tokens(decoder: Decoder, ids):
     return decoder.embed(ids)
 
 
+def quantized_vision_features(model, family: str, vision_blocks: Sequence[Tree], cfg: MethodConfig,
+                              pixel_values, image_grid_thw=None, *, block=None) -> jax.Array:
+    """Image features through folded vision blocks: Qwen2.5-VL ``(patches, C*T*P*P)`` +
+    ``grid_thw`` -> merged tokens; LLaVA ``(n, 3, S, S)`` -> projected ``(n, tokens, d_text)``.
+
+    ``model`` supplies everything but the blocks (patch embedding, rotary tables, merger /
+    projector). ``block(folded, x, cos, sin, mask, modality)`` replaces the integer block (the
+    fake-quant one in tests).
+    """
+    from splitq_jax import vision_block as vb
+    from splitq_jax.models.qwen2_5_vl import segment_mask
+
+    bcfg = vb.block_config(model, family)
+    run = block or functools.partial(_block, cache=None, cfg=cfg, bcfg=bcfg)
+    if family == "qwen2_5_vl":
+        tower = model.visual
+        grid = tuple(tuple(int(v) for v in row) for row in np.asarray(image_grid_thw).reshape(-1, 3))
+        inp = tower.block_inputs(jnp.asarray(pixel_values), grid)
+        masks = {"full": segment_mask(inp.full_segments)[None], "window": segment_mask(inp.window_segments)[None]}
+        x, cos, sin = inp.x[None], inp.cos[None], inp.sin[None]
+        modality = jnp.full(x.shape[:2], VISION, jnp.int32)
+        for folded, kind in zip(vision_blocks, tower.block_mask_kinds(), strict=True):
+            x = run(folded, x, cos, sin, masks[kind], modality)
+        return tower.merge(x[0], inp.window_index)
+    x = model.vision_tower.embed(jnp.asarray(pixel_values))
+    none = jnp.zeros((*x.shape[:2], 0), jnp.float32)  # CLIP has no rotary
+    modality = jnp.full(x.shape[:2], VISION, jnp.int32)
+    states = [x]
+    for folded in vision_blocks:
+        states.append(run(folded, states[-1], none, none, None, modality))
+    return model.project_features(states)
+
+
 @dataclasses.dataclass
 class QuantizedModel:
     """A quantized model ready for inference.
@@ -136,35 +169,12 @@ class QuantizedModel:
         return self.model.embed(input_ids, pixel_values, attention_mask, vision_encoder=encoder)
 
     def vision_features(self, pixel_values, image_grid_thw=None, *, block=None) -> jax.Array:
-        """Image features from the quantized vision tower (needs ``vision_blocks``): Qwen2.5-VL
-        ``(patches, C*T*P*P)`` + ``grid_thw`` -> merged tokens; LLaVA ``(n, 3, S, S)`` -> projected
-        ``(n, tokens, d_text)``. ``block(folded, x, cos, sin, mask, modality)`` replaces the integer
-        block (tests pass the fake-quant one)."""
-        from splitq_jax import vision_block as vb
-        from splitq_jax.models.qwen2_5_vl import segment_mask
-
+        """Image features from the quantized vision tower (needs ``vision_blocks``); see
+        :func:`quantized_vision_features`."""
         if self.vision_blocks is None:
             raise ValueError("this checkpoint's vision tower is not quantized; use the model's own embed")
-        vcfg = self.vision_method_config
-        bcfg = vb.block_config(self.model, self.family)
-        run = block or functools.partial(_block, cache=None, cfg=vcfg, bcfg=bcfg)
-        if self.family == "qwen2_5_vl":
-            tower = self.model.visual
-            grid = tuple(tuple(int(v) for v in row) for row in np.asarray(image_grid_thw).reshape(-1, 3))
-            inp = tower.block_inputs(jnp.asarray(pixel_values), grid)
-            masks = {"full": segment_mask(inp.full_segments)[None], "window": segment_mask(inp.window_segments)[None]}
-            x, cos, sin = inp.x[None], inp.cos[None], inp.sin[None]
-            modality = jnp.full(x.shape[:2], VISION, jnp.int32)
-            for folded, kind in zip(self.vision_blocks, tower.block_mask_kinds(), strict=True):
-                x = run(folded, x, cos, sin, masks[kind], modality)
-            return tower.merge(x[0], inp.window_index)
-        x = self.model.vision_tower.embed(jnp.asarray(pixel_values))
-        none = jnp.zeros((*x.shape[:2], 0), jnp.float32)  # CLIP has no rotary
-        modality = jnp.full(x.shape[:2], VISION, jnp.int32)
-        states = [x]
-        for folded in self.vision_blocks:
-            states.append(run(folded, states[-1], none, none, None, modality))
-        return self.model.project_features(states)
+        return quantized_vision_features(self.model, self.family, self.vision_blocks, self.vision_method_config,
+                                         pixel_values, image_grid_thw, block=block)
 
     def run_blocks(self, x, cos, sin, mask, modality, caches: list[KVCache] | None = None):
         """Every quantized block: ``x (B, N, d)`` -> ``(B, N, d)`` (and the updated caches if given)."""
@@ -307,4 +317,4 @@ def load_quantized(ckpt_dir: str | os.PathLike, *, verify: bool = True) -> Quant
                                      vision_method_config=vcfg)
 
 
-__all__ = ["QuantizedModel", "load_quantized", "quantized_block_forward"]
+__all__ = ["QuantizedModel", "load_quantized", "quantized_block_forward", "quantized_vision_features"]

@@ -461,3 +461,26 @@ def test_vision_bits_without_quantize_vision_fails(tmp_path, capsys):
     rc, err = run_cli(["--vision-bits", "w4a4", "--out", tmp_path / "ckpt"], capsys)
     assert rc == 2 and "--vision-bits needs --quantize-vision" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_quantized_block_inputs_start_from_the_quantized_tower(tiny, tmp_path, monkeypatch):
+    """block_inputs='quantized' + --quantize-vision: the language blocks' quantized stream starts
+    from embeddings whose vision positions hold the quantized tower's features."""
+    handle, batches, stream = tiny["qwen2_5_vl"]
+    cfg = method_config("rtn", "w4a4", block_inputs="quantized")
+    seen = {}
+    real = pipeline.calibrate_model
+
+    def spy(*a, **kw):
+        seen["x_quant"] = kw.get("x_quant")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(pipeline, "calibrate_model", spy)
+    path, _ = qz.quantize_model(handle, stream, cfg, tmp_path / "ckpt", data_record={"source": "synthetic"},
+                                vision=qz.vision_job(handle, batches, cfg))
+    xq, x = np.asarray(seen["x_quant"]), np.asarray(stream.x)
+    is_vis = np.asarray(stream.modality) == 2
+    assert np.array_equal(xq[~is_vis], x[~is_vis]) and not np.allclose(xq[is_vis], x[is_vis])
+    qm = load_quantized(path)
+    want = np.concatenate([np.asarray(qm.vision_features(b["pixel_values"], b["image_grid_thw"])) for b in batches])
+    np.testing.assert_allclose(xq[is_vis], want.reshape(-1, want.shape[-1]), rtol=1e-5, atol=1e-6)
