@@ -111,6 +111,9 @@ def llm_part(args, methods, bits_list, records, save, base) -> None:
     encoded = cd.code_samples(handle.tokenizer, split="eval", n=args.eval_samples, max_tokens=args.eval_tokens,
                               seed=args.seed)
     eval_batches = ev.eval_batches(encoded, args.eval_batch_size, handle.pad_id)
+    t1 = time.perf_counter()
+    fp_logits = [ev.model_logits(handle.model, b, handle.family) for b in eval_batches]  # once, for every run
+    log(f"fp logits of {len(encoded)} x {args.eval_tokens} evaluation tokens: {time.perf_counter() - t1:.0f} s")
     data = {"calib_files": len(cd.STDLIB_CALIB_FILES), "eval_files": len(cd.STDLIB_EVAL_FILES),
             "calib": "stdlib calibration files (calib_data.STDLIB_CALIB_FILES)",
             "eval": "disjoint stdlib evaluation files (calib_data.STDLIB_EVAL_FILES)"}
@@ -131,7 +134,7 @@ def llm_part(args, methods, bits_list, records, save, base) -> None:
                                            method_config=cfg)
             t2 = time.perf_counter()
             res = ev.evaluate(qm, handle.model, eval_batches, encoded, tokenizer=handle.tokenizer,
-                              family=handle.family)
+                              family=handle.family, fp_logits=fp_logits)
             eval_s = time.perf_counter() - t2
             row = {**base, "part": "llm", "model": LLM, "method": method, "bits": bits, **data}
             n = int(res["n_next_tokens"])

@@ -204,7 +204,8 @@ def _mean(total: float, count: int) -> float:
 def evaluate(qmodel: Any, fp_model: Any, batches: Sequence[Batch], encoded: Sequence[cd.EncodedSample], *,
              tokenizer, family: str, max_new_tokens: int = 8, gen_batch_size: int | None = None,
              pad_id: int | None = None, eos_token_id: int | Sequence[int] | None = None,
-             on_batch: Callable[[str, int, int], None] | None = None) -> dict[str, float | int]:
+             on_batch: Callable[[str, int, int], None] | None = None,
+             fp_logits: Sequence[jax.Array] | None = None) -> dict[str, float | int]:
     """Compare ``qmodel`` with ``fp_model`` on ``batches`` (from :func:`eval_batches` over
     ``encoded``); see the module docstring for the metrics. Either model may be a family model
     or a ``runtime.QuantizedModel`` (fp against itself gives KL 0 and agreement 1).
@@ -213,7 +214,8 @@ def evaluate(qmodel: Any, fp_model: Any, batches: Sequence[Batch], encoded: Sequ
     answer, ``gen_batch_size`` at a time (default: the size of the first batch).
     ``pad_id`` / ``eos_token_id`` default to ``fp_model.config``'s.
     ``on_batch(stage, done, total)`` is called after each batch (``stage``: ``"logits"`` or
-    ``"generate"``), for progress bars.
+    ``"generate"``), for progress bars. ``fp_logits``: ``fp_model``'s logits of every batch,
+    computed once by a caller that compares many quantized models with one reference.
     """
     if not batches:
         raise EvaluateError("no batches to evaluate")
@@ -225,9 +227,11 @@ def evaluate(qmodel: Any, fp_model: Any, batches: Sequence[Batch], encoded: Sequ
                              "top1_answer", "nll_fp", "nll_q", "nll_all_fp", "nll_all_q")}
     counts = {"all": 0, "text": 0, "vision": 0, "answer": 0, "next": 0}
     n_samples = 0
+    if fp_logits is not None and len(fp_logits) != len(batches):
+        raise EvaluateError(f"{len(fp_logits)} cached fp logits for {len(batches)} batches")
     for i, batch in enumerate(batches):
-        stats = position_stats(model_logits(fp_model, batch, family), model_logits(qmodel, batch, family),
-                               jnp.asarray(batch["input_ids"]))
+        ref = model_logits(fp_model, batch, family) if fp_logits is None else fp_logits[i]
+        stats = position_stats(ref, model_logits(qmodel, batch, family), jnp.asarray(batch["input_ids"]))
         stats = {k: np.asarray(v, np.float64) for k, v in stats.items()}
         for name, mask in position_masks(batch).items():
             suffix = "" if name == "all" else f"_{name}"

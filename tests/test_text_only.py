@@ -64,6 +64,11 @@ def test_text_only_quantize_export_run_evaluate(handle, tmp_path):
     assert res["n_next_tokens"] == 2 * 31
     assert math.isfinite(res["ppl_fp"]) and math.isfinite(res["ppl_q"]) and res["ppl_q"] != res["ppl_fp"]
     assert 0 < res["kl"] and 0 <= res["top1_agreement"] <= 1
+    # a caller's cached fp logits give the same numbers
+    eb = ev.eval_batches(encoded, 2, handle.pad_id)
+    cached = ev.evaluate(qm, handle.model, eb, encoded, tokenizer=handle.tokenizer, family="qwen2_5_vl",
+                         fp_logits=[ev.model_logits(handle.model, b, "qwen2_5_vl") for b in eb])
+    assert cached == res
     # the fp model against itself: perplexities equal, KL 0
     same = ev.evaluate(handle.model, handle.model, ev.eval_batches(encoded, 2, handle.pad_id), encoded,
                        tokenizer=handle.tokenizer, family="qwen2_5_vl")
