@@ -68,7 +68,9 @@ def test_text_only_quantize_export_run_evaluate(handle, tmp_path):
     eb = ev.eval_batches(encoded, 2, handle.pad_id)
     cached = ev.evaluate(qm, handle.model, eb, encoded, tokenizer=handle.tokenizer, family="qwen2_5_vl",
                          fp_logits=[ev.model_logits(handle.model, b, "qwen2_5_vl") for b in eb])
-    assert cached == res
+    assert cached.keys() == res.keys()
+    for k, v in res.items():  # NaN for the empty sets (no vision, no answer), equal elsewhere
+        assert (math.isnan(v) and math.isnan(cached[k])) or cached[k] == v, k
     # the fp model against itself: perplexities equal, KL 0
     same = ev.evaluate(handle.model, handle.model, ev.eval_batches(encoded, 2, handle.pad_id), encoded,
                        tokenizer=handle.tokenizer, family="qwen2_5_vl")
