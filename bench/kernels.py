@@ -141,7 +141,7 @@ def make_fns(wts, interpret: bool | None):
                 for grp in ("text", "vision")}
         return act_pack(x, main_bits=4, aux_bits=4, symmetric=True, main_path="masked",
                         main_mask=wts["main_mask"], transform=wts["kron"], outliers=outl,
-                        branches=wts["l_in_packed"], interpret=interpret)
+                        branches=wts["l_in_packed"], interpret=interpret, packed=True)  # as the runtime
 
     def act_pack_linear(x, text_mask):
         p = pack_acts(x, text_mask)

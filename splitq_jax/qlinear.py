@@ -166,7 +166,11 @@ def _act_pack_group(folded: Tree, x: jax.Array, names: list[str], text_mask, cfg
                     implementation: str | None):
     """Every activation operand of the group's split GEMMs in one :func:`splitq_jax.pallas.act_pack.act_pack`
     call: main path, outlier groups and the down-projected branch intermediates of the linears ``names``
-    (CWS for every token; MAC only when text tokens are given, as :func:`splitq_jax.split_linear.apply_group`)."""
+    (CWS for every token; MAC only when text tokens are given, as :func:`splitq_jax.split_linear.apply_group`).
+
+    The operands come packed (``packed=True``: two 4-bit lanes per byte for activations of at most 4 bits, int8
+    above; :class:`splitq_jax.pallas.split_gemm.QuantizedActs`), which halves the activation bytes between the two
+    kernels at A4 / A3 / A2; the split GEMM unpacks them to the same integers."""
     from splitq_jax.pallas.act_pack import OutlierGroup, act_pack
     from splitq_jax.pallas.split_gemm import gemm_weight
 
@@ -181,7 +185,8 @@ def _act_pack_group(folded: Tree, x: jax.Array, names: list[str], text_mask, cfg
                 branches[f"{name}/{branch}"] = gemm_weight(w[branch]["l_in"])
     return act_pack(x, main_bits=bits.a, aux_bits=bits.aux_a, symmetric=cfg.a_symmetric, main_path=cfg.main_path,
                     main_mask=split["main_mask"], main_idx=split["main_idx"], transform=acts["transform"],
-                    act_clip=acts["act_clip"], outliers=outliers, branches=branches, implementation=implementation)
+                    act_clip=acts["act_clip"], outliers=outliers, branches=branches, packed=True,
+                    implementation=implementation)
 
 
 def _split_gemm_linear(packed, name: str, w: Tree, bias, text_mask, implementation: str | None) -> jax.Array:
@@ -206,7 +211,8 @@ def quantized_group_apply(folded: Tree, x: jax.Array, text_mask: jax.Array | Non
     Linears whose weights are all symmetric per-channel (the default) run through the Pallas ops
     (``implementation``: None = Pallas on GPU, their XLA references elsewhere): one
     :func:`splitq_jax.pallas.act_pack.act_pack` call for the whole group (transform, quantization,
-    outlier groups, every branch down-projection), then one packed split GEMM per linear. Others use
+    outlier groups, every branch down-projection; activations packed to 4-bit lanes up to 4 bits), then one
+    packed split GEMM per linear. Others use
     the integer XLA path of this module.
 
     Args:

@@ -224,6 +224,22 @@ class RowQuant:
         return self._r((q - zero) * scale)
 
 
+def pack_slots(q: jax.Array, bits: int, per_word: int, word_dtype) -> jax.Array:
+    """Pack int32 values ``(..., w)`` into ``(..., w / per_word)`` words of ``word_dtype``, the
+    layout of :func:`splitq_jax.packing.pack`: value ``k`` of a word in bits ``[k*b, (k+1)*b)``
+    (two's-complement low bits, so signed values pack as ``pack(..., signed=True)`` does).
+
+    Reshapes the tile to ``(..., w / per_word, per_word)`` and sums the shifted slots (disjoint
+    bits: the sum is an OR). ``w`` must be a multiple of ``per_word``; entries that should be
+    padding must already be zero.
+    """
+    low = jnp.bitwise_and(q.astype(jnp.int32), jnp.int32((1 << bits) - 1)).astype(jnp.uint32)
+    low = low.reshape(*q.shape[:-1], q.shape[-1] // per_word, per_word)
+    shifts = jax.lax.broadcasted_iota(jnp.uint32, (1,) * q.ndim + (per_word,), q.ndim)
+    words = jnp.sum(jnp.left_shift(low, shifts * jnp.uint32(bits)), axis=-1, dtype=jnp.uint32)
+    return words.astype(word_dtype)
+
+
 def row_tiled_inputs(x, sig_max, sig_min, *, n_rows: int, block_rows: int, tile_cols: int):
     """Operands and BlockSpecs of a kernel tiled over rows: one ``(block_rows, tile_cols)`` tile of
     ``x`` per program, plus the per-row clipping factors ``(n_rows, 1)`` when given."""

@@ -26,7 +26,12 @@ from splitq_jax import transforms as tf
 from splitq_jax.pallas import _common as C
 from splitq_jax.pallas.act_pack import kernel as K
 from splitq_jax.pallas.act_pack.reference import ActPacked, OutlierGroup, act_pack_xla
-from splitq_jax.pallas.split_gemm.operands import GemmWeight, QuantizedActs
+from splitq_jax.pallas.split_gemm.operands import (
+    GemmWeight,
+    QuantizedActs,
+    act_lane_bits,
+    pack_acts,
+)
 from splitq_jax.quant import check_bits
 
 Tree = dict[str, Any]
@@ -98,8 +103,11 @@ def _check(x, main_bits, aux_bits, main_path, main_mask, main_idx, transform, ou
             raise ValueError(f"branch {name!r}: l_in has K={w.k}, the main path has {km}")
 
 
-def _prepare(x2, main_path, main_mask, main_idx, transform, act_clip, outliers, branches):
-    """Kernel operands and static plan (all small XLA ops on weights / index tables)."""
+def _prepare(x2, main_path, main_mask, main_idx, transform, act_clip, outliers, branches,
+             main_lanes=8, aux_lanes=8):
+    """Kernel operands and static plan (all small XLA ops on weights / index tables).
+
+    ``main_lanes`` / ``aux_lanes``: 8 (int8 outputs) or 4 (packed 4-bit lanes, see the kernel)."""
     m, d = x2.shape
     dtype = x2.dtype
     km = _main_width(d, main_path, main_idx)
@@ -135,32 +143,45 @@ def _prepare(x2, main_path, main_mask, main_idx, transform, act_clip, outliers, 
     lin, sizes, r_pad = None, (), 0
     if branches:
         mats, sws, rss = [], [], []
+        align = 8 // aux_lanes  # packed: every branch starts on a byte boundary
+        sizes, offsets, off = [], [], 0
         for w in branches.values():
             q = packing.unpack(w.qvalue, w.bits, w.k, w.word_dtype, signed=True).astype(jnp.int8)
             q = jnp.pad(q.reshape(-1, n1, n2), ((0, 0), (0, p1 - n1), (0, p2 - n2)))
-            mats.append(q.reshape(q.shape[0], p1 * p2))
-            sws.append(w.scale)
-            rss.append(w.row_sum)
-        sizes = tuple(int(mm.shape[0]) for mm in mats)
-        r_pad = max(K.MIN_DOT, C.next_pow2(sum(sizes)))
+            r = int(q.shape[0])
+            gap = -r % align  # zero rows of L_in: their columns are masked out in the kernel
+            mats.append(jnp.pad(q.reshape(r, p1 * p2), ((0, gap), (0, 0))))
+            sws.append(jnp.pad(w.scale, (0, gap)))
+            rss.append(jnp.pad(w.row_sum, (0, gap)))
+            sizes.append(r)
+            offsets.append(off)
+            off += r + gap
+        sizes, offsets = tuple(sizes), tuple(offsets)
+        r_pad = max(K.MIN_DOT, C.next_pow2(off))
         lin = (_pad2(jnp.concatenate(mats), r_pad, p1 * p2),
                _pad2(jnp.concatenate(sws).astype(jnp.float32).reshape(1, -1), 1, r_pad),
                _pad2(jnp.concatenate(rss).astype(jnp.int32).reshape(1, -1), 1, r_pad))
+    cm = 8 // main_lanes
+    pack_main = cm == 1 or ((n1 == 1 or n2 % cm == 0) and p2 % cm == 0)
     plan = K.Plan(n1, n2, p1, p2, kron, mul is not None, c is not None, clip is not None,
-                  tuple(gspecs), sizes, r_pad)
+                  tuple(gspecs), sizes, r_pad, offsets if branches else (), main_lanes, aux_lanes,
+                  pack_main)
     return plan, (src, mul, c, factors, clip, tuple(groups), lin)
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("main_bits", "aux_bits", "symmetric", "main_path", "block_rows", "interpret"),
+    static_argnames=("main_bits", "aux_bits", "symmetric", "main_path", "packed", "block_rows",
+                     "interpret"),
 )
 def _act_pack_pallas_jit(x, main_mask, main_idx, transform, act_clip, outliers, branches, *,
-                         main_bits, aux_bits, symmetric, main_path, block_rows, interpret):
+                         main_bits, aux_bits, symmetric, main_path, packed, block_rows, interpret):
     rows = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
+    main_lanes = act_lane_bits(main_bits) if packed else 8
+    aux_lanes = act_lane_bits(aux_bits) if packed else 8
     plan, ops = _prepare(x2, main_path, main_mask, main_idx, transform, act_clip, outliers,
-                         branches)
+                         branches, main_lanes, aux_lanes)
     m = x2.shape[0]
     if block_rows is None:
         block_rows = C.default_block_rows(m, plan.p1 * plan.p2)
@@ -169,19 +190,25 @@ def _act_pack_pallas_jit(x, main_mask, main_idx, transform, act_clip, outliers, 
         block_rows=block_rows, interpret=interpret,
     )
 
-    def acts(q, s, z):
+    def acts(q, s, z, k, lanes):
         return QuantizedActs(q.reshape(*rows, -1), s.reshape(rows),
-                             None if symmetric else z.reshape(rows))
+                             None if symmetric else z.reshape(rows), lanes,
+                             None if lanes == 8 else k)
 
-    main = acts(qm, sm, zm)
-    groups = {name: acts(*o) for (name, _), o in zip(plan.groups, g_out)}
+    km = plan.n1 * plan.n2
+    if plan.pack_main:
+        main = acts(qm, sm, zm, km, main_lanes)
+    else:  # odd n2: the kernel stored int8 (bytes would straddle its tile rows); pack here
+        main = pack_acts(acts(qm, sm, zm, km, 8), main_lanes)
+    groups = {name: acts(*o, g.k, aux_lanes) for (name, g), o in zip(plan.groups, g_out)}
     hs = {}
     if br is not None:
         hq, hsc, hz = br
-        off = 0
-        for i, (name, r) in enumerate(zip(branches, plan.branch_sizes)):
-            hs[name] = acts(hq[:, off:off + r], hsc[:, i], hz[:, i])
-            off += r
+        c = 8 // aux_lanes
+        for i, (name, r, off) in enumerate(zip(branches, plan.branch_sizes,
+                                                plan.branch_offsets)):
+            hs[name] = acts(hq[:, off // c:(off + r + c - 1) // c], hsc[:, i], hz[:, i], r,
+                            aux_lanes)
     return ActPacked(main, groups, hs)
 
 
@@ -198,6 +225,7 @@ def act_pack(
     act_clip: Tree | None = None,
     outliers: dict[str, OutlierGroup] | None = None,
     branches: dict[str, GemmWeight] | None = None,
+    packed: bool = False,
     implementation: str | None = None,
     block_rows: int | None = None,
     interpret: bool | None = None,
@@ -217,6 +245,10 @@ def act_pack(
       branches: ``{name: l_in}``: the packed down-projections (``GemmWeight`` ``(r, K_main)``)
         whose intermediates ``Q(Q(x_main P) L_in^T)`` are wanted, e.g. every CWS and MAC of the
         group's linears.
+      packed: store the integers as :func:`~splitq_jax.pallas.split_gemm.act_lane_bits` lanes
+        (:class:`QuantizedActs` ``lane_bits=4``: two signed 4-bit lanes per uint8 for 2..4-bit
+        activations, half the bytes; 5..8-bit ones stay int8), each output by its own bit width;
+        False (default): int8. Same integers either way, so the GEMM results are identical.
       implementation: ``"pallas"``, ``"xla"`` or None (Pallas on GPU, XLA elsewhere).
       block_rows: tokens per kernel program (power of two), None for the default.
       interpret: Pallas interpreter; default on when not running on a GPU.
@@ -228,7 +260,7 @@ def act_pack(
     _check(x, main_bits, aux_bits, main_path, main_mask, main_idx, transform, outliers, branches)
     impl = C.resolve_implementation(implementation)
     kw = dict(main_bits=main_bits, aux_bits=aux_bits, symmetric=bool(symmetric),
-              main_path=main_path)
+              main_path=main_path, packed=bool(packed))
     if impl == "xla" or kernel_path(x.shape, x.dtype, main_path, main_idx, transform) is not None:
         return act_pack_xla(x, main_mask=main_mask, main_idx=main_idx, transform=transform,
                             act_clip=act_clip, outliers=outliers, branches=branches, **kw)

@@ -19,8 +19,21 @@ every operand the split GEMM reads (see :mod:`splitq_jax.pallas.act_pack.referen
    split GEMM's epilogue ``(float32(acc - z * row_sum) * s_x) * s_w``, rounding to the activation
    dtype, and one per-token quantization per branch (its own column segment, its own scale).
 
-Integer outputs are int8 (``QuantizedActs``; asymmetric values shifted by ``-2^(b-1)``), so every
-bit width 2..8 takes the kernel (nothing is packed).
+Integer outputs (``QuantizedActs``; asymmetric values shifted by ``-2^(b-1)``) are int8, or, with
+``main_lanes`` / ``aux_lanes`` 4 (activations of at most 4 bits, ``act_pack(..., packed=True)``),
+packed in the kernel to two signed 4-bit lanes per uint8 (:func:`splitq_jax.pallas._common.pack_slots`
+on the zero-padded tile, the layout of ``packing.pack(q, 4, uint8, signed=True)``):
+
+* main path: packed along ``p2`` inside each of the ``p1`` tile rows, which is the flat ``K``
+  order when ``n2`` is even or ``n1 == 1`` (no transform, or a prime width). Otherwise (odd ``n2``
+  with ``n1 > 1``, e.g. some gathered widths) a byte would straddle two tile rows: the kernel stores
+  int8 and the caller packs (``Plan.pack_main`` False);
+* outlier groups: packed along the group's ``kp`` tile;
+* branches: every branch's segment starts at an even column of the stacked tile (``L_in`` padded
+  with zero rows to an even rank: ``Plan.branch_offsets``), so each branch's bytes are a contiguous
+  slice of the packed output.
+
+Every bit width 2..8 takes the kernel.
 
 Interpret mode (CPU) and bit-exactness: XLA:CPU rounds a float dot's output columns differently
 depending on the dot's column count (measured: zero-padding ``N`` from 80 to 96 or 128 changes
@@ -68,6 +81,18 @@ class Plan(NamedTuple):
     groups: tuple[tuple[str, GroupSpec], ...]
     branch_sizes: tuple[int, ...]  # rank of each branch, stacked in this order
     r_pad: int  # padded stacked rank
+    branch_offsets: tuple[int, ...] = ()  # first column of each branch (multiples of the lanes)
+    main_lanes: int = 8  # main output: 8 (int8) or 4 (two 4-bit lanes per uint8)
+    aux_lanes: int = 8  # outlier and branch outputs: 8 or 4
+    pack_main: bool = True  # main output in main_lanes (False: int8, packed by the caller)
+
+    @property
+    def main_per_byte(self) -> int:
+        return 8 // self.main_lanes if self.pack_main else 1
+
+    @property
+    def aux_per_byte(self) -> int:
+        return 8 // self.aux_lanes
 
 
 def _dot(a, b, contract, out_dtype):
@@ -158,8 +183,17 @@ def _act_pack_kernel(*refs, plan: Plan, n_rows, dtype, main_bits, aux_bits, symm
     scale, zero = rq.row_params(y, valid, *clip_of((smax_ref, smin_ref)))
     qm, zm = _to_int8(rq.quantize(y, scale, zero), zero, main_shift, valid)
     qm8 = qm.astype(jnp.int8)
-    plgpu.store(qm_ref, qm8.reshape(block_rows, p1, p2),
-                mask=jnp.broadcast_to(valid, (block_rows, width)).reshape(block_rows, p1, p2))
+    if plan.main_per_byte == 1:
+        plgpu.store(qm_ref, qm8.reshape(block_rows, p1, p2),
+                    mask=jnp.broadcast_to(valid, (block_rows, width)).reshape(block_rows, p1, p2))
+    else:  # bytes never straddle tile rows (Plan.pack_main): pack the flat padded tile
+        c = plan.main_per_byte
+        words = C.pack_slots(qm, plan.main_lanes, c, jnp.uint8)  # (rows, p1 * p2 / c)
+        bpos = jax.lax.broadcasted_iota(jnp.int32, (1, width // c), 1)
+        bvalid = row_ok & ((bpos // (p2 // c)) < plan.n1) & ((bpos % (p2 // c)) < -(-plan.n2 // c))
+        plgpu.store(qm_ref, words.reshape(block_rows, p1, p2 // c),
+                    mask=jnp.broadcast_to(bvalid, (block_rows, width // c)).reshape(
+                        block_rows, p1, p2 // c))
     plgpu.store(sm_ref, scale, mask=row_ok)
     plgpu.store(zm_ref, zm, mask=row_ok)
 
@@ -176,7 +210,13 @@ def _act_pack_kernel(*refs, plan: Plan, n_rows, dtype, main_bits, aux_bits, symm
         rg = C.RowQuant(param_dtypes[1][gi], aux_bits, symmetric, precise_asm, interpret)
         sg, zg = rg.row_params(yg, gvalid, *clip_of(gclip))
         qg, zg = _to_int8(rg.quantize(yg, sg, zg), zg, aux_shift, gvalid)
-        plgpu.store(q_ref, qg.astype(jnp.int8), mask=gvalid)
+        if plan.aux_per_byte == 1:
+            plgpu.store(q_ref, qg.astype(jnp.int8), mask=gvalid)
+        else:
+            c = plan.aux_per_byte
+            bcols = jax.lax.broadcasted_iota(jnp.int32, (1, g.kp // c), 1)
+            plgpu.store(q_ref, C.pack_slots(qg, plan.aux_lanes, c, jnp.uint8),
+                        mask=row_ok & (bcols < -(-g.k // c)))
         plgpu.store(s_ref, sg, mask=row_ok)
         plgpu.store(z_ref, zg, mask=row_ok)
 
@@ -196,18 +236,25 @@ def _act_pack_kernel(*refs, plan: Plan, n_rows, dtype, main_bits, aux_bits, symm
     col_zero = jnp.zeros((block_rows, plan.r_pad), jnp.float32)
     hs = jnp.ones((block_rows, n_b), jnp.float32)
     hz = jnp.zeros((block_rows, n_b), jnp.int32)
-    off = 0
-    for s, r in enumerate(plan.branch_sizes):
+    in_seg = None
+    for s, (r, off) in enumerate(zip(plan.branch_sizes, plan.branch_offsets)):
         seg = (rcol >= off) & (rcol < off + r)
+        in_seg = seg if in_seg is None else in_seg | seg
         sb, zb = rh.row_params(h, row_ok & seg)
         col_scale = jnp.where(seg, sb, col_scale)
         col_zero = jnp.where(seg, zb, col_zero)
         hs = jnp.where(bcol == s, sb, hs)
         hz = jnp.where(bcol == s, zb.astype(jnp.int32) - aux_shift, hz)
-        off += r
-    hvalid = row_ok & (rcol < off)
+    hvalid = row_ok & in_seg  # gaps between aligned segments stay zero
     qh, _ = _to_int8(rh.quantize(h, col_scale, col_zero), col_zero, aux_shift, hvalid)
-    plgpu.store(hq_ref, qh.astype(jnp.int8), mask=hvalid)
+    if plan.aux_per_byte == 1:
+        plgpu.store(hq_ref, qh.astype(jnp.int8), mask=hvalid)
+    else:
+        c = plan.aux_per_byte
+        end = plan.branch_offsets[-1] + plan.branch_sizes[-1]
+        bcols = jax.lax.broadcasted_iota(jnp.int32, (1, plan.r_pad // c), 1)
+        plgpu.store(hq_ref, C.pack_slots(qh, plan.aux_lanes, c, jnp.uint8),
+                    mask=row_ok & (bcols < -(-end // c)))
     bvalid = row_ok & (bcol < len(plan.branch_sizes))
     plgpu.store(hs_ref, hs, mask=bvalid)
     plgpu.store(hz_ref, hz, mask=bvalid)
@@ -243,7 +290,11 @@ def act_pack_pallas(
         the stacked branch down-projections, or None.
     Returns:
       ``(main (q (M, n1, n2) int8, s (M, 1), z (M, 1)), [per group (q (M, k), s, z)],
-      branches (q (M, r_total) int8, s (M, n_b), z (M, n_b)) or None)``.
+      branches (q (M, r_total) int8, s (M, n_b), z (M, n_b)) or None)``; branch ``b`` occupies
+      columns ``[branch_offsets[b], + branch_sizes[b])`` of ``q``. With packed lanes
+      (``plan.main_lanes`` / ``aux_lanes`` 4) the integer outputs are uint8 of two 4-bit lanes:
+      main ``(M, n1, ceil(n2 / 2))`` (when ``plan.pack_main``), groups ``(M, ceil(k / 2))``,
+      branches ``(M, ceil(r_total / 2))``.
     """
     m, k = x.shape
     width = plan.p1 * plan.p2
@@ -275,21 +326,25 @@ def act_pack_pallas(
     if lin is not None:
         args += list(lin)
         specs += [full(lin[0].shape), full((1, plan.r_pad)), full((1, plan.r_pad))]
-    out_shape = [jax.ShapeDtypeStruct((m, plan.n1, plan.n2), jnp.int8),
+    cm, ca = plan.main_per_byte, plan.aux_per_byte
+    int_dtype = lambda c: jnp.int8 if c == 1 else jnp.uint8  # noqa: E731
+    out_shape = [jax.ShapeDtypeStruct((m, plan.n1, -(-plan.n2 // cm)), int_dtype(cm)),
                  jax.ShapeDtypeStruct((m, 1), jnp.float32), jax.ShapeDtypeStruct((m, 1), jnp.int32)]
-    out_specs = [pl.BlockSpec((block_rows, plan.p1, plan.p2), lambda i: (i, 0, 0)), rows(1), rows(1)]
+    out_specs = [pl.BlockSpec((block_rows, plan.p1, plan.p2 // cm), lambda i: (i, 0, 0)), rows(1),
+                 rows(1)]
     for _, g in plan.groups:
-        out_shape += [jax.ShapeDtypeStruct((m, g.k), jnp.int8),
+        out_shape += [jax.ShapeDtypeStruct((m, -(-g.k // ca)), int_dtype(ca)),
                       jax.ShapeDtypeStruct((m, 1), jnp.float32),
                       jax.ShapeDtypeStruct((m, 1), jnp.int32)]
-        out_specs += [rows(g.kp), rows(1), rows(1)]
+        out_specs += [rows(g.kp // ca), rows(1), rows(1)]
     n_b = len(plan.branch_sizes)
     if n_b:
         n_bp = C.next_pow2(n_b)
-        out_shape += [jax.ShapeDtypeStruct((m, sum(plan.branch_sizes)), jnp.int8),
+        r_end = plan.branch_offsets[-1] + plan.branch_sizes[-1]
+        out_shape += [jax.ShapeDtypeStruct((m, -(-r_end // ca)), int_dtype(ca)),
                       jax.ShapeDtypeStruct((m, n_b), jnp.float32),
                       jax.ShapeDtypeStruct((m, n_b), jnp.int32)]
-        out_specs += [rows(plan.r_pad), rows(n_bp), rows(n_bp)]
+        out_specs += [rows(plan.r_pad // ca), rows(n_bp), rows(n_bp)]
     dtype = jnp.dtype(x.dtype)
     sig = jnp.float32
     param_dtypes = (
@@ -303,6 +358,8 @@ def act_pack_pallas(
         precise_asm=precise_div, interpret=interpret,
     )
     tag = f"a{main_bits}x{aux_bits}_{'sym' if symmetric else 'asym'}_k{plan.n1}x{plan.n2}"
+    if cm > 1 or ca > 1:
+        tag += f"_p{cm}{ca}"
     outs = pl.pallas_call(
         kernel,
         out_shape=tuple(out_shape),

@@ -13,6 +13,10 @@ this op replaced that code), so the runtime's results are unchanged:
   GEMM computes it from the quantized main activations (int8 x packed int -> int32 dot,
   ``(float32(acc) * s_x) * s_w``), cast to the activation dtype, re-quantized per token at
   ``aux_bits`` (no clip).
+
+With ``packed=True`` every operand is stored in the packed format of
+:func:`splitq_jax.pallas.split_gemm.act_lane_bits` (two signed 4-bit lanes per uint8 at 2..4 bits,
+int8 above): the same integers, packed with :func:`splitq_jax.packing.pack`.
 """
 
 from __future__ import annotations
@@ -64,7 +68,9 @@ def main_input(x: jax.Array, main_path: str, main_mask, main_idx) -> jax.Array:
     return x * main_mask.astype(x.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("main_bits", "aux_bits", "symmetric", "main_path"))
+@functools.partial(
+    jax.jit, static_argnames=("main_bits", "aux_bits", "symmetric", "main_path", "packed")
+)
 def act_pack_xla(
     x: jax.Array,
     *,
@@ -78,17 +84,18 @@ def act_pack_xla(
     act_clip: Tree | None = None,
     outliers: dict[str, OutlierGroup] | None = None,
     branches: dict[str, GemmWeight] | None = None,
+    packed: bool = False,
 ) -> ActPacked:
     """The activation stage in plain XLA (see the module docstring); arguments as
     :func:`splitq_jax.pallas.act_pack.act_pack`."""
     xt = tf.apply_act(transform, main_input(x, main_path, main_mask, main_idx))
-    main = quantize_acts(xt, main_bits, symmetric=symmetric, clip=act_clip)
+    main = quantize_acts(xt, main_bits, symmetric=symmetric, clip=act_clip, packed=packed)
     groups = {}
     for name, g in (outliers or {}).items():
         xg = tf.apply_act(g.transform, jnp.take(x, g.idx, axis=-1))
-        groups[name] = quantize_acts(xg, aux_bits, symmetric=symmetric, clip=g.clip)
+        groups[name] = quantize_acts(xg, aux_bits, symmetric=symmetric, clip=g.clip, packed=packed)
     hs = {}
     for name, l_in in (branches or {}).items():
         h = split_gemm_xla(main, l_in).astype(x.dtype)
-        hs[name] = quantize_acts(h, aux_bits, symmetric=symmetric)
+        hs[name] = quantize_acts(h, aux_bits, symmetric=symmetric, packed=packed)
     return ActPacked(main, groups, hs)

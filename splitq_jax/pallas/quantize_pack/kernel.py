@@ -60,11 +60,7 @@ def _quantize_pack_kernel(
     scale, zero = rq.row_params(x, valid, sig_max, sig_min)
     q = rq.quantize(x, scale, zero).astype(jnp.int32)
     q = jnp.where(valid, q, 0)  # pack() pads each row with zero values
-    low = jnp.bitwise_and(q, jnp.int32((1 << bits) - 1)).astype(jnp.uint32)
-    # Value k of a word sits in bits [k*b, (k+1)*b): disjoint slots, so the sum is an OR.
-    low = low.reshape(block_rows, n_word_tile, per_word)
-    shifts = jax.lax.broadcasted_iota(jnp.uint32, (1, 1, per_word), 2) * jnp.uint32(bits)
-    words = jnp.sum(jnp.left_shift(low, shifts), axis=-1, dtype=jnp.uint32)
+    words = C.pack_slots(q, bits, per_word, jnp.uint32)
     word_idx = jax.lax.broadcasted_iota(jnp.int32, (1, n_word_tile), 1)
     plgpu.store(w_ref, words.astype(word_dtype), mask=row_ok & (word_idx < n_words))
     plgpu.store(s_ref, scale.astype(jnp.float32), mask=row_ok)

@@ -38,6 +38,8 @@ def _split_gemm_pallas_jit(x, w, terms, text_mask, bias, *, out_dtype, block_m, 
         bits=tuple(b.bits for _, b in pairs),
         word_dtypes=tuple(b.word_dtype for _, b in pairs),
         token_masked=masked,
+        x_lane_bits=tuple(a.lane_bits for a, _ in pairs),
+        ks=tuple(a.width for a, _ in pairs),
         out_dtype=out_dtype,
         block_m=block_m,
         block_n=block_n,
@@ -70,7 +72,8 @@ def split_gemm(
         y = main + cws + [text tokens] mac + text + vision + bias
 
     Args:
-      x: main-path activations ``(..., K)`` (per-token int8, :class:`QuantizedActs`).
+      x: main-path activations ``(..., K)`` (per-token, :class:`QuantizedActs`: int8, or packed
+        4-bit lanes, unpacked in the kernel; each term may use either format).
       w: main weight ``(N, K)`` (the residual ``R^T`` at ``b`` bits, :class:`GemmWeight`).
       cws, mac: ``(h, l_out)``: the branch's quantized rank-``r`` activations ``h = Q(x_hat L_in)``
         ``(..., r)`` and its up-projection ``(N, r)``.
@@ -90,7 +93,7 @@ def split_gemm(
     check_operands(x, w, terms, text_mask, bias)
     impl = C.resolve_implementation(implementation)
     kernel_ok = all(b.bits in KERNEL_BITS for b in [w, *(p[1] for p in terms.values())])
-    if impl == "xla" or not kernel_ok or x.qvalue.size == 0 or w.n == 0:
+    if impl == "xla" or not kernel_ok or x.scale.size == 0 or x.width == 0 or w.n == 0:
         return split_gemm_xla(
             x, w, **terms, text_mask=text_mask, bias=bias, out_dtype=jnp.dtype(out_dtype)
         )

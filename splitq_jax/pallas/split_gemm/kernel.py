@@ -5,13 +5,15 @@ tile and computes, for each term ``t`` (main, then the present ones of cws, mac,
 
 * an int32 accumulator over ``K_t`` in steps of ``block_k`` (128 for ``K >= 128``: it divides
   every hidden and intermediate size of the target models, 896 ... 18944; smaller terms take
-  ``next_pow2(K_t)``, at least 32, in one step without a loop). A step loads an int8 activation
-  tile ``(block_m, block_k)`` and a word tile ``(block_n, block_k / c)`` through ``pl.ds`` slices
-  of the refs (Triton cannot slice values), unpacks the ``c`` values of each word with one left
-  shift (slot to the top of the word) and one arithmetic right shift (sign extension), in the
-  word's own width (int8 for bytes, int32 for uint32 words), reshapes ``(block_n, block_k / c, c)``
-  to ``(block_n, block_k)`` (the little-endian slot order of :mod:`splitq_jax.packing`), and adds
-  one int8 x int8 -> int32 dot;
+  ``next_pow2(K_t)``, at least 32, in one step without a loop). A step loads an activation tile
+  (int8 ``(block_m, block_k)``, or with packed activations ``(block_m, block_k / 2)`` bytes of
+  4-bit lanes) and a word tile ``(block_n, block_k / c)`` through ``pl.ds`` slices of the refs
+  (Triton cannot slice values), unpacks the ``c`` values of each word with one left shift (slot to
+  the top of the word) and one arithmetic right shift (sign extension), in the word's own width
+  (int8 for bytes, int32 for uint32 words), reshapes ``(block_n, block_k / c, c)`` to
+  ``(block_n, block_k)`` (the little-endian slot order of :mod:`splitq_jax.packing`), unpacks
+  packed activation bytes with the same function (:func:`_unpack`: 4-bit lanes are 4-bit weight
+  slots), and adds one int8 x int8 -> int32 dot;
 * with an asymmetric activation, ``acc -= z_x * row_sum_w``;
 * the epilogue ``(float32(acc) * s_x) * s_w``; the MAC term is zeroed on non-text tokens.
 
@@ -45,6 +47,9 @@ MIN_BLOCK = 16  # smallest M / N tile of a Triton dot
 MIN_PROGRAMS = 264  # 2 per SM of an H100 (132 SMs)
 
 
+X_LANE_BITS = (8, 4)  # activation storage: int8, or two signed 4-bit lanes per uint8
+
+
 class TermSpec(NamedTuple):
     """Static description of one term of the sum."""
 
@@ -54,12 +59,18 @@ class TermSpec(NamedTuple):
     block_k: int
     has_zero: bool  # asymmetric activations: subtract z_x * row_sum
     token_masked: bool  # MAC: text tokens only
+    x_lane_bits: int = 8  # activation lanes: 8 (int8 values) or 4 (packed uint8)
+
+    @property
+    def x_per_word(self) -> int:
+        return 8 // self.x_lane_bits
 
 
-def term_spec(k: int, bits: int, word_dtype: str, has_zero: bool, token_masked: bool) -> TermSpec:
+def term_spec(k: int, bits: int, word_dtype: str, has_zero: bool, token_masked: bool,
+              x_lane_bits: int = 8) -> TermSpec:
     per_word = jnp.dtype(WORD_DTYPES[word_dtype]).itemsize * 8 // bits
     block_k = BLOCK_K if k >= BLOCK_K else max(32, C.next_pow2(k))
-    return TermSpec(k, bits, per_word, block_k, has_zero, token_masked)
+    return TermSpec(k, bits, per_word, block_k, has_zero, token_masked, x_lane_bits)
 
 
 def default_blocks(m: int, n: int) -> tuple[int, int]:
@@ -119,21 +130,25 @@ def _accumulate(x_ref, w_ref, spec: TermSpec, row_ok, col_ok):
     block_m, block_n = x_ref.shape[0], w_ref.shape[0]
     bk = spec.block_k
     bw = bk // spec.per_word
+    bx = bk // spec.x_per_word  # activation bytes per step
     n_words = -(-spec.k // spec.per_word)
+    n_x = -(-spec.k // spec.x_per_word)
     ragged = spec.k % bk != 0
 
     def step(s, acc):
-        k0 = s * bk if isinstance(s, int) else pl.multiple_of(s * bk, bk)
+        x0 = s * bx if isinstance(s, int) else pl.multiple_of(s * bx, bx)
         w0 = s * bw if isinstance(s, int) else pl.multiple_of(s * bw, bw)
         xm, wm = row_ok, col_ok
         if ragged:
-            xm = _and(xm, k0 + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1) < spec.k)
+            xm = _and(xm, x0 + jax.lax.broadcasted_iota(jnp.int32, (1, bx), 1) < n_x)
             wm = _and(wm, w0 + jax.lax.broadcasted_iota(jnp.int32, (1, bw), 1) < n_words)
         if xm is not None:
-            xm = jnp.broadcast_to(xm, (block_m, bk))
+            xm = jnp.broadcast_to(xm, (block_m, bx))
         if wm is not None:
             wm = jnp.broadcast_to(wm, (block_n, bw))
-        x = plgpu.load(x_ref.at[:, pl.ds(k0, bk)], mask=xm, other=None if xm is None else 0)
+        x = plgpu.load(x_ref.at[:, pl.ds(x0, bx)], mask=xm, other=None if xm is None else 0)
+        if spec.x_per_word > 1:  # packed lanes (an odd K's pad lane is 0, its weight too)
+            x = _unpack(x, spec.x_lane_bits, spec.x_per_word)
         words = plgpu.load(w_ref.at[:, pl.ds(w0, bw)], mask=wm, other=None if wm is None else 0)
         w = _unpack(words, spec.bits, spec.per_word)
         return acc + jax.lax.dot_general(
@@ -196,7 +211,8 @@ def compiler_params(block_m: int, block_n: int) -> plgpu.CompilerParams:
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "bits", "word_dtypes", "token_masked", "out_dtype", "block_m", "block_n", "interpret"
+        "bits", "word_dtypes", "token_masked", "x_lane_bits", "ks", "out_dtype", "block_m",
+        "block_n", "interpret",
     ),
 )
 def split_gemm_pallas(
@@ -212,28 +228,36 @@ def split_gemm_pallas(
     bits: tuple[int, ...],
     word_dtypes: tuple[str, ...],
     token_masked: tuple[bool, ...],
+    x_lane_bits: tuple[int, ...] | None = None,
+    ks: tuple[int, ...] | None = None,
     out_dtype=jnp.float32,
     block_m: int | None = None,
     block_n: int | None = None,
     interpret: bool = False,
 ) -> jax.Array:
-    """Sum over terms of dequantized int8 x packed-weight products, plus bias; forward only.
+    """Sum over terms of dequantized activation x packed-weight products, plus bias; forward only.
 
     Args (one tuple entry per term, the main term first, then in the order they are added):
-      xs: ``(M, K_t)`` int8 activations.
+      xs: ``(M, K_t)`` int8 activations, or ``(M, ceil(K_t / 2))`` uint8 of two signed 4-bit lanes
+        (``x_lane_bits`` 4; the layout of :class:`~splitq_jax.pallas.split_gemm.QuantizedActs`).
       x_scales: ``(M, 1)`` float32. x_zeros: ``(M, 1)`` int32, or None (symmetric).
       words: ``(N, ceil(K_t / c))`` uint8 / uint32 packed signed weights.
       w_scales: ``(1, N)`` float32. w_sums: ``(1, N)`` int32 row sums (read with a zero point).
       text_mask: ``(M, 1)`` int32 (nonzero: text token), needed by token-masked terms.
       bias: ``(1, N)`` float32 or None.
       bits, word_dtypes, token_masked: static, per term.
+      x_lane_bits: static, per term: 8 (int8) or 4 (packed); None: all 8.
+      ks: static, per term: ``K_t`` (needed with packed activations); None: ``xs[t].shape[1]``.
       block_m, block_n: output tile (powers of two, at least 16); defaults from the shape.
       interpret: run with the Pallas interpreter (CPU).
     Returns:
       ``(M, N)`` of ``out_dtype``.
     """
     n_terms = len(xs)
-    for seq in (x_scales, x_zeros, words, w_scales, w_sums, bits, word_dtypes, token_masked):
+    x_lane_bits = (8,) * n_terms if x_lane_bits is None else tuple(x_lane_bits)
+    ks = tuple(x.shape[1] for x in xs) if ks is None else tuple(ks)
+    for seq in (x_scales, x_zeros, words, w_scales, w_sums, bits, word_dtypes, token_masked,
+                x_lane_bits, ks):
         if len(seq) != n_terms:
             raise ValueError("every per-term argument needs one entry per term")
     m = xs[0].shape[0]
@@ -246,18 +270,26 @@ def split_gemm_pallas(
     specs, args, in_specs = [], [], []
     row_spec = pl.BlockSpec((block_m, 1), lambda i, j: (i, 0))
     col_spec = pl.BlockSpec((1, block_n), lambda i, j: (0, j))
-    for x, sx, zx, wd, sw, ws, b, wdt, masked in zip(
-        xs, x_scales, x_zeros, words, w_scales, w_sums, bits, word_dtypes, token_masked
+    for x, sx, zx, wd, sw, ws, b, wdt, masked, xl, k in zip(
+        xs, x_scales, x_zeros, words, w_scales, w_sums, bits, word_dtypes, token_masked,
+        x_lane_bits, ks,
     ):
         if b not in KERNEL_BITS or wdt not in WORD_DTYPES:
             raise ValueError(f"split_gemm kernel packs {KERNEL_BITS} bits in {tuple(WORD_DTYPES)}")
-        if x.dtype != jnp.int8 or wd.dtype != WORD_DTYPES[wdt]:
+        if xl not in X_LANE_BITS:
+            raise ValueError(f"activation lanes must be one of {X_LANE_BITS} bits, got {xl}")
+        x_dtype = jnp.int8 if xl == 8 else jnp.uint8
+        if x.dtype != x_dtype or wd.dtype != WORD_DTYPES[wdt]:
             raise ValueError(
-                f"expected int8 activations and {wdt} words, got {x.dtype} and {wd.dtype}"
+                f"expected {jnp.dtype(x_dtype).name} activations and {wdt} words, got {x.dtype} "
+                f"and {wd.dtype}"
             )
         if x.shape[0] != m or wd.shape[0] != n:
             raise ValueError(f"term shapes {x.shape} x {wd.shape} do not fit ({m}, {n})")
-        spec = term_spec(x.shape[1], b, wdt, zx is not None, masked)
+        spec = term_spec(k, b, wdt, zx is not None, masked, xl)
+        if x.shape[1] != -(-spec.k // spec.x_per_word):
+            raise ValueError(f"{x.shape[1]} activation columns do not hold K={spec.k} "
+                             f"in {xl}-bit lanes")
         if wd.shape[1] != -(-spec.k // spec.per_word):
             raise ValueError(f"{wd.shape[1]} words do not hold K={spec.k} {b}-bit values")
         specs.append(spec)
@@ -265,7 +297,7 @@ def split_gemm_pallas(
         # Blocks span the whole (padded) K; the kernel walks it in block_k slices.
         args += [x, wd]
         in_specs += [
-            pl.BlockSpec((block_m, steps * spec.block_k), lambda i, j: (i, 0)),
+            pl.BlockSpec((block_m, steps * spec.block_k // spec.x_per_word), lambda i, j: (i, 0)),
             pl.BlockSpec((block_n, steps * spec.block_k // spec.per_word), lambda i, j: (j, 0)),
         ]
         args.append(sx)
@@ -289,7 +321,8 @@ def split_gemm_pallas(
     kernel = functools.partial(
         _split_gemm_kernel, specs=tuple(specs), n_rows=m, n_cols=n, has_bias=bias is not None
     )
-    tag = "_".join(f"w{s.bits}k{s.k}{'z' if s.has_zero else ''}" for s in specs)
+    tag = "_".join(f"{'p' if s.x_per_word > 1 else ''}w{s.bits}k{s.k}{'z' if s.has_zero else ''}"
+                   for s in specs)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),

@@ -1,11 +1,32 @@
-"""Operands of the split GEMM: per-token int8 activations and packed weights with row sums.
+"""Operands of the split GEMM: per-token activations (int8 or packed 4-bit lanes) and packed
+weights with row sums.
 
 Both containers are pytrees (jit-friendly) and hold exactly what the kernel reads:
 
-* :class:`QuantizedActs`: ``x ~= scale[..., None] * (qvalue - zero_point[..., None])`` with
-  ``qvalue`` int8. Asymmetric ``b``-bit values ``q`` in ``[0, 2^b)`` are stored shifted to signed,
-  ``q - 2^(b-1)``, and so is the zero point: the difference ``q - z`` is unchanged, and an
-  unsigned 8-bit value (up to 255) fits the int8 operand of an int8 x int8 -> int32 dot.
+* :class:`QuantizedActs`: ``x ~= scale[..., None] * (q - zero_point[..., None])``. Asymmetric
+  ``b``-bit values ``q`` in ``[0, 2^b)`` are stored shifted to signed, ``q - 2^(b-1)``, and so is
+  the zero point: the difference ``q - z`` is unchanged, and an unsigned 8-bit value (up to 255)
+  fits the int8 operand of an int8 x int8 -> int32 dot. Two storage formats of the same integers
+  (``lane_bits``, static):
+
+  - ``lane_bits=8`` (the default, and A8): ``qvalue`` int8 ``(..., K)``, one value per byte.
+  - ``lane_bits=4`` (A4, A3, A2: :func:`act_lane_bits`): ``qvalue`` uint8 ``(..., ceil(K / 2))``,
+    two signed 4-bit lanes per byte in the layout of :mod:`splitq_jax.packing`
+    (``packing.pack(q, 4, uint8, signed=True)``: value ``2j`` in the low nibble of byte ``j``,
+    ``2j + 1`` in the high nibble, an odd ``K`` padded with a zero lane); ``k`` holds ``K``. The
+    shifted signed values of every width ``b <= 4`` lie in ``[-2^(b-1), 2^(b-1))``, so a signed
+    4-bit lane holds them exactly and unpacks (left shift to the top of the byte, arithmetic right
+    shift) to the very int8 the int8 format stores: the GEMM integers are identical. Half the bytes
+    of the int8 format cross HBM between the activation kernel and the GEMM (``K / 2`` per token,
+    plus 4 bytes of scale and, asymmetric, 4 of zero point).
+
+    Why 3- and 2-bit values use 4-bit lanes rather than denser packing: 3-bit values have no
+    power-of-two packing (10 per uint32 or 8 per 3 bytes are not Triton tiles, see
+    :mod:`splitq_jax.packing`); 2-bit lanes (4 per byte) would save another ``K / 4`` bytes at A2
+    only, at the price of a second lane width in both kernels and a stricter condition for the
+    activation kernel's in-kernel packing (the Kronecker column count must be a multiple of 4, not
+    2). The lane width is a field, so a 2-bit lane format can be added without changing the GEMM's
+    unpacking (the same shift pair as the 2-bit weights).
 * :class:`GemmWeight`: a symmetric per-output-channel :class:`~splitq_jax.packing.PackedTensor`
   (``W ~= scale[:, None] * q``) plus ``row_sum = sum_k q`` (int32), computed once when the weight
   is prepared, because an asymmetric activation needs it:
@@ -28,41 +49,99 @@ TERMS = ("cws", "mac", "text", "vision")  # auxiliary terms, in the order they a
 
 @dataclasses.dataclass(frozen=True)
 class QuantizedActs:
-    """Per-token quantized activations ``(..., K)``.
+    """Per-token quantized activations ``(..., K)`` (see the module docstring for the formats).
 
     Leaves:
-      qvalue: ``(..., K)`` int8 (signed values; asymmetric ones shifted by ``-2^(b-1)``).
+      qvalue: ``(..., K)`` int8 (``lane_bits=8``) or ``(..., ceil(K / 2))`` uint8 of two signed
+        4-bit lanes (``lane_bits=4``); signed values, asymmetric ones shifted by ``-2^(b-1)``.
       scale: ``(...)`` float32.
       zero_point: ``(...)`` int32 in the same shifted domain, or None (symmetric).
+    Static: ``lane_bits`` (8 or 4) and ``k`` (``K``; None for ``lane_bits=8``, where it is
+    ``qvalue.shape[-1]``).
     """
 
     qvalue: jax.Array
     scale: jax.Array
     zero_point: jax.Array | None
+    lane_bits: int = 8
+    k: int | None = None
+
+    @property
+    def width(self) -> int:
+        """``K``, the number of values per token."""
+        return int(self.qvalue.shape[-1]) if self.k is None else int(self.k)
+
+    @property
+    def packed(self) -> bool:
+        return self.lane_bits != 8
+
+    def values(self) -> jax.Array:
+        """The int8 values ``(..., K)`` (the ``lane_bits=8`` qvalue; unpacked lanes otherwise)."""
+        if not self.packed:
+            return self.qvalue
+        q = packing.unpack(self.qvalue, self.lane_bits, self.width, "uint8", signed=True)
+        return q.astype(jnp.int8)
 
 
 jax.tree_util.register_dataclass(
-    QuantizedActs, data_fields=["qvalue", "scale", "zero_point"], meta_fields=[]
+    QuantizedActs, data_fields=["qvalue", "scale", "zero_point"], meta_fields=["lane_bits", "k"]
 )
 
+LANE_BITS = (8, 4)  # storage formats of QuantizedActs
 
-def quantized_acts(p: quant.QParams, bits: int, symmetric: bool) -> QuantizedActs:
-    """Convert the output of :func:`splitq_jax.quant.quantize` (no groups) to int8 operands."""
+
+def act_lane_bits(bits: int) -> int:
+    """Lane width of the packed format for ``bits``-wide activations: 8 (int8) for 5..8 bits,
+    4 for 2..4 bits (see the module docstring)."""
+    quant.check_bits(bits)
+    return 8 if bits > 4 else 4
+
+
+def pack_acts(a: QuantizedActs, lane_bits: int = 4) -> QuantizedActs:
+    """The same integers in ``lane_bits`` lanes (int8 -> packed, or packed -> int8 with 8).
+
+    Values must fit the lanes (``lane_bits=4``: ``[-8, 8)``, i.e. activations of at most 4 bits);
+    checked when concrete (see :func:`splitq_jax.packing.pack`).
+    """
+    if lane_bits not in LANE_BITS:
+        raise ValueError(f"lane_bits must be one of {LANE_BITS}, got {lane_bits!r}")
+    if lane_bits == a.lane_bits:
+        return a
+    q = a.values()
+    if lane_bits == 8:
+        return QuantizedActs(q, a.scale, a.zero_point)
+    words = packing.pack(q, lane_bits, jnp.uint8, signed=True)
+    return QuantizedActs(words, a.scale, a.zero_point, lane_bits, int(q.shape[-1]))
+
+
+def quantized_acts(
+    p: quant.QParams, bits: int, symmetric: bool, *, packed: bool = False
+) -> QuantizedActs:
+    """Convert the output of :func:`splitq_jax.quant.quantize` (no groups) to GEMM operands:
+    int8, or with ``packed`` the format of :func:`act_lane_bits` (4-bit lanes up to 4 bits)."""
     quant.check_bits(bits)
     q = jnp.asarray(p.qvalue, jnp.int32)
     scale = jnp.asarray(p.scale, jnp.float32)[..., 0]
     if symmetric:
-        return QuantizedActs(q.astype(jnp.int8), scale, None)
-    shift = 1 << (bits - 1)
-    zero = jnp.asarray(p.zero_point, jnp.int32)[..., 0] - shift
-    return QuantizedActs((q - shift).astype(jnp.int8), scale, zero)
+        a = QuantizedActs(q.astype(jnp.int8), scale, None)
+    else:
+        shift = 1 << (bits - 1)
+        zero = jnp.asarray(p.zero_point, jnp.int32)[..., 0] - shift
+        a = QuantizedActs((q - shift).astype(jnp.int8), scale, zero)
+    return pack_acts(a, act_lane_bits(bits)) if packed else a
 
 
 def quantize_acts(
-    x: jax.Array, bits: int, *, symmetric: bool = True, clip: dict[str, jax.Array] | None = None
+    x: jax.Array,
+    bits: int,
+    *,
+    symmetric: bool = True,
+    clip: dict[str, jax.Array] | None = None,
+    packed: bool = False,
 ) -> QuantizedActs:
     """Per-token quantization of ``x`` ``(..., K)`` (:func:`splitq_jax.quant.quantize`)."""
-    return quantized_acts(quant.quantize(x, bits, symmetric=symmetric, clip=clip), bits, symmetric)
+    return quantized_acts(quant.quantize(x, bits, symmetric=symmetric, clip=clip), bits, symmetric,
+                          packed=packed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,14 +230,28 @@ def check_operands(
     for name, (a, b) in (("main", (x, w)), *terms.items()):
         if not isinstance(a, QuantizedActs) or not isinstance(b, GemmWeight):
             raise TypeError(f"{name}: expected (QuantizedActs, GemmWeight)")
-        if a.qvalue.dtype != jnp.int8:
-            raise ValueError(f"{name}: activations must be int8, got {a.qvalue.dtype}")
+        if a.lane_bits == 8:
+            if a.qvalue.dtype != jnp.int8:
+                raise ValueError(f"{name}: activations must be int8, got {a.qvalue.dtype}")
+            if a.k is not None and a.k != a.qvalue.shape[-1]:
+                raise ValueError(f"{name}: int8 activations of K={a.k} have {a.qvalue.shape[-1]}")
+        elif a.lane_bits == 4:
+            if a.qvalue.dtype != jnp.uint8:
+                raise ValueError(
+                    f"{name}: packed 4-bit activations must be uint8 words, got {a.qvalue.dtype}"
+                )
+            if a.k is None or a.qvalue.shape[-1] != -(-a.k // 2):
+                raise ValueError(
+                    f"{name}: {a.qvalue.shape[-1]} bytes of 4-bit lanes do not hold K={a.k}"
+                )
+        else:
+            raise ValueError(f"{name}: activations of lane_bits={a.lane_bits}: use {LANE_BITS}")
         if tuple(a.qvalue.shape[:-1]) != rows:
             raise ValueError(
                 f"{name}: activations have rows {tuple(a.qvalue.shape[:-1])}, main has {rows}"
             )
-        if a.qvalue.shape[-1] != b.k:
-            raise ValueError(f"{name}: activations have K={a.qvalue.shape[-1]}, weight K={b.k}")
+        if a.width != b.k:
+            raise ValueError(f"{name}: activations have K={a.width}, weight K={b.k}")
         if tuple(a.scale.shape) != rows or (
             a.zero_point is not None and tuple(a.zero_point.shape) != rows
         ):

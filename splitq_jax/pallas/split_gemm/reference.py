@@ -4,6 +4,7 @@ Per term ``t`` (main, then cws, mac, text, vision, as :func:`splitq_jax.split_li
 adds them)::
 
     acc_t = q_x . q_w^T  (int8 x int8 -> int32)  -  z_x * row_sum_w      (zero point: if any)
+            (packed activations, ``lane_bits=4``: their lanes unpacked to int8 first)
     y_t   = (float32(acc_t) * s_x) * s_w                                  (mac: text tokens only)
     y     = ((((y_main + y_cws) + y_mac) + y_text) + y_vision) + bias
 
@@ -25,8 +26,9 @@ from splitq_jax.pallas.split_gemm.operands import TERMS, GemmWeight, QuantizedAc
 def term_accumulator(x: QuantizedActs, w: GemmWeight) -> jax.Array:
     """``sum_k (q_x - z_x) q_w`` as int32, ``(..., N)``."""
     q_w = packing.unpack(w.qvalue, w.bits, w.k, w.word_dtype, signed=True).astype(jnp.int8)
+    q_x = x.values()  # int8 (..., K): packed 4-bit lanes unpacked to the same integers
     acc = jax.lax.dot_general(
-        x.qvalue, q_w, (((x.qvalue.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.int32
+        q_x, q_w, (((q_x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.int32
     )
     if x.zero_point is not None:
         acc = acc - x.zero_point[..., None] * w.row_sum
