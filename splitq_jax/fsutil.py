@@ -1,0 +1,42 @@
+"""Publishing a directory atomically: build it beside its final path, then one rename."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike, *, replace: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``out``; when the block ends normally it becomes
+    ``out`` in one rename, so a reader never sees a half-written ``out``.
+
+    If ``out`` exists by then: with ``replace`` the old directory is moved aside, the new one renamed
+    in and the old one deleted; without it ``out`` is kept and the new copy dropped (a cache that
+    another process filled first, with the same content). On an exception the temporary directory
+    is removed and ``out`` is left as it was.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if not out.exists():
+            os.replace(tmp, out)
+        elif not replace:
+            shutil.rmtree(tmp)
+        else:
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+__all__ = ["atomic_dir"]
