@@ -76,15 +76,20 @@ def assert_trees_identical(a, b, what: str) -> None:
 
 def assert_checkpoints_identical(a: Path, b: Path) -> None:
     """Every array of two checkpoints bit-identical; manifests equal up to times and resume flags."""
-    ma, fpa, ba = export.load_quantized_tree(a)
-    mb, fpb, bb = export.load_quantized_tree(b)
+    ma, fpa, ba, va = export.load_quantized_parts(a)
+    mb, fpb, bb, vb_ = export.load_quantized_parts(b)
     assert_trees_identical(fpa, fpb, "fp params")
     for i, (x, y) in enumerate(zip(ba, bb, strict=True)):
         assert_trees_identical(x, y, f"block {i}")
+    assert (va is None) == (vb_ is None)
+    for i, (x, y) in enumerate(zip(va or [], vb_ or [], strict=True)):
+        assert_trees_identical(x, y, f"vision block {i}")
 
     def strip(m):
         m = {k: v for k, v in m.items() if k not in ("created", "files")}
-        m["blocks"] = [{k: v for k, v in blk.items() if k not in ("seconds", "resumed")} for blk in m["blocks"]]
+        for key in ("blocks", "vision_block_reports"):
+            if key in m:
+                m[key] = [{k: v for k, v in blk.items() if k not in ("seconds", "resumed")} for blk in m[key]]
         return m
 
     assert strip(ma) == strip(mb)
@@ -455,6 +460,16 @@ def test_quantize_vision_checkpoint(tiny, family, tmp_path):
     emb = qm.embed(batch["input_ids"], batch.get("pixel_values"), batch.get("image_grid_thw"), batch["attention_mask"])
     is_vis = np.asarray(emb.modality_mask) == 2
     np.testing.assert_array_equal(np.asarray(emb.hidden)[is_vis], got.reshape(-1, got.shape[-1]))
+    if family == "qwen2_5_vl":  # a crash in the language part resumes with the saved vision blocks
+        out2 = tmp_path / "again"
+        with pytest.raises(RuntimeError, match="injected failure after block 0"):
+            qz.quantize_model(handle, stream, cfg, out2, data_record={"source": "synthetic"}, vision=job,
+                              fail_after_block=0)
+        resumed = []
+        path2, _ = qz.quantize_model(handle, stream, cfg, out2, data_record={"source": "synthetic"}, vision=job,
+                                     resume=True, on_block=resumed.append)
+        assert [r.resumed for r in resumed] == [True] * n_vision + [True, False]
+        assert_checkpoints_identical(path2, path)
 
 
 def test_vision_bits_without_quantize_vision_fails(tmp_path, capsys):
