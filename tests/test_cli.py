@@ -419,7 +419,7 @@ def test_resume_without_interrupted_run_fails_cleanly(cached_model, tmp_path, ca
 # ------------------------------------------------------------------------------- vision tower
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", pytest.param("llava", marks=pytest.mark.slow)])
 def test_quantize_vision_checkpoint(tiny, family, tmp_path):
     """--quantize-vision: vision blocks calibrated (W4A4 here while the LLM is W3A3), exported
     without the tower's fp blocks, reloaded bit-identically; the integer vision tower matches the

@@ -71,10 +71,6 @@ def test_text_only_quantize_export_run_evaluate(handle, tmp_path):
     assert cached.keys() == res.keys()
     for k, v in res.items():  # NaN for the empty sets (no vision, no answer), equal elsewhere
         assert (math.isnan(v) and math.isnan(cached[k])) or cached[k] == v, k
-    # the fp model against itself: perplexities equal, KL 0
-    same = ev.evaluate(handle.model, handle.model, ev.eval_batches(encoded, 2, handle.pad_id), encoded,
-                       tokenizer=handle.tokenizer, family="qwen2_5_vl")
-    assert same["ppl_q"] == same["ppl_fp"] == res["ppl_fp"] and abs(same["kl"]) < 1e-6
     # perplexity is exp(mean NLL) of the real next tokens, checked by hand
     logits = np.asarray(handle.model(jnp.asarray(np.stack([s.input_ids for s in encoded]))), np.float64)
     ids = np.stack([s.input_ids for s in encoded])
