@@ -478,6 +478,8 @@ def model_config_from_dict(family: str, d: Mapping[str, Any]):
         raise CheckpointError(f"unknown model family {family!r}; known: {FAMILIES}")
     top = {k: tuples(v) for k, v in d.items() if k not in ("text", "vision")}
     text = DecoderConfig(**{k: tuples(v) for k, v in d["text"].items()})
+    if family == "llava" and d.get("vision_tower", "clip") == "dinov2":  # LLaVA with a DINOv2 tower
+        from splitq_jax.models.dinov2 import Dinov2Config as VCls
     vision = None if d.get("vision") is None else VCls(**{k: tuples(v) for k, v in d["vision"].items()})
     return Cls(text=text, vision=vision, **top)
 

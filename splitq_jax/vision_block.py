@@ -10,6 +10,8 @@ Each config here implements the block *architecture protocol* of :mod:`splitq_ja
   ``mlp_out`` (down).
 * :class:`ClipBlockConfig` -- LLaVA's CLIP block: LayerNorm, biased q/k/v, full attention without
   rotary, biased ``out_proj``, LayerNorm, ``fc2(quick_gelu(fc1(x)))``.
+* :class:`Dinov2BlockConfig` -- the DINOv2 block of LLaVA's DINOv2 variant: as CLIP's with GELU and
+  LayerScale, the LayerScales folded into ``o_proj`` / ``fc2``.
 
 Block parameters use the modules' own names (``norm1``, ``qkv``, ... / ``layer_norm1``, ``q_proj``,
 ...); :func:`block_params` reads them from the NNX blocks.
@@ -143,7 +145,52 @@ class ClipBlockConfig:
         return x + run("mlp_out", layers.get_activation(self.act)(h))["fc2"]
 
 
-VisionBlockConfig = QwenVisionBlockConfig | ClipBlockConfig
+@dataclass(frozen=True, kw_only=True)
+class Dinov2BlockConfig:
+    """One DINOv2 block (LLaVA's DINOv2 variant): LayerNorm, biased q/k/v, full attention without
+    rotary, biased ``o_proj``, LayerNorm, ``fc2(gelu(fc1(x)))``. The LayerScales are folded into
+    ``o_proj`` / ``fc2`` (:func:`block_params`), so the block keeps only its two norms besides the
+    linears. ``cos``/``sin``/``mask`` are ignored (one image per row, no padding)."""
+
+    hidden: int
+    intermediate: int
+    num_heads: int
+    ln_eps: float = 1e-6
+    act: str = "gelu"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.num_heads
+
+    @property
+    def groups(self) -> dict[str, tuple[str, ...]]:
+        from splitq_jax.models.dinov2 import VIT_GROUPS
+
+        return VIT_GROUPS
+
+    @property
+    def group_norm(self) -> dict[str, str]:
+        from splitq_jax.models.dinov2 import VIT_GROUP_NORM
+
+        return VIT_GROUP_NORM
+
+    @property
+    def norm_keys(self) -> tuple[str, ...]:
+        return ("norm1", "norm2")
+
+    def forward(self, norms, linear, x, cos, sin, mask, *, capture=None, cache=None) -> jax.Array:
+        from splitq_jax.models.dinov2 import Dinov2Config, vit_block_forward
+
+        del cos, sin, mask
+        _no_cache(cache)
+        cfg = Dinov2Config(hidden_size=self.hidden, intermediate_size=self.intermediate, num_layers=1,
+                           num_heads=self.num_heads, layer_norm_eps=self.ln_eps, hidden_act=self.act)
+        one = jnp.ones((), x.dtype)
+        params = {"norm1": norms["norm1"], "norm2": norms["norm2"], "layer_scale1": one, "layer_scale2": one}
+        return vit_block_forward(params, linear, x, cfg, capture=capture)
+
+
+VisionBlockConfig = QwenVisionBlockConfig | ClipBlockConfig | Dinov2BlockConfig
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,6 +203,10 @@ def block_config(model, family: str) -> VisionBlockConfig:
         v = _qwen_vision_config(model)
         return QwenVisionBlockConfig(hidden=v.hidden_size, intermediate=v.intermediate_size, num_heads=v.num_heads,
                                      rms_eps=v.rms_norm_eps, act=v.hidden_act)
+    if family == "llava" and getattr(model.config, "vision_tower", "clip") == "dinov2":
+        v = model.config.vision
+        return Dinov2BlockConfig(hidden=v.hidden_size, intermediate=v.intermediate_size, num_heads=v.num_heads,
+                                 ln_eps=v.layer_norm_eps, act=v.hidden_act)
     if family == "llava":
         v = model.config.vision
         return ClipBlockConfig(hidden=v.hidden_size, intermediate=v.intermediate_size, num_heads=v.num_heads,
@@ -181,6 +232,9 @@ def block_params(block, family: str) -> Tree:
                 "proj": _linear(block.attn.proj), "norm2": {"scale": block.norm2.scale[...]},
                 "gate_proj": _linear(block.mlp.gate_proj), "up_proj": _linear(block.mlp.up_proj),
                 "down_proj": _linear(block.mlp.down_proj)}
+    if family == "llava" and hasattr(block, "layer_scale1"):  # DINOv2 block: LayerScale folded in
+        params = block.block_params(fold_layer_scale=True)
+        return {k: params[k] for k in ("norm1", "q_proj", "k_proj", "v_proj", "o_proj", "norm2", "fc1", "fc2")}
     if family == "llava":
         ln = lambda m: {"scale": m.scale[...], "bias": m.bias[...]}  # noqa: E731
         a = block.self_attn
@@ -291,5 +345,5 @@ def vision_stream(model, family: str, batches: Sequence[dict]) -> Stream:
     raise ValueError(f"no vision tower to quantize for model family {family!r}")
 
 
-__all__ = ["ClipBlockConfig", "QwenVisionBlockConfig", "block_config", "block_params", "quantized_blocks",
+__all__ = ["ClipBlockConfig", "Dinov2BlockConfig", "QwenVisionBlockConfig", "block_config", "block_params", "quantized_blocks",
            "vision_method_config", "vision_stream"]

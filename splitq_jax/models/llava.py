@@ -16,6 +16,17 @@ Inputs follow the HF processor's layout: ``pixel_values`` is ``(num_images, 3, 3
 patches, the class token dropped). Vision features come from the tower's second-to-last layer
 (``vision_feature_layer = -2``); the tower's last layer and ``post_layernorm`` are kept so that
 checkpoints round-trip and parameter counts match the release, but they are never run.
+
+A second variant (``vision_tower="dinov2"``) swaps the CLIP tower for the DINOv2 ViT of
+:mod:`splitq_jax.models.dinov2` and may use any :class:`DecoderConfig` (Qwen2: q/k/v biases, rope
+theta 1e6). Its image features are the tower's final LayerNorm applied to the chosen hidden state
+(``vision_feature_layer=-1``: HF ``last_hidden_state``), average-pooled ``vision_pool x
+vision_pool`` over the patch grid, the class token dropped (``"default"``) or kept (``"full"``), then
+projected by the same two-layer GELU MLP. Its input side is ``image_size`` (224 px: a 16x16 grid,
+pooled 2x2 -> 64 tokens) and its prompts use the Qwen chat template with ``<|image_pad|>`` as the
+placeholder, wrapped in ``<|vision_start|>``/``<|vision_end|>`` (``prompt_format="qwen"``).
+``easyvqa-vlm-0.5b`` (``converters/easyvqa_vlm.py``) is the trained instance: DINOv2-S/14 +
+Qwen2.5-Coder-0.5B + a projector trained on easy-vqa (``scripts/train_projector.py``).
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from splitq_jax import preprocess as pp
 from splitq_jax.models.layers import (
     decoder_decode_step, decoder_forward, decoder_prefill, layer_norm,
     Array,
@@ -96,8 +108,41 @@ class LlavaConfig:
     pad_token_id: int | None = 32001
     # provenance
     hf_id: str | None = None
+    # Vision tower: "clip" (LLaVA-1.5, ``vision`` is a CLIPVisionConfig) or "dinov2" (``vision`` is a
+    # splitq_jax.models.dinov2.Dinov2Config; see the module docstring).
+    vision_tower: str = "clip"
+    # DINOv2 only: input side in pixels (the tower resamples its position grid to it); CLIP's input
+    # side is ``vision.image_size``.
+    image_size: int | None = None
+    # DINOv2 only: average-pool the patch grid by vision_pool x vision_pool before the projector.
+    vision_pool: int = 1
+    # Prompt layout: "llava" (``USER: <image>\n... ASSISTANT:``) or "qwen" (Qwen chat template,
+    # ``<|vision_start|><|image_pad|>...<|vision_end|>``); see splitq_jax.calib_data.
+    prompt_format: str = "llava"
 
     def __post_init__(self):
+        if self.vision_tower not in VISION_TOWERS:
+            raise ValueError(f"vision_tower must be one of {VISION_TOWERS}, got {self.vision_tower!r}")
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {self.prompt_format!r}")
+        if self.vision_pool < 1:
+            raise ValueError(f"vision_pool must be >= 1, got {self.vision_pool}")
+        if self.vision_tower == "clip":
+            if not isinstance(self.vision, CLIPVisionConfig):
+                raise ValueError(f"vision_tower='clip' needs a CLIPVisionConfig, got {type(self.vision).__name__}")
+            if self.vision_pool != 1 or self.image_size is not None:
+                raise ValueError("vision_pool and image_size apply to the DINOv2 tower only; the CLIP tower's "
+                                 "input side is vision.image_size and its patches are not pooled")
+        else:
+            if not isinstance(self.vision, _dinov2().Dinov2Config):
+                raise ValueError(f"vision_tower='dinov2' needs a Dinov2Config, got {type(self.vision).__name__}")
+            if self.image_size is None:
+                raise ValueError("vision_tower='dinov2' needs image_size (the input side in pixels, e.g. 224)")
+            g = self.image_size // self.vision.patch_size
+            if g < 1 or g % self.vision_pool:
+                raise ValueError(f"a {self.image_size} px input gives a {g}x{g} patch grid, which vision_pool="
+                                 f"{self.vision_pool} does not divide; choose image_size = k * "
+                                 f"{self.vision.patch_size * self.vision_pool}")
         if self.vision_feature_select_strategy not in ("default", "full"):
             raise ValueError(f"vision_feature_select_strategy must be 'default' or 'full', "
                              f"got {self.vision_feature_select_strategy!r}")
@@ -127,9 +172,45 @@ class LlavaConfig:
         return max(self.hidden_state_indices)
 
     @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens of the tower's output before the patches (class token, DINOv2 registers)."""
+        return 1 + (self.vision.num_register_tokens if self.vision_tower == "dinov2" else 0)
+
+    @property
+    def input_size(self) -> int:
+        """Side in pixels of the square ``pixel_values`` the tower takes."""
+        return self.image_size if self.vision_tower == "dinov2" else self.vision.image_size
+
+    @property
+    def patch_grid(self) -> tuple[int, int]:
+        """The tower's patch grid ``(gh, gw)`` at :attr:`input_size` (before pooling)."""
+        g = self.input_size // self.vision.patch_size
+        return g, g
+
+    @property
     def num_image_tokens(self) -> int:
-        """LLM tokens per image (576 for 336 px / 14 px patches with the class token dropped)."""
-        return self.vision.num_patches + (self.vision_feature_select_strategy == "full")
+        """LLM tokens per image (576 for 336 px / 14 px patches with the class token dropped; 64
+        for a DINOv2 tower at 224 px pooled 2x2)."""
+        if self.vision_tower == "clip":
+            return self.vision.num_patches + (self.vision_feature_select_strategy == "full")
+        gh, gw = self.patch_grid
+        n = (gh // self.vision_pool) * (gw // self.vision_pool)
+        return n + (self.num_prefix_tokens if self.vision_feature_select_strategy == "full" else 0)
+
+    def image_processor(self) -> pp.LlavaImageConfig:
+        """Preprocessing that fits the tower: CLIP's is llava-hf's (CLIP mean/std, short side to
+        the input size, centre crop); DINOv2's the same geometry at :attr:`image_size` with ImageNet
+        mean/std, its ``num_image_tokens`` counting pooled tokens."""
+        if self.vision_tower == "clip":
+            v = self.vision
+            return pp.LlavaImageConfig(shortest_edge=v.image_size, crop_size=v.image_size, patch_size=v.patch_size)
+        from splitq_jax.models.dinov2 import IMAGENET_MEAN, IMAGENET_STD
+
+        return PooledImageConfig(shortest_edge=self.image_size, crop_size=self.image_size,
+                                 patch_size=self.vision.patch_size, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
+                                 pool=self.vision_pool,
+                                 prefix_tokens=self.num_prefix_tokens
+                                 if self.vision_feature_select_strategy == "full" else 0)
 
     @classmethod
     def from_hf(cls, d: dict[str, Any], *, hf_id: str | None = None) -> LlavaConfig:
@@ -173,6 +254,31 @@ class LlavaConfig:
             hf_id=hf_id)
 
 
+VISION_TOWERS = ("clip", "dinov2")
+PROMPT_FORMATS = ("llava", "qwen")
+
+
+def _dinov2():
+    """:mod:`splitq_jax.models.dinov2`, imported on use (it imports this module's LayerNorm)."""
+    from splitq_jax.models import dinov2
+
+    return dinov2
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PooledImageConfig(pp.LlavaImageConfig):
+    """LLaVA-style preprocessing for a tower whose patch grid is average-pooled ``pool x pool``
+    (``num_image_tokens`` counts pooled tokens, plus ``prefix_tokens`` kept class/register tokens)."""
+
+    pool: int = 1
+    prefix_tokens: int = 0
+
+    @property
+    def num_image_tokens(self) -> int:
+        g = (self.crop_size // self.patch_size) // self.pool
+        return g * g + self.prefix_tokens
+
+
 def _llama2_text(hidden: int, intermediate: int, layers: int, heads: int) -> DecoderConfig:
     # LLaVA-1.5's Vicuna-1.5 decoders: Llama-2 shapes, 32000 + <image> + <pad> + 62 spare rows.
     return DecoderConfig(vocab_size=32064, hidden_size=hidden, intermediate_size=intermediate,
@@ -197,12 +303,42 @@ CONFIGS: dict[str, LlavaConfig] = {
 }
 
 
+def dinov2_llava_config(text: DecoderConfig, vision=None, *, image_size: int = 224, pool: int = 2,
+                        image_token_id: int = pp.QWEN_VISION_TOKEN_IDS["<|image_pad|>"],
+                        eos_token_id: tuple[int, ...] = (151645,), pad_token_id: int | None = 151643,
+                        hf_id: str | None = None) -> LlavaConfig:
+    """The DINOv2 + Qwen-template variant: DINOv2 tower (default DINOv2-S/14), final-LayerNorm
+    features pooled ``pool x pool`` with the class token dropped, a two-layer GELU projector
+    (``vision.hidden_size -> text.hidden_size -> text.hidden_size``), Qwen chat prompts with
+    ``<|image_pad|>`` (151655) placeholders. Defaults are the Qwen2.5 ids (eos ``<|im_end|>``,
+    pad ``<|endoftext|>``); there is no BOS."""
+    vision = _dinov2().get_config("dinov2-small") if vision is None else vision
+    return LlavaConfig(text=text, vision=vision, vision_tower="dinov2", image_size=image_size, vision_pool=pool,
+                       vision_feature_layer=-1, vision_feature_select_strategy="default",
+                       projector_hidden_act="gelu", projector_bias=True, prompt_format="qwen",
+                       image_token_id=image_token_id, bos_token_id=None, eos_token_id=eos_token_id,
+                       pad_token_id=pad_token_id, hf_id=hf_id)
+
+
+def tiny_dinov2_llava_config() -> LlavaConfig:
+    """Tests: ``dinov2-tiny`` tower at 56 px (4x4 patches pooled 2x2 = 4 image tokens) and a tiny
+    Qwen2-style decoder (q/k/v biases, GQA, rope theta 1e6) whose vocabulary holds the Qwen2.5
+    special-token ids, so the real Qwen tokenizer's prompts fit it."""
+    text = DecoderConfig(vocab_size=151936, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                         num_kv_heads=2, qkv_bias=True, rope_theta=1e6, rms_norm_eps=1e-6,
+                         tie_word_embeddings=False)
+    return dinov2_llava_config(text, _dinov2().get_config("dinov2-tiny"), image_size=56, pool=2)
+
+
 def get_config(name: str) -> LlavaConfig:
-    """A named config (``llava-1.5-7b``, ``llava-1.5-13b``, ``llava-1.5-tiny``)."""
+    """A named config (``llava-1.5-7b``, ``llava-1.5-13b``, ``llava-1.5-tiny``; ``llava-dinov2-tiny``
+    for the DINOv2 + Qwen-template variant at test size)."""
+    if name == "llava-dinov2-tiny":  # built on use: it needs splitq_jax.models.dinov2
+        return tiny_dinov2_llava_config()
     try:
         return CONFIGS[name]
     except KeyError:
-        raise ValueError(f"unknown LLaVA config {name!r}; known: {sorted(CONFIGS)}") from None
+        raise ValueError(f"unknown LLaVA config {name!r}; known: {sorted(CONFIGS) + ['llava-dinov2-tiny']}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,7 +482,10 @@ class Llava(nnx.Module):
     def __init__(self, config: LlavaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = config
         self.dtype = dtype
-        self.vision_tower = CLIPVisionTower(config.vision, dtype=dtype, rngs=rngs)
+        if config.vision_tower == "dinov2":
+            self.vision_tower = _dinov2().Dinov2(config.vision, dtype=dtype, rngs=rngs)
+        else:
+            self.vision_tower = CLIPVisionTower(config.vision, dtype=dtype, rngs=rngs)
         self.multi_modal_projector = Projector(
             config.vision.hidden_size * len(config.feature_layers), config.text.hidden_size,
             act=config.projector_hidden_act, bias=config.projector_bias, dtype=dtype, rngs=rngs)
@@ -364,17 +503,34 @@ class Llava(nnx.Module):
         return _image_features_jit(self, jnp.asarray(pixel_values))
 
     def _image_features(self, pixel_values: Array) -> Array:
-        states = self.vision_tower.hidden_states(pixel_values, upto=self.config.used_vision_layers)
+        cfg = self.config
+        if cfg.vision_tower == "dinov2":
+            s, c = cfg.input_size, cfg.vision.num_channels
+            if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (c, s, s):
+                raise ValueError(f"pixel_values {pixel_values.shape} must be (B, {c}, {s}, {s}); preprocess with "
+                                 f"config.image_processor()")
+        states = self.vision_tower.hidden_states(pixel_values, upto=cfg.used_vision_layers)
         return self.project_features(states)
+
+    def select_features(self, states: Sequence[Array]) -> Array:
+        """``hidden_states`` of the tower -> the projector's input ``(num_images, num_image_tokens,
+        d_vision * len(feature_layers))``: CLIP's chosen states (class token dropped by
+        ``"default"``); DINOv2's after the final LayerNorm, pooled ``vision_pool x vision_pool``."""
+        cfg = self.config
+        feats = [states[i] for i in cfg.hidden_state_indices]
+        prefix = cfg.num_prefix_tokens
+        if cfg.vision_tower == "dinov2":
+            pool = _dinov2().pool_patch_tokens
+            feats = [pool(self.vision_tower.layernorm(f), cfg.patch_grid, cfg.vision_pool, num_prefix=prefix)
+                     for f in feats]
+        if cfg.vision_feature_select_strategy == "default":
+            feats = [f[:, prefix:] for f in feats]  # drop the class (and register) tokens
+        return jnp.concatenate(feats, axis=-1)
 
     def project_features(self, states: Sequence[Array]) -> Array:
         """``hidden_states`` of the tower (at least up to the deepest feature layer) -> projected
         image features ``(num_images, num_image_tokens, d_text)``."""
-        cfg = self.config
-        feats = [states[i] for i in cfg.hidden_state_indices]
-        if cfg.vision_feature_select_strategy == "default":
-            feats = [f[:, 1:] for f in feats]  # drop the class token
-        return self.multi_modal_projector(jnp.concatenate(feats, axis=-1))
+        return self.multi_modal_projector(self.select_features(states))
 
     def embed(self, input_ids, pixel_values=None, attention_mask=None, *, vision_encoder=None) -> Embedded:
         """Token + image embeddings, 1-D positions and the modality mask.
@@ -488,5 +644,6 @@ def abstract_model(config: LlavaConfig, dtype=jnp.float32) -> Llava:
     return nnx.eval_shape(lambda: Llava(config, dtype=dtype, rngs=nnx.Rngs(0)))
 
 
-__all__ = ["CONFIGS", "CLIPVisionConfig", "CLIPVisionTower", "Embedded", "Llava", "LlavaConfig",
-           "Projector", "abstract_model", "get_config"]
+__all__ = ["CONFIGS", "CLIPVisionConfig", "CLIPVisionTower", "Embedded", "Llava", "LlavaConfig", "PROMPT_FORMATS",
+           "PooledImageConfig", "Projector", "VISION_TOWERS", "abstract_model", "dinov2_llava_config", "get_config",
+           "tiny_dinov2_llava_config"]
