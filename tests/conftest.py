@@ -13,3 +13,16 @@ import jax  # noqa: E402
 # Persistent compilation cache keeps repeated jit compiles cheap across runs.
 jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.dirname(__file__), "..", ".jax_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop every compiled XLA program after each test module. The whole suite compiles thousands
+    of programs; kept alive together, their JIT code mappings grew until XLA:CPU crashed (a
+    segfault inside the compiler, ~330 tests in, reproducible in suite order, never in isolation;
+    vm.max_map_count is 65530 here). Re-compiles hit the persistent cache above."""
+    yield
+    jax.clear_caches()
