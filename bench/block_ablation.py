@@ -48,19 +48,12 @@ import numpy as np  # noqa: E402
 
 from splitq_jax import calibrate as cal  # noqa: E402
 from splitq_jax.block import BlockConfig  # noqa: E402
-from splitq_jax.config import method_config  # noqa: E402
+from splitq_jax.config import COMPONENT_VARIANTS, method_config  # noqa: E402
 
 BENCH = "block_ablation"
 MODELS = {"qwen2-0.5b-block": C.QWEN2_05B, "qwen2.5-vl-3b-block": C.QWEN25_VL_3B}
 # name -> (preset, overrides)
-METHODS = {
-    "rtn": ("rtn", {}),
-    "smoothquant": ("smoothquant", {}),
-    "flatquant": ("flatquant", {}),
-    "flatquant+mocd": ("splitq", dict(cws=False, mac=False)),
-    "flatquant+mocd+cws": ("splitq", dict(mac=False)),
-    "splitq": ("splitq", {}),
-}
+METHODS = {"rtn": ("rtn", {}), "smoothquant": ("smoothquant", {}), **COMPONENT_VARIANTS}
 DEFAULT_METHODS = tuple(METHODS)
 # Not in the default run: SplitQ with Eq. 10's [choice] switched to the plain rank variance (K = 1).
 METHODS["splitq-k1"] = ("splitq", dict(instability="variance", n_clusters=1))

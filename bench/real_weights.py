@@ -10,8 +10,22 @@ which include ``json/decoder.py`` and ``json/encoder.py``). Metrics on the evalu
 perplexity of every real next token (fp and quantized), mean KL(P_fp || P_q) of the next-token
 distributions, top-1 agreement.
 
-Part ``vlm`` (the trained small VLM) and part ``ablation`` (flatquant, +MOCD, +CWS, +MAC at w4a4
-and w3a3 on it) join when that model lands.
+Part ``vlm`` -- the trained small VLM ``easyvqa-vlm-0.5b`` (DINOv2-S/14 + trained projector + the
+same GGUF decoder; ``converters/easyvqa_vlm.py``). The language model's decoder blocks are quantized;
+the vision tower and projector stay full precision (as in the SplitQ paper). Calibration: the
+bundled default data, i.e. easy-vqa *train* questions with their answers plus the bundled
+calibration photographs (a quarter of the samples). Evaluation: ``--vqa-per-type`` easy-vqa *test*
+questions of each type (shape, color, yes/no; ``vqa_eval.eval_samples``), teacher-forced with their
+reference answer. Metrics on the positions that predict an answer token: ``answer_accuracy`` (the
+model's top-1 token is the reference token at every answer position; every easy-vqa answer but
+"teal" is one Qwen token, so this is whether greedy decoding starts with the answer) overall and
+per type, ``kl_answer`` (mean KL(P_fp || P_q)), ``top1_agreement_answer`` and ``answer_ppl``. The
+"fp" row also has ``vqa_accuracy_generated``: the first word of a greedy reply
+(``vqa_eval.easy_vqa_accuracy``), which the teacher-forced accuracy must match closely.
+
+Part ``ablation`` -- SplitQ's components added to FlatQuant one at a time
+(``config.COMPONENT_VARIANTS``: flatquant, +MOCD, +CWS, +MAC = splitq) at ``--ablation-bits`` on the
+VLM. Its end points are the flatquant and splitq cells of part ``vlm`` (shared, not recomputed).
 
 Recipe (REDUCED, the same for every method, stated in the run record): ``--samples`` calibration
 windows of ``--tokens`` tokens, ``--epochs`` epochs of batch ``--batch-size`` for the learned
@@ -28,6 +42,7 @@ the configurations it already holds (same recipe only; ``--fresh`` starts over).
 
     python bench/real_weights.py                                  # the whole table
     python bench/real_weights.py --parts llm --methods rtn --bits w4a8   # one cell
+    python bench/real_weights.py --parts vlm,ablation --bits w4a4,w3a3   # the VLM at two widths
 """
 
 from __future__ import annotations
@@ -42,6 +57,10 @@ import time
 import warnings
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402  (adds the repo root to sys.path)
 
@@ -51,12 +70,14 @@ from splitq_jax import calib_data as cd  # noqa: E402
 from splitq_jax import evaluate as ev  # noqa: E402
 from splitq_jax import export, pipeline  # noqa: E402
 from splitq_jax import quantize as qz  # noqa: E402
-from splitq_jax.config import BIT_PRESETS, METHODS, method_config  # noqa: E402
+from splitq_jax import vqa_eval as vqa  # noqa: E402
+from splitq_jax.config import BIT_PRESETS, COMPONENT_VARIANTS, METHODS, method_config, variant_config  # noqa: E402
 from splitq_jax.runtime import QuantizedModel  # noqa: E402
 
 BENCH = "real_weights"
 LLM = "qwen2.5-coder-0.5b"
-PARTS = ("llm",)
+VLM = "easyvqa-vlm-0.5b"
+PARTS = ("llm", "vlm", "ablation")
 CAVEAT = ("the baseline weights were already 4-to-6-bit quantized upstream (AWQ + GGUF); 'fp' is float32 of "
           "the dequantized weights and every number is relative to it")
 
@@ -77,28 +98,58 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--eval-samples", type=int, default=8, help="held-out evaluation windows")
     ap.add_argument("--eval-tokens", type=int, default=512)
     ap.add_argument("--eval-batch-size", type=int, default=1, help="1 keeps peak memory low (150k-word vocabulary)")
+    ap.add_argument("--vlm-samples", type=int, default=8, help="VLM calibration samples (about 110 tokens each)")
+    ap.add_argument("--vqa-per-type", type=int, default=50, help="easy-vqa test questions of each type")
+    ap.add_argument("--ablation-bits", default="w4a4,w3a3")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fresh", action="store_true", help="ignore records of an earlier run")
     ap.add_argument("--out", default=None, help="output JSON (default bench/results/real_weights-<machine>.json)")
     return ap.parse_args(argv)
 
 
+RECIPE_KEYS = {  # the recipe fields each part's numbers depend on
+    "llm": ("calib_samples", "calib_tokens", "epochs_learned", "batch_size", "eval_samples", "eval_tokens", "seed"),
+    "vlm": ("vlm_calib_samples", "epochs_learned", "batch_size", "vqa_per_type", "seed"),
+}
+RECIPE_KEYS["ablation"] = RECIPE_KEYS["vlm"]
+
+
 def recipe_of(args) -> dict:
     return {"calib_samples": args.samples, "calib_tokens": args.tokens, "epochs_learned": args.epochs,
             "batch_size": args.batch_size, "eval_samples": args.eval_samples, "eval_tokens": args.eval_tokens,
-            "seed": args.seed, "reduced": True}
+            "vlm_calib_samples": args.vlm_samples, "vqa_per_type": args.vqa_per_type, "seed": args.seed,
+            "reduced": True}
 
 
-def load_previous(path: Path, recipe: dict) -> list[dict]:
-    """Records of an earlier run with the same recipe (configurations to skip)."""
+def same_recipe(part: str, a: dict, b: dict) -> bool:
+    return all(a.get(k) == b.get(k) for k in RECIPE_KEYS[part])
+
+
+def read_records(path: Path) -> tuple[list[dict], list[dict]]:
+    """(result records, run records) of ``path`` (empty if it does not exist)."""
     if not path.exists():
-        return []
+        return [], []
     records = json.loads(path.read_text())
-    runs = [r for r in records if r.get("metric") == "run"]
-    if not runs or runs[-1].get("recipe") != recipe:
-        log(f"{path}: earlier records use another recipe; starting over")
-        return []
-    return [r for r in records if r.get("metric") != "run"]
+    return [r for r in records if r.get("metric") != "run"], [r for r in records if r.get("metric") == "run"]
+
+
+def load_previous(path: Path, recipe: dict) -> tuple[list[dict], list[dict], set]:
+    """Records of earlier runs whose part used the same recipe (configurations to skip), the
+    earlier runs' commands, and the keys of the records dropped (another recipe: they start over)."""
+    records, runs = read_records(path)
+    if not runs:
+        return [], [], set()
+    old = runs[-1].get("recipe", {})
+    keep = [r for r in records if same_recipe(r.get("part", "llm"), old, recipe)]
+    if len(keep) < len(records):
+        log(f"{path}: {len(records) - len(keep)} records used another recipe; those configurations start over")
+    earlier = [{k: r.get(k) for k in ("command", "time_utc", "seconds")} for r in runs]
+    earlier = [e for r in runs for e in r.get("earlier_runs", [])] + earlier
+    return keep, earlier, {cell_key(r) for r in records} - {cell_key(r) for r in keep}
+
+
+def cell_key(r: dict) -> tuple:
+    return r.get("part", "llm"), r.get("method"), r.get("bits"), r.get("metric")
 
 
 def llm_part(args, methods, bits_list, records, save, base) -> None:
@@ -153,6 +204,132 @@ def llm_part(args, methods, bits_list, records, save, base) -> None:
                 f"top1 {res['top1_agreement']:.3f} (calib {calib_s:.0f} s, eval {eval_s:.0f} s)")
 
 
+# ------------------------------------------------------------------------------ the VLM
+
+
+def answer_positions(batch: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Indices ``(rows, cols)`` of the positions that predict a reference-answer token, and those tokens."""
+    rows, cols = np.nonzero(ev.position_masks(batch)["answer"])
+    return (rows, cols), np.asarray(batch["input_ids"])[rows, cols + 1]
+
+
+def answer_logits(model, batches: list[dict], family: str) -> list[np.ndarray]:
+    """Per batch, the next-token logits ``(n, vocab)`` at its answer-predicting positions."""
+    out = []
+    for b in batches:
+        idx, _ = answer_positions(b)
+        out.append(np.asarray(ev.model_logits(model, b, family), np.float32)[idx])
+    return out
+
+
+@jax.jit
+def _answer_stats(ref: jax.Array, q: jax.Array, target: jax.Array) -> dict[str, jax.Array]:
+    lp, lq = jax.nn.log_softmax(ref, axis=-1), jax.nn.log_softmax(q, axis=-1)
+    return {"kl": jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1),
+            "agree": (jnp.argmax(lq, axis=-1) == jnp.argmax(lp, axis=-1)).astype(jnp.float32),
+            "nll": -jnp.take_along_axis(lq, target[:, None], axis=-1)[:, 0],
+            "hit": (jnp.argmax(lq, axis=-1) == target).astype(jnp.float32)}
+
+
+def answer_metrics(ref: list[np.ndarray], q: list[np.ndarray], batches: list[dict], samples) -> dict[str, float]:
+    """Teacher-forced answer metrics of ``q`` against ``ref`` (see the module docstring)."""
+    kl = agree = nll = 0.0
+    n_tok = 0
+    correct: dict[int, bool] = {}  # sample index -> every answer token is the model's top-1
+    for r, x, b in zip(ref, q, batches):
+        (rows, _), target = answer_positions(b)
+        st = {k: np.asarray(v, np.float64) for k, v in _answer_stats(jnp.asarray(r), jnp.asarray(x),
+                                                                       jnp.asarray(target, jnp.int32)).items()}
+        kl, agree, nll, n_tok = kl + st["kl"].sum(), agree + st["agree"].sum(), nll + st["nll"].sum(), n_tok + len(target)
+        for row, hit in zip(rows.tolist(), st["hit"].tolist()):
+            k = int(b["sample_index"][row])
+            correct[k] = correct.get(k, True) and hit == 1.0
+    out = {"kl_answer": kl / n_tok, "top1_agreement_answer": agree / n_tok,
+           "answer_ppl": math.exp(min(nll / n_tok, 700.0)), "answer_tokens": n_tok}
+    types = [vqa.question_type(s.answer) for s in samples]
+    out["answer_accuracy"] = float(np.mean([correct[i] for i in range(len(samples))]))
+    for t in vqa.QUESTION_TYPES:
+        idx = [i for i, tt in enumerate(types) if tt == t]
+        out[f"answer_accuracy_{t.replace('/', '_')}"] = float(np.mean([correct[i] for i in idx]))
+    return out
+
+
+class VlmBench:
+    """The trained VLM, its calibration stream and the fp reference on the evaluation questions,
+    loaded once for parts ``vlm`` and ``ablation``."""
+
+    def __init__(self, args, records, save, base):
+        t0 = time.perf_counter()
+        self.args, self.records, self.save, self.base = args, records, save, base
+        self.handle = h = qz.load_model_for_calibration(VLM)
+        log(f"{VLM}: loaded in {time.perf_counter() - t0:.0f} s")
+        raw = cd.load_samples(cd.DEFAULT_SOURCE, n=args.vlm_samples, split="calib", seed=args.seed)
+        encoded = cd.encode_samples(raw, h.family, h.tokenizer, model_config=h.model.config)
+        batches = cd.make_batches(encoded, args.batch_size, h.pad_id)
+        self.stream = pipeline.embed_batches(h.model, batches, h.family)
+        self.data = {"calib": f"{args.vlm_samples} samples of the bundled default data: "
+                              f"{sum(s.answer is None for s in raw)} photos + {sum(s.answer is not None for s in raw)} "
+                              "easy-vqa train questions", "calib_tokens_total": int(sum(len(e.input_ids) for e in encoded)),
+                     "eval": f"easy-vqa test, {args.vqa_per_type} questions per type (vqa_eval.eval_samples, "
+                             f"seed {args.seed})"}
+        self.samples = vqa.eval_samples(per_type=args.vqa_per_type, seed=args.seed)
+        enc = cd.encode_samples(self.samples, h.family, h.tokenizer, model_config=h.model.config)
+        self.batches = ev.eval_batches(enc, 8, h.pad_id)
+        t1 = time.perf_counter()
+        self.ref = answer_logits(h.model, self.batches, h.family)
+        log(f"fp answer logits: {sum(len(r) for r in self.ref)} answer tokens in {time.perf_counter() - t1:.0f} s")
+        if ("vlm", "fp", "fp32", "answer_accuracy") not in {cell_key(r) for r in records}:
+            self.fp_row()
+
+    def fp_row(self) -> None:
+        h = self.handle
+        res = answer_metrics(self.ref, self.ref, self.batches, self.samples)
+        t0 = time.perf_counter()
+        gen = vqa.easy_vqa_accuracy(h.model, h.tokenizer, samples=self.samples, batch_size=8)
+        row = {**self.base, "part": "vlm", "model": VLM, "method": "fp", "bits": "fp32", **self.data}
+        vals = {k: res[k] for k in res if k.startswith("answer_") and k != "answer_tokens"}
+        vals["vqa_accuracy_generated"] = gen["accuracy"]
+        for t, d in gen["by_type"].items():
+            vals[f"vqa_accuracy_generated_{t.replace('/', '_')}"] = d["accuracy"]
+            vals[f"majority_accuracy_{t.replace('/', '_')}"] = d["majority_accuracy"]
+        vals["majority_accuracy"] = gen["majority_accuracy"]
+        for metric, value in vals.items():
+            self.records.append({**row, "metric": metric, "value": value, "count": len(self.samples)})
+        self.save()
+        log(f"vlm fp: teacher-forced answer accuracy {res['answer_accuracy']:.3f}, generated first word "
+            f"{gen['accuracy']:.3f} ({time.perf_counter() - t0:.0f} s)")
+
+    def cell(self, variant: str, bits: str) -> None:
+        args, h = self.args, self.handle
+        if ("vlm", variant, bits, "answer_accuracy") in {cell_key(r) for r in self.records}:
+            log(f"vlm {variant} {bits}: done earlier, skipped")
+            return
+        cfg = variant_config(variant, bits, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
+        t1 = time.perf_counter()
+        result = pipeline.calibrate_model(h.model, self.stream, cfg)
+        calib_s = time.perf_counter() - t1
+        qm = QuantizedModel.from_parts(family=h.family, model_config=h.model.config, fp_params=h.model,
+                                       folded_blocks=result.folded_blocks, method_config=cfg)
+        t2 = time.perf_counter()
+        res = answer_metrics(self.ref, answer_logits(qm, self.batches, h.family), self.batches, self.samples)
+        eval_s = time.perf_counter() - t2
+        row = {**self.base, "part": "vlm", "model": VLM, "method": variant, "bits": bits, **self.data}
+        vals = {k: v for k, v in res.items() if k != "answer_tokens"}
+        vals.update(calib_seconds=calib_s, eval_seconds=eval_s,
+                    mean_final_block_mse=sum(r.final_loss for r in result.reports) / len(result.reports))
+        for metric, value in vals.items():
+            count = res["answer_tokens"] if metric in ("kl_answer", "top1_agreement_answer", "answer_ppl") else None
+            self.records.append({**row, "metric": metric, "value": value if math.isfinite(value) else None,
+                                 "count": count})
+        self.save()
+        del qm, result
+        gc.collect()
+        log(f"vlm {variant} {bits}: accuracy {res['answer_accuracy']:.3f} (shape {res['answer_accuracy_shape']:.2f}, "
+            f"color {res['answer_accuracy_color']:.2f}, yes/no {res['answer_accuracy_yes_no']:.2f}), "
+            f"kl {res['kl_answer']:.4f}, top1 {res['top1_agreement_answer']:.3f} "
+            f"(calib {calib_s:.0f} s, eval {eval_s:.0f} s)")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     parts = [p for p in args.parts.split(",") if p]
@@ -162,22 +339,41 @@ def main(argv=None) -> int:
         return 2
     methods = [m for m in args.methods.split(",") if m]
     bits_list = [b for b in args.bits.split(",") if b]
+    bad = sorted(set(methods) - set(METHODS)) + sorted(
+        set(bits_list + args.ablation_bits.split(",")) - set(BIT_PRESETS) - {""})
+    if bad:
+        print(f"error: unknown method(s) or bit width(s) {bad}; methods: {', '.join(METHODS)}; bit widths: "
+              f"{', '.join(BIT_PRESETS)}", file=sys.stderr)
+        return 2
     machine = C.machine_name()
     out = Path(args.out) if args.out else C.RESULTS / f"{BENCH}-{machine}.json"
     recipe = recipe_of(args)
-    records = [] if args.fresh else load_previous(out, recipe)
+    records, earlier, stale = ([], [], set()) if args.fresh else load_previous(out, recipe)
     load = os.getloadavg()
     run = C.run_record(BENCH, machine, recipe=recipe, caveat=CAVEAT, load_average_at_start=load[0],
-                       **{f"pkg_{k}": v for k, v in export.package_versions().items()})
+                       earlier_runs=earlier, **{f"pkg_{k}": v for k, v in export.package_versions().items()})
     base = {"bench": BENCH, "machine": machine}
 
     def save() -> None:
+        # Keep the cells another process (another part, run at the same time) wrote meanwhile.
+        mine = {cell_key(r) for r in records} | stale
+        theirs = [] if args.fresh else [r for r in read_records(out)[0] if cell_key(r) not in mine]
         run["load_average_last"] = os.getloadavg()[0]
-        C.write_json_atomic(out, records + [run])
+        C.write_json_atomic(out, theirs + records + [run])
 
     t0 = time.perf_counter()
     if "llm" in parts:
         llm_part(args, methods, bits_list, records, save, base)
+    if "vlm" in parts or "ablation" in parts:
+        cells = [(m, b) for b in bits_list for m in methods] if "vlm" in parts else []
+        if "ablation" in parts:  # the two middle variants; the end points are vlm cells
+            abl = [b for b in args.ablation_bits.split(",") if b]
+            cells += [(v, b) for b in abl for v in COMPONENT_VARIANTS if (v, b) not in cells]
+        order = list(dict.fromkeys(bits_list + list(BIT_PRESETS)))  # one bit width after another
+        cells.sort(key=lambda c: order.index(c[1]))
+        bench = VlmBench(args, records, save, base)
+        for variant, bits in cells:
+            bench.cell(variant, bits)
     run["seconds"] = time.perf_counter() - t0
     save()
     log(f"wrote {out} ({len(records)} records) in {run['seconds']:.0f} s")

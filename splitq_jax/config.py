@@ -171,6 +171,27 @@ def method_config(method: str, bits: str = "w4a4", **overrides: Any) -> MethodCo
     return MethodConfig(**base)
 
 
+# SplitQ's components added to FlatQuant one at a time (the paper's component ablation):
+# variant name -> (preset, overrides). The first and last are the flatquant and splitq presets.
+COMPONENT_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "flatquant": ("flatquant", {}),
+    "flatquant+mocd": ("splitq", {"cws": False, "mac": False}),
+    "flatquant+mocd+cws": ("splitq", {"mac": False}),
+    "splitq": ("splitq", {}),
+}
+
+
+def variant_config(name: str, bits: str = "w4a4", **overrides: Any) -> MethodConfig:
+    """A method preset (``METHODS``) or a component variant (``COMPONENT_VARIANTS``) at ``bits``."""
+    if name in METHODS:
+        return method_config(name, bits, **overrides)
+    if name not in COMPONENT_VARIANTS:
+        raise ConfigError(f"unknown method or variant {name!r}: choose one of "
+                          f"{', '.join(dict.fromkeys(METHODS + tuple(COMPONENT_VARIANTS)))}")
+    preset, fixed = COMPONENT_VARIANTS[name]
+    return method_config(preset, bits, **{**fixed, **overrides})
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line and config files: one flag per MethodConfig field, same names (snake -> kebab).
 
