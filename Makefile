@@ -12,8 +12,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[test,plot]"
 	touch $(STAMP)
 
+# Two worker processes, whole test modules each (compile-bound tests scale with processes, not threads).
+# TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" --durations=15
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" --durations=15 -n $(TEST_WORKERS) --dist loadfile
 
 test-slow: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow

@@ -38,6 +38,10 @@ def main(argv=None) -> int:
         return 2
     analysis.plot_profile(prof, args.out, f"{handle.name}: layer {layer}, {args.group} input")
     print(f"wrote {args.out}: text channels {prof.split.text.tolist()}, vision channels {prof.split.vision.tolist()}")
+    k = max(len(prof.split.text), len(prof.split.vision), 1)
+    top_t, top_v = analysis.top_channels(prof.text_absmax, k), analysis.top_channels(prof.vision_absmax, k)
+    print(f"largest {k} channels by max |X|: text {top_t.tolist()}, vision {top_v.tolist()}; "
+          f"shared {len(set(top_t.tolist()) & set(top_v.tolist()))} of {k}")
     return 0
 
 

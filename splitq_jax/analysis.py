@@ -54,6 +54,11 @@ def channel_profile(model, stream: Stream, layer: int, group: str, cfg: MethodCo
     return ChannelProfile(layer, group, text_max, vis_max, split)
 
 
+def top_channels(absmax: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` channels of largest ``absmax``, ascending channel order."""
+    return np.sort(np.argsort(-np.asarray(absmax), kind="stable")[:k])
+
+
 def plot_profile(profile: ChannelProfile, path: str, title: str = "") -> None:
     """Two panels (text tokens, vision tokens) of per-channel max |X|, selected channels marked."""
     import matplotlib

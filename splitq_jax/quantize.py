@@ -90,7 +90,7 @@ def calibration_batches(handle: ModelHandle, *, source: str = cd.DEFAULT_SOURCE,
                             "is a vision-language model: use the default data or a JSONL file with images")
     if raw is None:
         raw = cd.load_samples(source, n=samples, split="calib", seed=seed)
-    encoded = cd.encode_samples(raw, handle.family, handle.tokenizer, handle.image_cfg)
+    encoded = cd.encode_samples(raw, handle.family, handle.tokenizer, handle.image_cfg, model_config=handle.model.config)
     return cd.make_batches(encoded, batch_size, handle.pad_id, max_tokens=max_tokens)
 
 
