@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 ORDER = ("fp", "rtn", "smoothquant", "flatquant", "flatquant+mocd", "flatquant+mocd+cws", "splitq")
-BITS = ("w4a8", "w4a4", "w3a3", "w3a2")
+BITS = ("fp32", "w4a8", "w4a4", "w3a3", "w3a2")  # fp32: the full-precision reference row
 
 
 def fmt(v) -> str:
