@@ -82,6 +82,14 @@ CAVEAT = ("the baseline weights were already 4-to-6-bit quantized upstream (AWQ 
           "the dequantized weights and every number is relative to it")
 
 
+def release_compiled() -> None:
+    """Drop every compiled program after a configuration. Each one compiles its own; kept alive
+    together they exhausted the process's memory mappings (vm.max_map_count 65530 here) after 16
+    VLM configurations: "LLVM compilation error: Cannot allocate memory", then a crash."""
+    gc.collect()
+    jax.clear_caches()
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -199,7 +207,7 @@ def llm_part(args, methods, bits_list, records, save, base) -> None:
                                 "count": count})
             save()
             del qm, result  # free the quantized model before the next one (peak memory)
-            gc.collect()
+            release_compiled()
             log(f"llm {method} {bits}: ppl {res['ppl_fp']:.3f} -> {res['ppl_q']:.3f}, kl {res['kl']:.4f}, "
                 f"top1 {res['top1_agreement']:.3f} (calib {calib_s:.0f} s, eval {eval_s:.0f} s)")
 
@@ -323,7 +331,7 @@ class VlmBench:
                                  "count": count})
         self.save()
         del qm, result
-        gc.collect()
+        release_compiled()
         log(f"vlm {variant} {bits}: accuracy {res['answer_accuracy']:.3f} (shape {res['answer_accuracy_shape']:.2f}, "
             f"color {res['answer_accuracy_color']:.2f}, yes/no {res['answer_accuracy_yes_no']:.2f}), "
             f"kl {res['kl_answer']:.4f}, top1 {res['top1_agreement_answer']:.3f} "
