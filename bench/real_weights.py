@@ -28,8 +28,9 @@ Part ``ablation`` -- SplitQ's components added to FlatQuant one at a time
 VLM. Its end points are the flatquant and splitq cells of part ``vlm`` (shared, not recomputed).
 
 Recipe (REDUCED, the same for every method, stated in the run record): ``--samples`` calibration
-windows of ``--tokens`` tokens, ``--epochs`` epochs of batch ``--batch-size`` for the learned
-methods (flatquant, splitq); rtn and smoothquant learn nothing. Everything else is the method's
+windows of ``--tokens`` tokens (code model) or ``--vlm-samples`` samples (VLM), ``--epochs`` epochs
+of batch ``--batch-size`` for the learned methods (flatquant, splitq and the ablation's variants);
+rtn and smoothquant learn nothing. Everything else is the method's
 preset (``config.method_config``). On a text-only model SplitQ's MOCD has no vision token: its
 vision group falls back to the all-token magnitude (a documented [choice], warned at run time) and
 MAC acts on every token.
@@ -38,7 +39,9 @@ Quantized models are assembled in memory (``runtime.QuantizedModel.from_parts``:
 integer matmuls), exactly what an exported checkpoint loads to.
 
 Resumable: the output JSON is rewritten atomically after every configuration and a rerun skips
-the configurations it already holds (same recipe only; ``--fresh`` starts over).
+the configurations it already holds (those of a part whose recipe is unchanged; ``--fresh`` starts
+over). Parts may run in two processes at once: each save keeps the other's new cells. The whole
+table took about 3.5 h on a shared 2-core CPU.
 
     python bench/real_weights.py                                  # the whole table
     python bench/real_weights.py --parts llm --methods rtn --bits w4a8   # one cell
