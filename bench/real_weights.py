@@ -61,7 +61,6 @@ import warnings
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -233,13 +232,7 @@ def answer_logits(model, batches: list[dict], family: str) -> list[np.ndarray]:
     return out
 
 
-@jax.jit
-def _answer_stats(ref: jax.Array, q: jax.Array, target: jax.Array) -> dict[str, jax.Array]:
-    lp, lq = jax.nn.log_softmax(ref, axis=-1), jax.nn.log_softmax(q, axis=-1)
-    return {"kl": jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1),
-            "agree": (jnp.argmax(lq, axis=-1) == jnp.argmax(lp, axis=-1)).astype(jnp.float32),
-            "nll": -jnp.take_along_axis(lq, target[:, None], axis=-1)[:, 0],
-            "hit": (jnp.argmax(lq, axis=-1) == target).astype(jnp.float32)}
+_answer_stats = jax.jit(ev.token_stats)
 
 
 def answer_metrics(ref: list[np.ndarray], q: list[np.ndarray], batches: list[dict], samples) -> dict[str, float]:
@@ -249,12 +242,11 @@ def answer_metrics(ref: list[np.ndarray], q: list[np.ndarray], batches: list[dic
     correct: dict[int, bool] = {}  # sample index -> every answer token is the model's top-1
     for r, x, b in zip(ref, q, batches):
         (rows, _), target = answer_positions(b)
-        st = {k: np.asarray(v, np.float64) for k, v in _answer_stats(jnp.asarray(r), jnp.asarray(x),
-                                                                       jnp.asarray(target, jnp.int32)).items()}
-        kl, agree, nll, n_tok = kl + st["kl"].sum(), agree + st["agree"].sum(), nll + st["nll"].sum(), n_tok + len(target)
-        for row, hit in zip(rows.tolist(), st["hit"].tolist()):
+        st = {k: np.asarray(v, np.float64) for k, v in _answer_stats(r, x, target).items()}
+        kl, agree, nll, n_tok = kl + st["kl"].sum(), agree + st["agree"].sum(), nll + st["nll_q"].sum(), n_tok + len(target)
+        for row, hit in zip(rows.tolist(), (np.argmax(x, axis=-1) == target).tolist()):
             k = int(b["sample_index"][row])
-            correct[k] = correct.get(k, True) and hit == 1.0
+            correct[k] = correct.get(k, True) and hit
     out = {"kl_answer": kl / n_tok, "top1_agreement_answer": agree / n_tok,
            "answer_ppl": math.exp(min(nll / n_tok, 700.0)), "answer_tokens": n_tok}
     types = [vqa.question_type(s.answer) for s in samples]
@@ -275,12 +267,12 @@ class VlmBench:
         self.handle = h = qz.load_model_for_calibration(VLM)
         log(f"{VLM}: loaded in {time.perf_counter() - t0:.0f} s")
         raw = cd.load_samples(cd.DEFAULT_SOURCE, n=args.vlm_samples, split="calib", seed=args.seed)
-        encoded = cd.encode_samples(raw, h.family, h.tokenizer, model_config=h.model.config)
-        batches = cd.make_batches(encoded, args.batch_size, h.pad_id)
+        batches = qz.calibration_batches(h, raw=raw, batch_size=args.batch_size)
         self.stream = pipeline.embed_batches(h.model, batches, h.family)
         self.data = {"calib": f"{args.vlm_samples} samples of the bundled default data: "
                               f"{sum(s.answer is None for s in raw)} photos + {sum(s.answer is not None for s in raw)} "
-                              "easy-vqa train questions", "calib_tokens_total": int(sum(len(e.input_ids) for e in encoded)),
+                              "easy-vqa train questions",
+                     "calib_tokens_total": int(sum(np.asarray(b["attention_mask"]).sum() for b in batches)),
                      "eval": f"easy-vqa test, {args.vqa_per_type} questions per type (vqa_eval.eval_samples, "
                              f"seed {args.seed})"}
         self.samples = vqa.eval_samples(per_type=args.vqa_per_type, seed=args.seed)

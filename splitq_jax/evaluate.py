@@ -121,27 +121,33 @@ def decode_generated(tokens: np.ndarray, tokenizer, eos_token_id: int | Sequence
 # ------------------------------------------------------------------------------ per position
 
 
-@jax.jit
-def position_stats(logits_fp: jax.Array, logits_q: jax.Array, input_ids: jax.Array) -> dict[str, jax.Array]:
-    """Per-position comparison of two models' next-token distributions, all ``(B, N)`` float32.
-
-    ``kl``: KL(P_fp || P_q); ``agree``: 1 where the fp model's top-1 token is also the quantized
-    model's (one of its, on an exact tie); ``nll_fp`` / ``nll_q``: NLL of the actual next token
-    ``input_ids[:, t + 1]`` (the last column has no next token: 0).
-    Rows at padding are meaningless (possibly NaN); mask them out.
-    """
+def token_stats(logits_fp: jax.Array, logits_q: jax.Array, targets: jax.Array) -> dict[str, jax.Array]:
+    """Two models' next-token distributions compared at each row of ``(..., vocab)`` logits, float32
+    ``(...)``: ``kl`` KL(P_fp || P_q); ``agree`` 1 where the fp model's top-1 token is also the
+    quantized model's (one of its, on an exact tie); ``nll_fp`` / ``nll_q`` NLL of ``targets``."""
     lp = jax.nn.log_softmax(logits_fp.astype(jnp.float32), axis=-1)
     lq = jax.nn.log_softmax(logits_q.astype(jnp.float32), axis=-1)
     # A contraction, not sum(p * d): XLA:CPU vectorises dots but not product reductions (5x
     # faster over a 150k vocabulary); HIGHEST keeps GPUs from rounding the operands to TF32.
-    kl = jnp.einsum("bnv,bnv->bn", jnp.exp(lp), lp - lq, precision=jax.lax.Precision.HIGHEST)
+    kl = jnp.einsum("...v,...v->...", jnp.exp(lp), lp - lq, precision=jax.lax.Precision.HIGHEST)
     top_fp = jnp.argmax(lp, axis=-1)[..., None]  # one argmax: they are slow on CPU too
     agree = (jnp.take_along_axis(lq, top_fp, axis=-1)[..., 0] == jnp.max(lq, axis=-1)).astype(jnp.float32)
-    nxt = input_ids[:, 1:, None].astype(jnp.int32)
-    last = jnp.zeros(input_ids.shape[:1] + (1,), jnp.float32)
-    nll_fp = jnp.concatenate([-jnp.take_along_axis(lp[:, :-1], nxt, axis=-1)[..., 0], last], axis=1)
-    nll_q = jnp.concatenate([-jnp.take_along_axis(lq[:, :-1], nxt, axis=-1)[..., 0], last], axis=1)
-    return {"kl": kl, "agree": agree, "nll_fp": nll_fp, "nll_q": nll_q}
+    t = targets.astype(jnp.int32)[..., None]
+    return {"kl": kl, "agree": agree, "nll_fp": -jnp.take_along_axis(lp, t, axis=-1)[..., 0],
+            "nll_q": -jnp.take_along_axis(lq, t, axis=-1)[..., 0]}
+
+
+@jax.jit
+def position_stats(logits_fp: jax.Array, logits_q: jax.Array, input_ids: jax.Array) -> dict[str, jax.Array]:
+    """Per-position :func:`token_stats` of ``(B, N, vocab)`` logits, all ``(B, N)`` float32, the
+    NLLs of the actual next token ``input_ids[:, t + 1]`` (the last column has no next token: 0).
+    Rows at padding are meaningless (possibly NaN); mask them out.
+    """
+    nxt = jnp.concatenate([input_ids[:, 1:], jnp.zeros_like(input_ids[:, :1])], axis=1)
+    stats = token_stats(logits_fp, logits_q, nxt)
+    for k in ("nll_fp", "nll_q"):
+        stats[k] = stats[k].at[:, -1].set(0.0)
+    return stats
 
 
 def position_masks(batch: Batch) -> dict[str, np.ndarray]:

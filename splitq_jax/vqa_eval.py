@@ -102,18 +102,6 @@ def eval_samples(n: int | None = None, seed: int = 0, *, split: str = "test", pe
     return out
 
 
-def _left_pad(batch: dict, length: int, pad_id: int) -> dict:
-    """``batch`` left-padded to ``length`` positions (padding is masked; positions count real tokens)."""
-    extra = length - batch["input_ids"].shape[1]
-    if extra == 0:
-        return batch
-    out = dict(batch)
-    for key, value in (("input_ids", pad_id), ("attention_mask", 0), ("modality", cd.PAD), ("answer_mask", False)):
-        if key in batch:
-            out[key] = np.pad(batch[key], ((0, 0), (extra, 0)), constant_values=value)
-    return out
-
-
 def _family_and_config(model) -> tuple[str, Any]:
     from splitq_jax.runtime import QuantizedModel
 
@@ -145,7 +133,7 @@ def easy_vqa_accuracy(model, tokenizer, n: int | None = 500, seed: int = 0, *, p
       "by_type": {type: {"n", "accuracy", "exact_accuracy", "majority_answer", "majority_accuracy"}},
       "predictions": [(source, answer, reply), ...]}``.
     """
-    from splitq_jax.evaluate import decode_generated, model_generate
+    from splitq_jax.evaluate import decode_generated, eval_batches, model_generate
 
     family, config = _family_and_config(model)
     if samples is None:
@@ -154,10 +142,8 @@ def easy_vqa_accuracy(model, tokenizer, n: int | None = 500, seed: int = 0, *, p
                                  for s in samples], family, tokenizer, image_cfg, model_config=config)
     pad_id = config.pad_token_id if config.pad_token_id is not None else (tokenizer.pad_token_id or 0)
     eos = tuple(config.eos_token_id) or None
-    batches = cd.make_batches(encoded, batch_size, int(pad_id), padding_side="left")
-    # One prompt length for every batch: one compiled prefill instead of one per length.
-    length = max(b["input_ids"].shape[1] for b in batches)
-    batches = [_left_pad(b, length, int(pad_id)) for b in batches]
+    # Left padding to one prompt length for every batch: one compiled prefill instead of one per length.
+    batches = eval_batches(encoded, batch_size, int(pad_id))
     it = batches
     if progress:
         from tqdm import tqdm
