@@ -52,6 +52,7 @@ if str(ROOT) not in sys.path:
 from splitq_jax import calib_data as cd  # noqa: E402
 from splitq_jax import preprocess as pp  # noqa: E402
 from splitq_jax.export import sha256_file  # noqa: E402
+from splitq_jax.fsutil import atomic_file  # noqa: E402
 
 FEATURES_DIR = "easyvqa_features"
 MAX_ANSWER_TOKENS = 2  # every easy-vqa answer is one or two Qwen tokens ("teal" is two)
@@ -102,16 +103,12 @@ def feature_cache(vit, config, image_ids, split: str, *, weights_sha256: str, ca
             pixels = pp.llava_preprocess_images([cd._easy_vqa_image(zf, split, i) for i in ids], icfg)
             chunk = dinov2_features(vit, pixels, pool=config.vision_pool, keep_prefix=False,
                                     batch_size=batch_size).astype(np.float16)
-            tmp = part.with_name(f".{part.name}.tmp-{os.getpid()}")
-            with open(tmp, "wb") as f:
+            with atomic_file(part) as tmp, open(tmp, "wb") as f:
                 np.save(f, chunk)
-            os.replace(tmp, part)
             out[start:start + len(ids)] = chunk
             log(f"features {split}: {start + len(ids)}/{len(image_ids)} images, {time.time() - t0:.0f} s")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
         np.save(f, out)
-    os.replace(tmp, path)
     import shutil
 
     shutil.rmtree(parts, ignore_errors=True)
@@ -247,15 +244,12 @@ def save_work(work: Path, step: int, proj_state, opt_state, history: list, run: 
     arrays.update({f"o{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(opt_state))})
     arrays["step"] = np.asarray(step)
     arrays["history"] = np.asarray(history, np.float64).reshape(-1, 3)
-    tmp = work / f".state.npz.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with atomic_file(work / "state.npz") as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, work / "state.npz")
-    tmp = work / f".run.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(run, indent=1))
-    os.replace(tmp, work / "run.json")
+    with atomic_file(work / "run.json") as tmp:
+        tmp.write_text(json.dumps(run, indent=1))
 
 
 def load_work(work: Path, proj_state, opt_state, run: dict):
@@ -390,9 +384,8 @@ def main(argv=None) -> int:
 
     tensors = ev.projector_tensors(nnx.to_pure_dict(proj_state))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"model": ev.NAME, "steps": str(args.max_steps)})
-    os.replace(tmp, out)
+    with atomic_file(out) as tmp:
+        save_file(tensors, str(tmp), metadata={"model": ev.NAME, "steps": str(args.max_steps)})
     h = np.asarray(history)
     chunk = max(1, len(h) // 20)
     record = {
@@ -419,9 +412,8 @@ def main(argv=None) -> int:
         "loop_seconds_this_run": round(time.time() - t_loop, 1),
     }
     meta = out.with_suffix(".json")
-    tmp = meta.with_name(f".{meta.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, meta)
+    with atomic_file(meta) as tmp:
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
     log(f"wrote {out} (sha256 {record['sha256']}) and {meta}; final loss {record['final_loss']:.4f}")
     return 0
 

@@ -39,4 +39,18 @@ def atomic_dir(out: str | os.PathLike, *, replace: bool = False) -> Iterator[Pat
         raise
 
 
-__all__ = ["atomic_dir"]
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; when the block ends normally it becomes ``path`` in
+    one rename (replacing any old file). On an exception the temporary file is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+__all__ = ["atomic_dir", "atomic_file"]
