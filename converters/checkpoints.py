@@ -37,10 +37,7 @@ STATE_DIR = "state"             # orbax StandardCheckpointer payload
 CONFIG_FILE = "config.json"     # the source HF config, to rebuild the module
 META_FILE = "splitq_meta.json"  # family, dtype, source
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-# The OCDBT writer holds a data file in memory until it reaches this size. Orbax's default, 2 GiB,
-# buffers all of a small model: +2.0 GB of peak host memory measured saving a 2.4 GB model, +0.3 GB
-# with 32 MiB files (bench/convert_memory.py).
-OCDBT_FILE_BYTES = 32 * 2**20
+from splitq_jax.fsutil import OCDBT_FILE_BYTES  # noqa: E402  (one setting for every orbax save)
 
 
 def named_models() -> dict[str, str]:

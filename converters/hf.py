@@ -23,6 +23,8 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
+from splitq_jax.errors import SplitqError
+
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 # File types that need unpickling to read; we never do that.
@@ -43,7 +45,7 @@ _NP_DTYPES = {
 _ALIGN = 64
 
 
-class ConversionError(ValueError):
+class ConversionError(SplitqError):
     """A checkpoint cannot be read or does not fit the model; the message says how to fix it."""
 
 

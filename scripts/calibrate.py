@@ -21,12 +21,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tqdm import tqdm  # noqa: E402
 
 from converters.hf import ConversionError  # noqa: E402
-from splitq_jax import pipeline  # noqa: E402
+from splitq_jax import pipeline, preflight  # noqa: E402
 from splitq_jax import quantize as qz  # noqa: E402
 from splitq_jax.pipeline import Stream  # noqa: E402
 from splitq_jax.calib_data import CODE_SOURCE, CalibDataError, load_samples  # noqa: E402
 from splitq_jax.config import ConfigError, add_method_args, config_from_args, load_config_file  # noqa: E402
+from splitq_jax.errors import SplitqError  # noqa: E402
 from splitq_jax.quant import QuantError  # noqa: E402
+from splitq_jax.vision_block import vision_method_config  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,7 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "'stdlib' (Python standard-library code) or a JSONL file")
     ap.add_argument("--calib-batch-size", type=int, default=8, help="samples per embedding batch")
     ap.add_argument("--max-tokens", type=int, default=None,
-                    help="cut samples longer than this (text-only models: the code window, default 512)")
+                    help="cut samples longer than this many tokens (default: refuse samples over 2048 tokens; "
+                         "text-only models: the code window, default 512)")
     ap.add_argument("--resume", action="store_true", help="continue an interrupted run from its last block")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     ap.add_argument("--quantize-vision", action="store_true",
@@ -57,10 +60,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = config_from_args(args, load_config_file(args.config) if args.config else None)
-        if args.samples < 1:
-            raise qz.QuantizeError(f"--samples must be at least 1, got {args.samples}")
+        for flag, value in (("--samples", args.samples), ("--calib-batch-size", args.calib_batch_size),
+                            ("--max-tokens", args.max_tokens)):
+            if value is not None and value < 1:
+                raise qz.QuantizeError(f"{flag} must be at least 1, got {value}")
         if args.vision_bits and not args.quantize_vision:
             raise qz.QuantizeError("--vision-bits needs --quantize-vision")
+        vision_cfg = vision_method_config(cfg, args.vision_bits) if args.quantize_vision else None
         # Refuse a bad output directory or calibration file before spending minutes loading a model.
         name = args.model or qz.EMBEDDED_DEFAULT
         out = Path(args.out or f"runs/{name.strip('/').replace('/', '_')}-{cfg.method}-{cfg.bits}")
@@ -69,12 +75,15 @@ def main(argv=None) -> int:
                                    "or choose another --out")
         if args.resume and not (out.with_name(out.name + ".work") / "run.json").exists():
             raise qz.QuantizeError(f"nothing to resume for {out}: no interrupted run there; run without --resume")
+        preflight.check_output(out)
         raw = (None if args.calib_data in ("default", CODE_SOURCE)
                else load_samples(args.calib_data, n=args.samples, seed=cfg.seed))
         handle = qz.load_model_for_calibration(args.model, seed=cfg.seed)
+        qz.preflight_model(handle, cfg, out, vision_cfg)
         t0 = time.time()
         batches = qz.calibration_batches(handle, source=args.calib_data, samples=args.samples, seed=cfg.seed,
                                          batch_size=args.calib_batch_size, max_tokens=args.max_tokens, raw=raw)
+        qz.check_batches_fit(handle, batches, cfg)
         stream = pipeline.embed_batches(handle.model, batches, handle.family)
         vision = qz.vision_job(handle, batches, cfg, args.vision_bits) if args.quantize_vision else None
         print(f"{handle.name}: {cfg.method} {cfg.bits}; {stream.x.shape[0]} samples x {stream.x.shape[1]} tokens "
@@ -114,7 +123,7 @@ def main(argv=None) -> int:
                                     on_step=stepper("language", stream, cfg), on_block=on_block, vision=vision,
                                     on_vision_step=None if vision is None else stepper("vision", vision.stream,
                                                                                        vision.cfg))
-    except (ConfigError, QuantError, ConversionError, CalibDataError, qz.QuantizeError, ValueError) as e:
+    except (SplitqError, ConfigError, QuantError, ConversionError, CalibDataError, qz.QuantizeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"\n{'part':>8} {'block':>5} {'init mse':>12} {'final mse':>12} {'seconds':>9}")

@@ -25,6 +25,7 @@ from tqdm import tqdm  # noqa: E402
 from converters.hf import ConversionError  # noqa: E402
 from splitq_jax import calib_data as cd  # noqa: E402
 from splitq_jax import evaluate as ev  # noqa: E402
+from splitq_jax import preflight  # noqa: E402
 from splitq_jax.export import CheckpointError  # noqa: E402
 from splitq_jax.runtime import load_quantized  # noqa: E402
 
@@ -78,6 +79,8 @@ def main(argv=None) -> int:
             value = getattr(args, flag)
             if value is not None and value < 1:
                 raise ev.EvaluateError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+        if args.json:
+            preflight.check_output(Path(args.json), "--json")  # not after minutes of evaluation
         # Data errors surface before the minutes the models may take to load.
         n = args.samples if args.samples is not None or args.data != cd.DEFAULT_SOURCE else DEFAULT_SAMPLES
         code = args.data == cd.CODE_SOURCE
@@ -98,6 +101,7 @@ def main(argv=None) -> int:
                                       max_tokens=args.max_tokens)
         else:
             encoded = cd.encode_samples(raw, ref.family, ref.tokenizer, ref.image_cfg)
+            cd.check_lengths(encoded, what="evaluation", fix="drop it from the evaluation file")
         batches = ev.eval_batches(encoded, args.batch_size, ref.pad_id)
         print(f"{qm.manifest['model']['name']} {qm.manifest['method']} {qm.manifest['bits']}: {len(encoded)} samples "
               f"x {batches[0]['input_ids'].shape[1]} tokens ({time.time() - t0:.1f} s to load)")

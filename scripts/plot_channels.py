@@ -12,6 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from splitq_jax import analysis  # noqa: E402
+from splitq_jax import preflight  # noqa: E402
 from splitq_jax import quantize as qz  # noqa: E402
 from splitq_jax.block import GROUPS  # noqa: E402
 from splitq_jax.config import add_method_args, config_from_args  # noqa: E402
@@ -29,7 +30,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         cfg = config_from_args(args)
+        if args.samples < 1:
+            raise ValueError(f"--samples must be at least 1, got {args.samples}")
+        preflight.check_output(Path(args.out))
         handle = qz.load_model_for_calibration(args.model, seed=cfg.seed)
+        n_layers = len(list(handle.model.blocks))
+        if args.layer is not None and not 0 <= args.layer < n_layers:
+            raise ValueError(f"--layer {args.layer} is out of range: {handle.name} has decoder blocks 0 to {n_layers - 1}")
         stream = qz.calibration_stream(handle, source=args.calib_data, samples=args.samples, seed=cfg.seed)
         layer = len(list(handle.model.blocks)) // 2 if args.layer is None else args.layer
         prof = analysis.channel_profile(handle.model, stream, layer, args.group, cfg)

@@ -45,6 +45,7 @@ from PIL import Image
 
 from splitq_jax import preprocess as pp
 from splitq_jax.modality import ANSWER, PAD, TEXT, VISION  # noqa: F401  (re-exported codes)
+from splitq_jax.errors import SplitqError
 
 # Text that is part of an answer; counts as text everywhere (splitq_jax.calibrate uses the same code).
 
@@ -55,7 +56,7 @@ DEFAULT_PHOTO_FRACTION = 0.25
 SPLITS = ("calib", "eval")
 
 
-class CalibDataError(ValueError):
+class CalibDataError(SplitqError):
     """Calibration or evaluation data that cannot be used; the message names the file and line."""
 
 
@@ -444,6 +445,23 @@ def make_batches(encoded: Sequence[EncodedSample], batch_size: int, pad_id: int,
         batch["sample_index"] = np.arange(lo, lo + len(group), dtype=np.int64)
         batches.append(batch)
     return batches
+
+
+# Calibration samples longer than this are refused unless the user sets --max-tokens: FlatQuant and
+# SplitQ calibrate on sequences of this order, and memory grows with the square of the length.
+DEFAULT_MAX_TOKENS = 2048
+
+
+def check_lengths(encoded: Sequence[EncodedSample], limit: int = DEFAULT_MAX_TOKENS, *, what: str = "calibration",
+                  fix: str = "pass --max-tokens N to cut samples at N tokens (memory grows with N squared)") -> None:
+    """Refuse samples longer than ``limit`` tokens, naming the first one's source (``file:line``)."""
+    long = [(i, s) for i, s in enumerate(encoded) if len(s.input_ids) > limit]
+    if long:
+        i, s = long[0]
+        name = s.source or f"sample {i}"
+        more = f" (and {len(long) - 1} more)" if len(long) > 1 else ""
+        raise CalibDataError(f"{name}: the sample is {len(s.input_ids)} tokens long{more}, more than the "
+                             f"{limit}-token limit for {what} samples; shorten it, or {fix}")
 
 
 def _truncate(s: EncodedSample, max_tokens: int, index: int) -> EncodedSample:

@@ -26,6 +26,8 @@ import optax
 from splitq_jax import split_linear as sl
 from splitq_jax.block import BlockConfig, fp_block
 from splitq_jax.config import MethodConfig
+from splitq_jax.errors import NonFiniteError
+from splitq_jax.finite import first_nonfinite
 
 from splitq_jax.modality import ANSWER, PAD, TEXT, VISION  # noqa: F401  (re-exported)
 Tree = dict[str, Any]
@@ -59,7 +61,13 @@ def make_block_data(block_params, x, cos, sin, mask, modality, bcfg: BlockConfig
     """Targets are the full-precision block applied to ``x``; the quantized block reads ``x_quant``
     (the previous block's quantized output) when given, else ``x`` too."""
     check_inputs(x, bcfg)
+    if x_quant is not None:
+        check_inputs(x_quant, bcfg)
     y = fp_block_jit(bcfg)(block_params, x, cos, sin, mask)
+    if not bool(jnp.all(jnp.isfinite(y))):
+        raise NonFiniteError(
+            "the full-precision block gives NaN or inf on the calibration inputs (its targets); the "
+            "model weights or the inputs overflow (float16 weights are a common cause: use float32 or bfloat16)")
     return BlockData(x if x_quant is None else x_quant, y, cos, sin, mask, jnp.asarray(modality, jnp.int32))
 
 
@@ -67,7 +75,7 @@ def check_inputs(x: jax.Array, bcfg: BlockConfig) -> None:
     if x.ndim != 3 or x.shape[-1] != bcfg.hidden:
         raise ValueError(f"block inputs have shape {x.shape}; expected (samples, tokens, {bcfg.hidden})")
     if not bool(jnp.all(jnp.isfinite(x))):
-        raise ValueError(
+        raise NonFiniteError(
             "calibration inputs contain NaN or inf; check the previous block's outputs or the "
             "calibration data (a float16 overflow is a common cause: use float32 or bfloat16)"
         )
@@ -78,6 +86,11 @@ def text_mask_of(modality: jax.Array, cfg: MethodConfig) -> jax.Array:
     if cfg.text_tokens == "answer":
         return modality == ANSWER
     return (modality == TEXT) | (modality == ANSWER)
+
+
+def group_is_split(group: str, cfg: MethodConfig) -> bool:
+    """Whether MOCD splits ``group``'s input channels (o_proj's input only with ``mocd_o_proj``)."""
+    return cfg.split and (group != "attn_out" or cfg.mocd_o_proj)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,15 +138,14 @@ def collect_stats(block_params: Tree, data: BlockData, cfg: MethodConfig, bcfg: 
     for g in bcfg.groups:
         xs = np.concatenate(pooled[g])
         st = GroupStats(absmax=jnp.asarray(np.max(np.abs(xs[valid]), axis=0)))
-        do_split = cfg.split and (g != "attn_out" or cfg.mocd_o_proj)
-        if do_split:
+        if group_is_split(g, cfg):
             from splitq_jax import mocd
 
             k_t, k_v = mocd.channel_counts(xs.shape[-1], cfg.text_ratio, cfg.vision_ratio)
             sel = mocd.select_channels(
                 xs, codes, k_t=k_t, k_v=k_v, selector=cfg.selector, n_clusters=cfg.n_clusters,
                 instability=cfg.instability, seed=cfg.seed, max_text_tokens=8192,
-                empty_cluster=cfg.empty_cluster,
+                empty_cluster=cfg.empty_cluster, kmeans_starts=cfg.kmeans_starts,
             )
             st.text_idx = np.asarray(sel.text, np.int32)
             st.vision_idx = np.asarray(sel.vision, np.int32)
@@ -271,6 +283,20 @@ def evaluate(qparams: Tree, qconsts: Tree, data: BlockData, cfg: MethodConfig, b
     return num / max(den, 1e-12)
 
 
+def check_state(qparams: Tree, qconsts: Tree, final_loss: float, cfg: MethodConfig, *, trained: bool) -> None:
+    """Raise :class:`NonFiniteError` if the calibrated state or its loss is not finite, naming the
+    group and the likely cause (training diverged, or the statistics were already bad)."""
+    cause = (f"the training diverged; lower the learning rates (--lr {cfg.lr:g}, --clip-lr {cfg.clip_lr:g})"
+             if trained else "the calibration statistics or weights are not finite; check the data and model")
+    for part in (qparams, qconsts):
+        where = first_nonfinite(part)
+        if where is not None:
+            raise NonFiniteError(f"the calibrated state of group {where.split('/')[0]} holds non-finite "
+                                 f"values (at {where}): {cause}")
+    if not math.isfinite(final_loss):
+        raise NonFiniteError(f"the block loss after calibration is {final_loss}: {cause}")
+
+
 @dataclass
 class CalibResult:
     qparams: Tree
@@ -319,9 +345,10 @@ def calibrate_block(
                 qparams, opt_state, loss = step(qparams, opt_state, qconsts, data.batch(j * bs, bs))
                 lv = float(loss)
                 if not math.isfinite(lv):
-                    raise FloatingPointError(
-                        f"calibration loss became {lv} at step {t}; lower the learning rates "
-                        "(lr, clip_lr) or check the inputs"
+                    raise NonFiniteError(
+                        f"the calibration loss became {lv} at step {t + 1} (epoch {t // per_epoch + 1}): the "
+                        f"training diverged; lower the learning rates (--lr {cfg.lr:g}, --clip-lr "
+                        f"{cfg.clip_lr:g}) or check the calibration data"
                     )
                 total += lv
                 t += 1
@@ -329,4 +356,6 @@ def calibrate_block(
                     on_step(t, lv)
             epoch_losses.append(total / per_epoch)
     final_loss = evaluate(qparams, qconsts, data, cfg, bcfg, cfg.batch_size) if epochs else init_loss
+    # The loss is checked before each update; the state after the last update is checked here.
+    check_state(qparams, qconsts, final_loss, cfg, trained=epochs > 0)
     return CalibResult(qparams, qconsts, init_loss, final_loss, epoch_losses, stats)

@@ -9,10 +9,14 @@ component and every [choice] point of ``splitq-method.md`` is a field, so any ab
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
+from splitq_jax.errors import SplitqError
 from splitq_jax.quant import check_bits
 
 METHODS = ("rtn", "smoothquant", "flatquant", "splitq")
@@ -20,7 +24,7 @@ BIT_PRESETS = ("w4a8", "w4a4", "w3a3", "w3a2")
 SELECTORS = ("none", "mocd", "random", "text_max", "vision_max", "all_max", "all_mean")
 
 
-class ConfigError(ValueError):
+class ConfigError(SplitqError):
     """An invalid method configuration."""
 
 
@@ -61,7 +65,8 @@ class MethodConfig:
     vision_ratio: float = 0.02
     n_clusters: int = 3  # K of Eq. 10
     instability: str = "kmeans"  # [choice] "kmeans" (Eq. 10) or "variance"
-    empty_cluster: str = "keep"  # k-means empty-cluster rule: "keep" the centre or "farthest" (sklearn)
+    empty_cluster: str = "farthest"  # k-means empty-cluster rule: "farthest" (sklearn) or "keep" the centre
+    kmeans_starts: int = 2  # k-means starts per channel (Eq. 10), lowest inertia kept; = mocd.KMEANS_STARTS
     outlier_init: str = "identity"  # [choice] P_t / P_v start: "identity" or "random"
     main_path: str = "masked"  # [choice] "masked" (full width, zeroed columns) or "gathered"
     mocd_o_proj: bool = False  # [choice] split o_proj's input too
@@ -103,19 +108,36 @@ class MethodConfig:
         _one_of("text_tokens", self.text_tokens, ("non_vision", "answer"))
         _one_of("svd_of", self.svd_of, ("weight", "transformed"))
         _one_of("block_inputs", self.block_inputs, ("fp", "quantized"))
+        for f in dataclasses.fields(self):
+            if f.type in ("bool", bool) and not isinstance(getattr(self, f.name), (bool, np.bool_)):
+                raise ConfigError(f"{_flag(f.name)} must be true or false, got {getattr(self, f.name)!r}")
+        # Every number is checked here, where flags, --config files and the Python API all pass,
+        # so that a NaN learning rate or a negative rank never reaches a calibration.
         for name in ("text_ratio", "vision_ratio", "cws_ratio", "mac_ratio"):
-            v = getattr(self, name)
-            if not 0.0 <= v < 1.0:
-                raise ConfigError(f"{name}={v} must lie in [0, 1)")
+            _check_number(name, getattr(self, name), lo=0.0, hi=1.0, hi_open=True)
         if self.text_ratio + self.vision_ratio >= 1.0:
             raise ConfigError(
                 f"text_ratio + vision_ratio = {self.text_ratio + self.vision_ratio} leaves no main "
                 "channels; keep their sum well below 1 (the paper uses 0.02 each)"
             )
-        if self.n_clusters < 1:
-            raise ConfigError(f"n_clusters must be >= 1, got {self.n_clusters}")
-        if self.epochs < 0 or self.batch_size < 1:
-            raise ConfigError("epochs must be >= 0 and batch_size >= 1")
+        _check_number("smooth_alpha", self.smooth_alpha, lo=0.0, hi=1.0)
+        _check_number("mac_gate_init", self.mac_gate_init)
+        _check_number("lr", self.lr, lo=0.0)
+        _check_number("clip_lr", self.clip_lr, lo=0.0)
+        _check_number("weight_decay", self.weight_decay, lo=0.0)
+        _check_number("final_lr_ratio", self.final_lr_ratio, lo=0.0, hi=1.0)
+        _check_number("loss_text_weight", self.loss_text_weight, lo=0.0)
+        _check_number("loss_vision_weight", self.loss_vision_weight, lo=0.0)
+        if self.loss_text_weight == 0 and self.loss_vision_weight == 0:
+            raise ConfigError("loss_text_weight and loss_vision_weight are both 0, so the block loss would "
+                              "weigh no token; give at least one of them a positive weight (default 1)")
+        _check_number("n_clusters", self.n_clusters, lo=1, integer=True)
+        _check_number("kmeans_starts", self.kmeans_starts, lo=1, integer=True)
+        _check_number("epochs", self.epochs, lo=0, integer=True)
+        _check_number("batch_size", self.batch_size, lo=1, integer=True)
+        _check_number("seed", self.seed, lo=0, hi=2**31 - 1, integer=True)
+        if self.w_group_size is not None:
+            _check_number("w_group_size", self.w_group_size, lo=1, integer=True)
 
     @property
     def bits(self) -> str:
@@ -139,6 +161,31 @@ class MethodConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_number(name: str, value: Any, *, lo: float | None = None, hi: float | None = None,
+                  hi_open: bool = False, integer: bool = False) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is a finite number (an integer if ``integer``)
+    in ``[lo, hi]`` (``[lo, hi)`` with ``hi_open``); the message names the flag and the range."""
+    kind = "an integer" if integer else "a finite number"
+    rng = ""
+    if lo is not None and hi is not None:
+        rng = f" in [{lo}, {hi}{')' if hi_open else ']'}"
+    elif lo is not None:
+        rng = f" >= {lo}"
+    ok_type = (isinstance(value, (int, np.integer)) if integer
+               else isinstance(value, (int, float, np.integer, np.floating)))
+    ok = ok_type and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
+    if ok and lo is not None:
+        ok = value >= lo
+    if ok and hi is not None:
+        ok = value < hi if hi_open else value <= hi
+    if not ok:
+        raise ConfigError(f"{name} ({_flag(name)}) must be {kind}{rng}, got {value!r}")
 
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:

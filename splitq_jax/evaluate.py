@@ -52,11 +52,12 @@ import numpy as np
 
 from splitq_jax import calib_data as cd
 from splitq_jax.modality import ANSWER, PAD, TEXT, VISION
+from splitq_jax.errors import SplitqError
 
 Batch = Mapping[str, Any]
 
 
-class EvaluateError(ValueError):
+class EvaluateError(SplitqError):
     """Evaluation inputs that do not fit together; the message says how to fix it."""
 
 

@@ -56,6 +56,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from splitq_jax.config import MethodConfig
+from splitq_jax.errors import SplitqError
+from splitq_jax.finite import check_finite
 from splitq_jax.packing import PackedTensor
 
 Tree = Any
@@ -75,7 +77,7 @@ _RESERVED = frozenset({"format", "format_version", "created", "model", "method",
 VISION_LAYERS = {"qwen2_5_vl": ("visual", "blocks"), "llava": ("vision_tower", "layers")}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SplitqError):
     """A checkpoint directory that is missing, incomplete, corrupted or of another format."""
 
 
@@ -215,7 +217,7 @@ def _abstract(structure: dict) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
 # --------------------------------------------------------------------------------------------
 
 
-from converters.checkpoints import OCDBT_FILE_BYTES  # noqa: E402  (one setting for every orbax save)
+from splitq_jax.fsutil import OCDBT_FILE_BYTES  # noqa: E402  (one setting for every orbax save)
 
 
 def _save_arrays(path: Path, arrays: Mapping[tuple[str, ...], Any]) -> None:
@@ -391,6 +393,7 @@ def save_block(path: str | os.PathLike, folded: Tree, *, meta: Mapping[str, Any]
     read back by :func:`load_block_meta`. An existing ``path`` is replaced (a re-run recalibrates);
     ``overwrite=False`` refuses instead.
     """
+    check_finite(folded, f"the folded block for {path}", "nothing was written")
     out, tmp = _prepare(path, overwrite)
     try:
         structure, arrays = encode_tree(folded)
@@ -605,6 +608,8 @@ def save_quantized(out_dir: str | os.PathLike, *, family: str, model_config, fp_
         vision = {"num_blocks": len(vision_blocks), "method": vision_method_config.method,
                   "bits": vision_method_config.bits, "method_config": vision_method_config.to_dict()}
     dtype = _check_fp(fp, family, model_config, vision_quantized=vision is not None)
+    # Never publish a NaN: a checkpoint that loads and then answers garbage is worse than none.
+    check_finite(tree, f"the checkpoint for {out_dir}", "nothing was written")
     out, tmp = _prepare(out_dir, overwrite)
     try:
         structure, arrays = encode_tree(tree)

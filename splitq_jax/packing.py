@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from splitq_jax.quant import QParams, qrange
+from splitq_jax.quant import QParams, qrange, saturate
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 WORD_DTYPES = ("uint8", "uint32")
@@ -297,13 +297,14 @@ def pack_quantized(
 
 @functools.partial(jax.jit, static_argnames=("dtype",))
 def unpack_dequantize(t: PackedTensor, dtype=jnp.float32) -> jax.Array:
-    """``scale * (q - zero_point)`` of shape ``t.shape``; equals ``dequantize(p, shape)`` exactly
-    when the scales were stored in float32."""
+    """``scale * (q - zero_point)`` of shape ``t.shape`` (saturated to ``dtype``'s range, as
+    :func:`splitq_jax.quant.dequantize`); equals ``dequantize(p, shape, dtype)`` exactly when the
+    scales were stored in float32."""
     q = unpack(t.qvalue, t.bits, t.shape[-1], t.word_dtype, signed=t.symmetric)
     q = q.reshape(_grouped_shape(t.shape, t.group_size))
     if t.zero_point is not None:
         q = q - t.zero_point.astype(jnp.int32)[..., None]
-    x = q.astype(jnp.float32) * t.scale.astype(jnp.float32)[..., None]
+    x = saturate(q.astype(jnp.float32) * t.scale.astype(jnp.float32)[..., None], dtype)
     return x.reshape(t.shape).astype(dtype)
 
 

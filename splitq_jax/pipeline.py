@@ -28,6 +28,8 @@ from splitq_jax import calibrate as cal
 from splitq_jax import fold
 from splitq_jax.block import BlockConfig
 from splitq_jax.config import MethodConfig
+from splitq_jax.errors import NonFiniteError
+from splitq_jax.finite import check_finite
 
 Tree = dict[str, Any]
 
@@ -195,17 +197,23 @@ def calibrate_blocks(
         params = get_params()
         mask = stream.mask_for(i)
         path = work / f"{prefix}_{i:03d}" if work is not None else None
+        label = f"{'' if part == 'language' else part + ' '}block {i}"
         if resume and path is not None and path.exists():
             folded = load_block(path)
             y_fp = cal.fp_block_jit(bcfg)(params, x_fp, stream.cos, stream.sin, mask)
             report = _read_report(path, i)
         else:
-            data = cal.make_block_data(params, x_fp, stream.cos, stream.sin, mask, stream.modality, bcfg,
-                                       x_quant=x_q)
             step_cb = (lambda t, loss, i=i: on_step(i, t, loss)) if on_step is not None else None
-            result = cal.calibrate_block(params, data, cfg, bcfg, key=jax.random.fold_in(base_key, i),
-                                         on_step=step_cb)
+            try:
+                data = cal.make_block_data(params, x_fp, stream.cos, stream.sin, mask, stream.modality, bcfg,
+                                           x_quant=x_q)
+                result = cal.calibrate_block(params, data, cfg, bcfg, key=jax.random.fold_in(base_key, i),
+                                             on_step=step_cb)
+            except NonFiniteError as e:
+                raise NonFiniteError(f"{label}: {e}") from None
             folded = fold.fold_block(result.qparams, result.qconsts, cfg, bcfg=bcfg)
+            check_finite(folded, f"{label}: the folded (packed) block",
+                         "the calibrated state was finite, so its folding overflowed; nothing was saved")
             y_fp = data.y
             report = BlockReport(
                 i, result.init_loss, result.final_loss, time.time() - t0,
@@ -218,6 +226,10 @@ def calibrate_blocks(
                 save_block(path, folded)
         if x_q is not None:
             x_q = _folded_forward(cfg, bcfg)(folded, x_q, stream.cos, stream.sin, mask, stream.modality)
+            if not bool(jnp.all(jnp.isfinite(x_q))):
+                raise NonFiniteError(f"the quantized {label} gives NaN or "
+                                     "inf outputs (the quantized block inputs of the next block); try "
+                                     "--block-inputs fp or a higher bit width")
         x_fp = y_fp
         folded_blocks.append(folded)
         reports.append(report)

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from splitq_jax import transforms as tf
 from splitq_jax.config import MethodConfig
 from splitq_jax.packing import PackedTensor, unpack, unpack_dequantize
-from splitq_jax.quant import quantize
+from splitq_jax.quant import quantize, saturate
 from splitq_jax.split_linear import Bits
 
 Tree = dict[str, Any]
@@ -88,11 +88,12 @@ def quantize_acts(x: jax.Array, bits: int, *, symmetric: bool, clip: Tree | None
 
 
 def dequantize_acts(a: QActs) -> jax.Array:
-    """``scale * (q - z)`` in float32, bit-identical to ``fake_quant``'s output."""
+    """``scale * (q - z)`` in float32 (saturated, as ``fake_quant``), bit-identical to
+    ``fake_quant``'s float32 output."""
     q = a.qvalue.astype(jnp.int32)
     if a.zero_point is not None:
         q = q - a.zero_point[..., None]
-    return q.astype(jnp.float32) * a.scale[..., None]
+    return saturate(q.astype(jnp.float32) * a.scale[..., None], jnp.float32)
 
 
 def unpack_weight(t: PackedTensor) -> IntWeight:

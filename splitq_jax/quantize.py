@@ -12,24 +12,27 @@ is removed only after it is complete.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
 
 from splitq_jax import calib_data as cd
 from splitq_jax import pipeline
 from splitq_jax import preprocess as pp
 from splitq_jax.config import MethodConfig
+from splitq_jax.errors import SplitqError
 
 EMBEDDED_DEFAULT = "qwen2.5-vl-mini"
 # The embedded default sees small images (16-64 vision tokens) so that a run stays in minutes on CPU.
 EMBEDDED_IMAGE_CFG = cd.qwen_image_budget(min_tokens=16, max_tokens=64)
 
 
-class QuantizeError(ValueError):
+class QuantizeError(SplitqError):
     """A problem with the run's inputs or output directory; the message says how to fix it."""
 
 
@@ -77,7 +80,9 @@ def calibration_batches(handle: ModelHandle, *, source: str = cd.DEFAULT_SOURCE,
     """Calibration samples (bundled default or JSONL; or ``raw`` if already loaded) through the
     model's processor: padded token batches with their pixels. A text-only model (the GGUF
     ``qwen2.5-coder-0.5b``) calibrates on windows of real Python code (``source`` ``"default"`` or
-    ``"stdlib"``; ``max_tokens`` is the window length, default 512)."""
+    ``"stdlib"``; ``max_tokens`` is the window length, default 512). For image samples,
+    ``max_tokens`` cuts longer samples; without it a sample over ``calib_data.DEFAULT_MAX_TOKENS``
+    tokens is refused, naming its file and line."""
     if is_text_only(handle.model):
         if str(source) not in (cd.DEFAULT_SOURCE, cd.CODE_SOURCE) or raw is not None:
             raise QuantizeError(f"{handle.name} is a text-only model: it calibrates on text, --calib-data "
@@ -91,6 +96,8 @@ def calibration_batches(handle: ModelHandle, *, source: str = cd.DEFAULT_SOURCE,
     if raw is None:
         raw = cd.load_samples(source, n=samples, split="calib", seed=seed)
     encoded = cd.encode_samples(raw, handle.family, handle.tokenizer, handle.image_cfg, model_config=handle.model.config)
+    if max_tokens is None:
+        cd.check_lengths(encoded)
     return cd.make_batches(encoded, batch_size, handle.pad_id, max_tokens=max_tokens)
 
 
@@ -132,6 +139,55 @@ def vision_job(handle: ModelHandle, batches: list[dict], cfg: MethodConfig, bits
     except ValueError as e:
         raise QuantizeError(f"{e}; give a --calib-data file whose samples have images") from None
     return VisionJob(stream, vb.vision_method_config(cfg, bits), list(batches))
+
+
+def preflight_model(handle: ModelHandle, cfg: MethodConfig, out_dir: str | Path,
+                    vision_cfg: MethodConfig | None = None) -> None:
+    """Checks that need the model but no data, made before anything is written: the weight group
+    size divides every width it applies to, and the output's file system has room for the
+    finished blocks and the checkpoint (:mod:`splitq_jax.preflight`)."""
+    from flax import nnx
+
+    from splitq_jax import preflight as pf
+
+    model = handle.model
+    blocks = list(model.blocks)
+    params = blocks[0].block_params()
+    groups = pipeline.block_config_of(model.config.text).groups
+    pf.check_group_size(params, groups, cfg, "language")
+    total = pf._nbytes(jax.tree_util.tree_leaves(nnx.state(model)))
+    dropped = pf._nbytes(jax.tree_util.tree_leaves(params)) * len(blocks)
+    stored = pf.block_weight_bytes(params, groups, cfg.w_bits) * len(blocks)
+    if vision_cfg is not None:
+        from splitq_jax import vision_block as vb
+
+        try:
+            vblocks = vb.quantized_blocks(model, handle.family)
+        except ValueError as e:
+            raise QuantizeError(str(e)) from None
+        vparams = vb.block_params(vblocks[0], handle.family)
+        vgroups = vb.block_config(model, handle.family).groups
+        pf.check_group_size(vparams, vgroups, vision_cfg, "vision")
+        dropped += pf._nbytes(jax.tree_util.tree_leaves(vparams)) * len(vblocks)
+        stored += pf.block_weight_bytes(vparams, vgroups, vision_cfg.w_bits) * len(vblocks)
+    # Finished blocks stay in <out>.work until the checkpoint (which holds them again) is complete.
+    pf.check_disk(out_dir, total - dropped + 2 * stored)
+
+
+def check_batches_fit(handle: ModelHandle, batches: list[dict], cfg: MethodConfig) -> None:
+    """Refuse calibration batches whose estimated peak memory exceeds what this process may still
+    allocate (``preflight.run_memory``), before they are embedded."""
+    from splitq_jax import preflight as pf
+
+    samples = sum(int(b["input_ids"].shape[0]) for b in batches)
+    tokens = max(int(b["input_ids"].shape[1]) for b in batches)
+    t = handle.model.config.text
+    bcfg = pipeline.block_config_of(t)
+    need = pf.run_memory(samples=samples, tokens=tokens, hidden=bcfg.hidden, intermediate=bcfg.intermediate,
+                         num_heads=bcfg.num_heads, head_dim=bcfg.head_dim, batch_size=cfg.batch_size,
+                         quantized_inputs=cfg.block_inputs == "quantized")
+    pf.check_memory(need, f"calibrating {samples} samples of up to {tokens} tokens",
+                    "lower --max-tokens (cuts samples), --samples or --batch-size")
 
 
 def _run_record(handle: ModelHandle, cfg: MethodConfig, data: dict[str, Any],
@@ -184,10 +240,44 @@ def quantize_model(
 ) -> tuple[Path, pipeline.ModelResult]:
     """Calibrate every block (the vision tower's first when ``vision`` is given), then export the
     packed checkpoint to ``out_dir`` (atomically). ``on_block`` sees both parts (``report.part``)."""
-    from splitq_jax import export
+    from splitq_jax.errors import SplitqError
+    from splitq_jax.preflight import nearest_existing
 
     record = _run_record(handle, cfg, data_record, vision)
+    existing = nearest_existing(Path(out_dir).parent)
     work = prepare_output(out_dir, overwrite=overwrite, resume=resume, record=record)
+    try:
+        return _calibrate_and_export(handle, stream, cfg, out_dir, work, data_record=data_record, overwrite=overwrite,
+                                     resume=resume, fail_after_block=fail_after_block, on_step=on_step,
+                                     on_block=on_block, vision=vision, on_vision_step=on_vision_step)
+    except SplitqError:
+        # A refusal (diverged training, non-finite data, ...) leaves nothing behind: a rerun must
+        # change its options, so a resume point would be refused anyway. A resumed run keeps its
+        # work directory as it found it plus the blocks it finished. Crashes (other exceptions)
+        # keep the work directory for --resume.
+        if not resume:
+            shutil.rmtree(work, ignore_errors=True)
+            _remove_empty_parents(work.parent, existing)
+        raise
+
+
+def _remove_empty_parents(path: Path, stop: Path) -> None:
+    """Remove ``path`` and its ancestors below ``stop`` while they are empty (directories the run created)."""
+    path, stop = Path(os.path.abspath(path)), Path(os.path.abspath(stop))
+    while path != stop and stop in path.parents:
+        try:
+            path.rmdir()
+        except OSError:
+            return
+        path = path.parent
+
+
+def _calibrate_and_export(handle: ModelHandle, stream: pipeline.Stream, cfg: MethodConfig, out_dir: str | Path,
+                          work: Path, *, data_record: dict[str, Any], overwrite: bool, resume: bool,
+                          fail_after_block: int | None, on_step, on_block, vision: VisionJob | None,
+                          on_vision_step) -> tuple[Path, pipeline.ModelResult]:
+    from splitq_jax import export
+
     vision_result = None
     if vision is not None:
         from splitq_jax import vision_block as vb

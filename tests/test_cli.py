@@ -251,7 +251,8 @@ def tiny():
 
 
 def tiny_cfg(method: str):
-    return method_config(method, "w4a4", epochs=1, batch_size=2)
+    # Three epochs (six steps): the first steps on these random tiny models can raise the loss.
+    return method_config(method, "w4a4", epochs=3, batch_size=2)
 
 
 @pytest.fixture(scope="module")

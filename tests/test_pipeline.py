@@ -54,7 +54,9 @@ def _same(a, b):
 
 def test_calibrate_model_and_resume_reproduces_clean_run(setup, tmp_path):
     model, stream = setup
-    cfg = method_config("splitq", "w4a4", epochs=1, batch_size=2)
+    # Three epochs (six steps): the first Adam steps on this random tiny model can raise the loss
+    # (two steps did, by 23%, on block 0), so "no worse than the start" needs a few more.
+    cfg = method_config("splitq", "w4a4", epochs=3, batch_size=2)
     clean = pipeline.calibrate_model(model, stream, cfg)
     assert len(clean.folded_blocks) == 2
     for r in clean.reports:

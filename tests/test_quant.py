@@ -1,15 +1,20 @@
-"""splitq_jax.quant against an independent numpy float32 implementation of spec Eq. 1.
+"""splitq_jax.quant against an independent numpy implementation of spec Eq. 1.
 
-The reference follows the op order of quant.py step by step, so results must agree bit for bit.
-Two places where XLA's float results are not the textbook IEEE ones, mirrored here:
+The reference is written from the quantizer's definition (module docstring of
+``splitq_jax.quant``): every step is one correctly rounded float32 operation ``fl``, division by the
+scale is multiplication by ``fl(1 / s)``, the scale's statistic is multiplied by ``fl(1 / q_max)``,
+the floor is ``SCALE_MIN`` and the output saturates at the largest float. It computes in float64
+and rounds each result to a 24-bit significand with an *unbounded* exponent (:func:`fl`), so it
+needs none of the implementation's tricks for huge or tiny rows, and results must agree bit for bit.
 
-* ``amax / q_max`` (a division by a constant) is compiled as ``amax * fl(1 / q_max)``; it differs
-  from the IEEE quotient by 1 ulp for about a third to a half of inputs. The reference multiplies
-  by the float32 reciprocal too.
-* ``exp`` inside the clipping sigmoid: XLA CPU's vectorised exp differs from libm by a few ulp on
-  some inputs. The exact tests feed the reference the clip factors ``sigmoid(beta)`` as JAX
-  computes them; a separate test bounds JAX's sigmoid against numpy's and checks the all-numpy
-  path on logits where the two agree.
+One place where XLA's float results are not the textbook IEEE ones: ``exp`` inside the clipping
+sigmoid (XLA CPU's vectorised exp differs from libm by a few ulp on some inputs). The exact tests
+feed the reference the clip factors ``sigmoid(beta)`` as JAX computes them; a separate test bounds
+JAX's sigmoid against numpy's and checks the all-numpy path on logits where the two agree.
+
+Denormals: XLA:CPU flushes float32 denormals to zero (inputs and results: ``1e-40 * 2 == 0``,
+``1e-40 / 2e-40`` is NaN); GPUs need not. The tests use rows whose results do not depend on that:
+the quantizer never produces a denormal, and a denormal input only ever meets the code ``z``.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import itertools
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -25,6 +31,7 @@ from splitq_jax import quant
 from splitq_jax.quant import QuantError, aux_bits, dequantize, fake_quant, quantize
 
 F32 = np.float32
+F32_MAX = float(np.finfo(F32).max)
 
 
 # ----------------------------------------------------------------------------- reference
@@ -35,43 +42,48 @@ def np_sigmoid(z) -> np.ndarray:
     return F32(1) / (F32(1) + np.exp(-z))
 
 
-def _recip(q_max: int) -> np.float32:
-    # XLA (eager and jit) rewrites division by a constant as multiplication by its float32
-    # reciprocal, so quant.py's ``amax / q_max`` is ``amax * fl(1 / q_max)``, up to 1 ulp away
-    # from the IEEE quotient. The reference does the same.
-    return F32(1) / F32(q_max)
+def fl(v) -> np.ndarray:
+    """float64 ``v`` rounded to a 24-bit significand (ties to even) with unbounded exponent.
 
-
-def ref_quant(x, bits, symmetric, group_size=None, clip_factors=None):
-    """Eq. 1 in numpy float32. Returns (fake-quantized x, q (grouped), scale, zero).
-
-    ``clip_factors``: ``(f_max, f_min)`` = sigmoid of the logits, shaped like the statistics
-    without their trailing axis.
+    Applied to the float64 result of one ``+ - * /`` of such numbers, this is the correctly
+    rounded float32 result (float64 has more than ``2 * 24 + 2`` bits, so the double rounding is
+    innocuous), without float32's overflow or gradual underflow.
     """
-    x = np.asarray(x, F32)
-    xg = x
+    m, e = np.frexp(np.asarray(v, np.float64))
+    return np.ldexp(np.round(m * 2.0**24) / 2.0**24, e)
+
+
+def ref_quant(x, bits, symmetric, group_size=None, clip_factors=None, out_dtype=np.float32):
+    """Eq. 1 as defined in ``splitq_jax.quant``. Returns (fake-quantized x in ``out_dtype``,
+    q (grouped), scale, zero), the last three as float64 holding float32 values.
+
+    ``x``: any float array (its values are used exactly). ``clip_factors``: ``(f_max, f_min)`` =
+    sigmoid of the logits, shaped like the statistics without their trailing axis.
+    """
+    xg = np.asarray(np.asarray(x).astype(np.float64))
+    shape = xg.shape
     if group_size is not None:
-        xg = x.reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)
+        xg = xg.reshape(*shape[:-1], shape[-1] // group_size, group_size)
     xmax = xg.max(axis=-1, keepdims=True)
     xmin = xg.min(axis=-1, keepdims=True)
     if clip_factors is not None:
-        f_max, f_min = (np.asarray(f, F32)[..., None] for f in clip_factors)
-        xmax = f_max * xmax
-        xmin = f_min * xmin
+        f_max, f_min = (np.asarray(f, F32).astype(np.float64)[..., None] for f in clip_factors)
+        xmax = fl(f_max * xmax)
+        xmin = fl(f_min * xmin)
+    q_min, q_max = quant.qrange(bits, symmetric)
+    r = fl(1.0 / q_max)
     if symmetric:
-        q_min, q_max = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-        amax = np.maximum(np.abs(xmin), np.abs(xmax))
-        scale = np.maximum(amax * _recip(q_max), F32(1e-8))
-        zero = np.zeros_like(scale)
+        scale = fl(np.maximum(np.abs(xmin), np.abs(xmax)) * r)
     else:
-        q_min, q_max = 0, 2**bits - 1
-        xmax = np.maximum(xmax, F32(0))
-        xmin = np.minimum(xmin, F32(0))
-        scale = np.maximum((xmax - xmin) * _recip(q_max), F32(1e-8))
-        zero = np.round(-xmin / scale)  # numpy rounds half to even
-    q = np.clip(np.round(xg / scale) + zero, F32(q_min), F32(q_max))
-    out = ((q - zero) * scale).reshape(x.shape)
-    assert out.dtype == np.float32 and scale.dtype == np.float32
+        xmax, xmin = np.maximum(xmax, 0.0), np.minimum(xmin, 0.0)
+        scale = fl(fl(xmax - xmin) * r)
+    scale = np.maximum(scale, 2.0**-125)
+    inv = fl(1.0 / scale)
+    zero = np.zeros_like(scale) if symmetric else np.round(fl(-xmin * inv))  # half to even
+    q = np.clip(np.round(fl(xg * inv)) + zero, q_min, q_max)
+    out = fl((q - zero) * scale)
+    big = float(np.finfo(out_dtype).max)
+    out = np.clip(out, -big, big).reshape(shape).astype(out_dtype)
     return out, q, scale, zero
 
 
@@ -184,9 +196,10 @@ def test_asymmetric_keeps_zero_exact():
 
 
 def test_zero_tensor_uses_scale_floor():
+    assert quant.SCALE_MIN == F32(2.0**-125)
     for symmetric in (True, False):
         p = quantize(jnp.zeros((2, 8)), 4, symmetric=symmetric)
-        np.testing.assert_array_equal(np.asarray(p.scale), np.full((2, 1), 1e-8, F32))
+        np.testing.assert_array_equal(np.asarray(p.scale), np.full((2, 1), quant.SCALE_MIN, F32))
         np.testing.assert_array_equal(np.asarray(p.qvalue), 0)
         out = fake_quant(jnp.zeros((2, 8)), 4, symmetric=symmetric)
         np.testing.assert_array_equal(np.asarray(out), 0.0)
@@ -215,6 +228,212 @@ def test_init_clip_starts_almost_off():
     f = float(jax.nn.sigmoid(4.0))
     ref = ref_quant(np.asarray(x), 4, True, None, (np.full(3, f, F32), np.full(3, f, F32)))[0]
     np.testing.assert_array_equal(np.asarray(fake_quant(x, 4, clip=c)), ref)
+
+
+# ----------------------------------------------------------------------------- extreme rows
+
+KINDS = list(itertools.product(range(2, 9), [True, False]))
+
+
+def _rows(rng, n: int = 6, d: int = 48) -> np.ndarray:
+    """(n, d) ordinary rows, max |x| in [0.5, 64): heavy tails, an all-positive row, a constant
+    negative row, an exact zero."""
+    x = np.clip(rng.standard_t(df=3, size=(n, d)), -60.0, 60.0).astype(F32)
+    x[1] = np.abs(x[1]) + 0.5
+    x[2] = -0.75
+    x[3, 7] = 0.0
+    return x
+
+
+def _assert_matches_ref(x, bits, symmetric, clip=None, clip_factors=None):
+    """fake_quant, quantize and dequantize of float32 ``x`` (rows) equal the reference exactly."""
+    ref, q_ref, s_ref, z_ref = ref_quant(x, bits, symmetric, clip_factors=clip_factors)
+    out = np.asarray(fake_quant(jnp.asarray(x), bits, symmetric=symmetric, clip=clip))
+    np.testing.assert_array_equal(out, ref)
+    p = quantize(jnp.asarray(x), bits, symmetric=symmetric, clip=clip)
+    np.testing.assert_array_equal(np.asarray(p.qvalue), q_ref.astype(np.int32))
+    np.testing.assert_array_equal(np.asarray(p.scale), s_ref)
+    np.testing.assert_array_equal(np.asarray(p.zero_point), z_ref.astype(np.int32))
+    np.testing.assert_array_equal(np.asarray(dequantize(p)), ref)
+    return out, p
+
+
+@pytest.mark.parametrize("bits,symmetric", KINDS)
+def test_tiny_rows_keep_relative_accuracy(bits, symmetric):
+    """A row scaled by 2^-k (down to max|x| ~ 2^-111 ~ 4e-34) quantizes exactly like the row
+    itself: same codes and zero points, scale and output scaled by 2^-k (a power of two moves
+    only the exponent; every result stays a normal float)."""
+    x = _rows(np.random.default_rng(bits + 10 * symmetric))
+    out, p = _assert_matches_ref(x, bits, symmetric)
+    for k in (40, 100, 112):
+        f = F32(2.0**-k)
+        out_k, p_k = _assert_matches_ref(x * f, bits, symmetric)
+        np.testing.assert_array_equal(np.asarray(p_k.qvalue), np.asarray(p.qvalue))
+        np.testing.assert_array_equal(np.asarray(p_k.zero_point), np.asarray(p.zero_point))
+        np.testing.assert_array_equal(np.asarray(p_k.scale), np.asarray(p.scale) * f)
+        np.testing.assert_array_equal(out_k, out * f)
+    # The reported case: a row of values around 1e-12 is no longer rounded to zero.
+    row = np.linspace(-1e-12, 3e-12, 16, dtype=F32)[None]
+    out, p = _assert_matches_ref(row, bits, symmetric)
+    step = float(np.asarray(p.scale)[0, 0])
+    stat = 3e-12 if symmetric else float(np.ptp(row))  # amax, or max - min
+    assert step == pytest.approx(stat / quant.qrange(bits, symmetric)[1], rel=1e-6)
+    assert np.all(np.abs(out.astype(np.float64) - row) <= 0.5001 * step)
+    assert np.any(out != 0.0)
+
+
+@pytest.mark.parametrize("bits,symmetric", KINDS)
+def test_rows_below_the_floor(bits, symmetric):
+    """Rows whose scale would fall below SCALE_MIN = 2^-125: the scale is the floor, values
+    round to multiples of it (error <= SCALE_MIN / 2), denormals to the zero point (exact zeros
+    out), whether or not the platform flushes denormals."""
+    smin = float(quant.SCALE_MIN)
+    # below q_max * SCALE_MIN for every width (2-bit symmetric: q_max = 1)
+    row = np.array([[2.2e-38, -1.9e-38, 1.2e-38, 5.9e-39, -1e-40, 1e-45, 0.0, 1.1754942e-38]], F32)
+    out, p = _assert_matches_ref(row, bits, symmetric)  # max and min are normal numbers
+    assert np.all(np.abs(out.astype(np.float64) - row) <= smin / 2)
+    np.testing.assert_array_equal(np.asarray(p.scale), np.full((1, 1), smin, F32))
+    denormal = np.array([[1e-40, -5.9e-39, 1e-45, 0.0, -1.1754942e-38, 1.1754942e-38]], F32)
+    p = quantize(jnp.asarray(denormal), bits, symmetric=symmetric)
+    np.testing.assert_array_equal(np.asarray(p.scale), np.full((1, 1), smin, F32))
+    zero = np.broadcast_to(np.asarray(p.zero_point), denormal.shape)
+    np.testing.assert_array_equal(np.asarray(p.qvalue), zero)
+    out = np.asarray(fake_quant(jnp.asarray(denormal), bits, symmetric=symmetric))
+    np.testing.assert_array_equal(out, 0.0)
+
+
+@pytest.mark.parametrize("bits,symmetric", KINDS)
+def test_huge_rows_are_finite_and_exact(bits, symmetric):
+    """Rows up to the float32 maximum: finite, equal to the reference, within half a step of x,
+    and (scaled by 2^124) with the codes of the unscaled row."""
+    rng = np.random.default_rng(100 + bits + 10 * symmetric)
+    x = _rows(rng)
+    f = F32(2.0**122)  # max|x| < 64 = 2^6: the scaled rows stay below 2^128
+    big = np.concatenate(
+        [
+            x * f,
+            np.array([[F32_MAX, F32_MAX / 2, -F32_MAX / 3, 1.0, -0.9 * F32_MAX] + [0.0] * 43,
+                      [F32_MAX, -F32_MAX] * 24,
+                      [-F32_MAX] + [1e38] * 46 + [0.0]], F32),
+        ]
+    )
+    out, p = _assert_matches_ref(big, bits, symmetric)
+    assert np.all(np.isfinite(out))
+    step = np.asarray(p.scale, np.float64)
+    err = np.abs(out.astype(np.float64) - big)
+    assert np.all(err <= 0.5001 * step + 2.0**-22 * np.abs(big))
+    # the scaled ordinary rows keep their codes (the 2-3-bit symmetric rows used to be all zero,
+    # the asymmetric ones NaN)
+    p_x = quantize(jnp.asarray(x), bits, symmetric=symmetric)
+    n = x.shape[0]
+    np.testing.assert_array_equal(np.asarray(p.qvalue)[:n], np.asarray(p_x.qvalue))
+    np.testing.assert_array_equal(np.asarray(p.zero_point)[:n], np.asarray(p_x.zero_point))
+    np.testing.assert_array_equal(np.asarray(p.scale)[:n], np.asarray(p_x.scale) * f)
+
+
+def test_huge_rows_in_narrow_dtypes_saturate():
+    """bfloat16 / float16 rows at their maximum: grid points beyond it saturate instead of inf."""
+    for dtype in (jnp.bfloat16, jnp.float16):
+        m = float(jnp.finfo(dtype).max)
+        x = jnp.asarray([[m, -m, 0.5 * m, 1.0], [-m, 0.3 * m, 0.0, m]], dtype)
+        for bits, symmetric in KINDS:
+            ref = ref_quant(np.asarray(x, np.float64), bits, symmetric, out_dtype=np.dtype(dtype))[0]
+            out = fake_quant(x, bits, symmetric=symmetric)
+            assert out.dtype == dtype and bool(jnp.all(jnp.isfinite(out)))
+            np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(ref, np.float32))
+            p = quantize(x, bits, symmetric=symmetric)
+            assert p.scale.dtype == jnp.float32
+            back = np.asarray(dequantize(p, dtype=dtype), np.float32)
+            np.testing.assert_array_equal(back, np.asarray(ref, np.float32))
+
+
+def test_bfloat16_matches_reference():
+    """Narrow inputs are quantized in float32 and rounded to their dtype once, at the end."""
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(_acts(rng)).astype(jnp.bfloat16)
+    clip = {"max": jnp.asarray(rng.normal(1.0, 2.0, size=(8,)), jnp.float32),
+            "min": jnp.asarray(rng.normal(1.0, 2.0, size=(8,)), jnp.float32)}
+    for bits, symmetric in ((3, True), (4, False), (8, True)):
+        for c in (None, clip):
+            ref, q_ref, s_ref, _ = ref_quant(np.asarray(x, np.float32), bits, symmetric,
+                                             clip_factors=_factors(c), out_dtype=ml_dtypes.bfloat16)
+            out = fake_quant(x, bits, symmetric=symmetric, clip=c)
+            assert out.dtype == jnp.bfloat16
+            np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(ref, np.float32))
+            p = quantize(x, bits, symmetric=symmetric, clip=c)
+            np.testing.assert_array_equal(np.asarray(p.qvalue), q_ref.astype(np.int32))
+            np.testing.assert_array_equal(np.asarray(p.scale), s_ref)
+
+
+def test_narrow_input_computed_inside_jit():
+    """A bfloat16 input computed inside the same jitted graph is quantized from its bfloat16
+    values, as when it comes materialized (XLA may otherwise skip rounding the producer's float32
+    result to bfloat16: excess precision)."""
+    rng = np.random.default_rng(5)
+    a = jnp.asarray(rng.normal(size=(64, 96)), jnp.bfloat16)
+    b = jnp.asarray(rng.normal(size=(96, 96)), jnp.bfloat16)
+    for symmetric in (True, False):
+        want = quantize(a @ b, 4, symmetric=symmetric)  # eager: the product is stored as bf16
+        got = jax.jit(lambda a_, b_: quantize(a_ @ b_, 4, symmetric=symmetric))(a, b)
+        np.testing.assert_array_equal(np.asarray(got.scale), np.asarray(want.scale))
+        np.testing.assert_array_equal(np.asarray(got.qvalue), np.asarray(want.qvalue))
+        want = fake_quant(a @ b, 4, symmetric=symmetric)
+        got = jax.jit(lambda a_, b_: fake_quant(a_ @ b_, 4, symmetric=symmetric))(a, b)
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+def _tie_rows(rng, n: int, d: int, bits: int, symmetric: bool) -> np.ndarray:
+    """(n, d) rows whose values sit on or next to the rounding ties of their own grid: ``fl((k +
+    1/2) s)`` and its float32 neighbours, where a quotient computed any other way than the
+    definition (IEEE ``x / s``, or ``x * fl(1 / s)`` of a differently rounded ``s``) may round
+    to the other side."""
+    x = _rows(rng, n, d).astype(np.float64)
+    _, _, s, z = ref_quant(x, bits, symmetric)
+    q_min, q_max = quant.qrange(bits, symmetric)
+    k = rng.integers(q_min, q_max, size=(n, d - 8)) - z  # grid steps inside the row's range
+    ties = (k + 0.5) * s
+    lo, hi = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)
+    ties = np.clip(ties, lo, hi).astype(F32)  # inside the range: the statistics do not change
+    near = np.stack([ties, np.nextafter(ties, F32(np.inf)), np.nextafter(ties, F32(-np.inf))])
+    pick = rng.integers(0, 3, size=ties.shape)
+    x = x.astype(F32)
+    x[:, 8:] = np.take_along_axis(near, pick[None], 0)[0]
+    x[:, 8:] = np.clip(x[:, 8:], lo.astype(F32), hi.astype(F32))
+    return x
+
+
+@pytest.mark.parametrize(
+    "bits,symmetric", [(2, True), (3, False), (4, True), (4, False), (8, True), (8, False)]
+)
+def test_codes_do_not_depend_on_batch_or_jit(bits, symmetric):
+    """The codes of a row are the same quantized alone (1-D), in a batch of 1, 3 or 64 rows,
+    jitted or eager, and equal the reference's."""
+    x = _tie_rows(np.random.default_rng(bits * 7 + symmetric), 64, 40, bits, symmetric)
+    ref, q_ref, s_ref, z_ref = ref_quant(x, bits, symmetric)
+    q_ref = q_ref.astype(np.int32)
+
+    def eager(v):
+        return quantize(v, bits, symmetric=symmetric)
+
+    jitted = jax.jit(eager)
+    fq_jit = jax.jit(lambda v: fake_quant(v, bits, symmetric=symmetric))
+    for f in (eager, jitted):
+        for n in (1, 3, 64):
+            for start in range(0, 64 - n + 1, max(n, 9)):
+                p = f(jnp.asarray(x[start:start + n]))
+                np.testing.assert_array_equal(np.asarray(p.qvalue), q_ref[start:start + n])
+                np.testing.assert_array_equal(np.asarray(p.scale), s_ref[start:start + n])
+                np.testing.assert_array_equal(np.asarray(p.zero_point), z_ref[start:start + n])
+        for i in (0, 5, 63):  # a single row without a batch axis
+            np.testing.assert_array_equal(np.asarray(f(jnp.asarray(x[i])).qvalue), q_ref[i])
+    np.testing.assert_array_equal(np.asarray(fq_jit(jnp.asarray(x))), ref)
+    eager_fq = fake_quant(jnp.asarray(x[:3]), bits, symmetric=symmetric)
+    np.testing.assert_array_equal(np.asarray(eager_fq), ref[:3])
+    # rows of width 1: statistics and values coincide in shape (no broadcast in the quotient)
+    col = x[:, :1]
+    q_col = ref_quant(col, bits, symmetric)[1].astype(np.int32)
+    np.testing.assert_array_equal(np.asarray(eager(jnp.asarray(col)).qvalue), q_col)
+    np.testing.assert_array_equal(np.asarray(jitted(jnp.asarray(col)).qvalue), q_col)
 
 
 # ----------------------------------------------------------------------------- gradients
@@ -272,6 +491,42 @@ def test_gradient_reaches_clip_logits():
     gw = jax.jit(jax.grad(loss_g))(quant.init_clip((8, 2)))
     assert gw["max"].shape == (8, 2) and np.all(np.isfinite(np.asarray(gw["max"])))
     assert np.any(np.asarray(gw["max"]) != 0.0)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gradients_finite_on_extreme_rows(symmetric):
+    """Zero, tiny, huge and clipped-away rows keep finite gradients (w.r.t. x and the clipping
+    logits), and a row scaled by 2^-100 has the same input gradient as the row itself (the
+    quantizer is homogeneous under powers of two)."""
+    rng = np.random.default_rng(11 + symmetric)
+    base = _rows(rng, 4, 32)
+    x = np.concatenate([
+        base,
+        base * F32(2.0**-100),  # tiny
+        base * F32(2.0**122),  # huge
+        np.zeros((1, 32), F32),  # scale at the floor
+        np.full((1, 32), 1e-40, F32),  # denormal
+    ])
+    n = x.shape[0]
+    logits = rng.uniform(-1.0, 5.0, size=n).astype(F32)
+    logits[-5] = -120.0  # sigmoid == 0: the whole (huge) row lies beyond its clipped range
+    clip = {"max": jnp.asarray(logits), "min": jnp.asarray(logits[::-1].copy())}
+    g = rng.normal(size=x.shape).astype(F32)
+    g[4:8] = g[:4]  # same output cotangent for the tiny copies
+    g = jnp.asarray(g)
+
+    def loss(v, c):
+        return jnp.sum(fake_quant(v, 3, symmetric=symmetric, clip=c) * g)
+
+    gx, gc = jax.jit(jax.grad(loss, argnums=(0, 1)))(jnp.asarray(x), clip)
+    gx = np.asarray(gx)
+    assert np.all(np.isfinite(gx))
+    assert all(np.all(np.isfinite(np.asarray(v))) for v in gc.values())
+    # d out / dx is scale-invariant: tiny rows (with the same logits) get the ordinary rows'
+    # gradient, up to the rounding of cotangent sums
+    same = {"max": clip["max"].at[4:8].set(clip["max"][:4]), "min": clip["min"].at[4:8].set(clip["min"][:4])}
+    gx2 = np.asarray(jax.jit(jax.grad(loss))(jnp.asarray(x), same))
+    np.testing.assert_allclose(gx2[4:8], gx2[:4], rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- configuration

@@ -1,21 +1,18 @@
 """Pieces shared by the row-quantization kernels (fake-quant, quantize-and-pack).
 
-The kernels reproduce :mod:`splitq_jax.quant` *bit for bit*, so :class:`RowQuant` mirrors
-``splitq_jax.quant._params`` / ``fake_quant`` / ``quantize`` operation by operation and rounds to
-the reference's dtype where the reference rounds. It replaces only what the Pallas Triton backend
-lowers differently, or what XLA itself computes differently from the source:
+The kernels reproduce :mod:`splitq_jax.quant` *bit for bit*. :class:`RowQuant` runs the very
+helpers ``quant.fake_quant`` is built from (``scale_from_stats``, ``times_reciprocal``, ``saturate``:
+plain ``jnp`` that Pallas lowers as it is), in float32 as the reference does for every input
+dtype; it replaces only what the Pallas Triton backend lowers differently from XLA:
 
 * ``jnp.round`` (ties to even): Triton has no ``round`` primitive. :func:`round_half_even` rebuilds
   it from ``floor`` with a parity fix (exact, including ties and the sign of zero).
-* float32 division: Triton lowers ``/`` to ``div.full.f32`` (up to 2 ulp off), while XLA divides
-  with IEEE rounding. In a compiled (non-interpret) kernel :func:`div` uses the PTX instruction
-  ``div.rn.f32`` through inline assembly; interpret mode divides with XLA as the reference does.
-* division by a constant: XLA's algebraic simplifier rewrites the reference's ``amax / q_max`` into
-  ``amax * (1 / q_max)`` in compiled graphs (``jit(lambda x: x / 7)`` multiplies by
-  ``0.142857149`` and differs from IEEE ``x / 7`` on ~half of all inputs). :func:`div_const` does
-  that multiplication explicitly, so the kernel agrees with the reference as XLA runs it.
-* bfloat16 / float16 inputs: the kernel computes in float32 and rounds to the narrow dtype at the
-  reference's rounding points (:func:`round_to`).
+* the one float32 division, the reciprocal ``fl(4 / s)`` (per row; per column of the branch
+  segments in act_pack): Triton lowers ``/`` to ``div.full.f32`` (up to 2 ulp off), while XLA
+  divides with IEEE rounding. In a compiled (non-interpret) kernel :func:`div` uses the PTX
+  instruction ``div.rn.f32`` through inline assembly; interpret mode divides with XLA as the
+  reference does. (Every other division of the quantizer is, by definition, a product with that
+  reciprocal or with the constant ``fl(1 / q_max)``: see :mod:`splitq_jax.quant`.)
 
 Block shapes: Triton needs power-of-two tiles, so a row of ``d`` values is processed as a
 ``next_pow2(d)``-wide tile with masked loads and stores; ragged row counts are masked the same way
@@ -30,7 +27,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from splitq_jax.quant import _EPS, qrange
+from splitq_jax import quant
+from splitq_jax.quant import qrange
 
 IMPLEMENTATIONS = ("xla", "pallas")
 FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -88,11 +86,6 @@ def compiler_params(tile_elements: int) -> plgpu.CompilerParams:
     return plgpu.CompilerParams(num_warps=4 if tile_elements <= 4096 else 8, num_stages=1)
 
 
-def param_dtype(x_dtype, sig_dtype=None):
-    """dtype in which ``quant._params`` computes scale and zero point for these inputs."""
-    return jnp.dtype(x_dtype if sig_dtype is None else jnp.result_type(x_dtype, sig_dtype))
-
-
 def clip_factors(clip, row_shape: tuple[int, ...]):
     """``sigmoid`` of the clipping logits, broadcast to ``(rows, 1)`` (rows = prod(row_shape)).
 
@@ -147,14 +140,6 @@ def div(a: jax.Array, b: jax.Array, precise_asm: bool) -> jax.Array:
     return q
 
 
-def div_const(a: jax.Array, c: int) -> jax.Array:
-    """float32 ``a / c`` for a Python constant ``c`` as XLA computes it: ``a * fl32(1 / c)``.
-
-    The reciprocal is the correctly rounded float32 ``1 / c`` (XLA's ``InvertConstant``).
-    """
-    return a * (np.float32(1.0) / np.float32(c))
-
-
 def round_to(v: jax.Array, dtype, interpret: bool) -> jax.Array:
     """Round float32 ``v`` to ``dtype``'s precision, keeping float32 (a no-op for float32).
 
@@ -171,40 +156,34 @@ def round_to(v: jax.Array, dtype, interpret: bool) -> jax.Array:
 
 
 class RowQuant:
-    """Per-row quantizer inside a kernel, mirroring ``splitq_jax.quant`` op by op.
+    """Per-row quantizer inside a kernel: :mod:`splitq_jax.quant`'s float32 arithmetic op by op.
 
-    Inputs and outputs are float32; ``dtype`` is the dtype the reference computes in
-    (:func:`param_dtype`), and results are rounded to it wherever the reference rounds.
+    Inputs and outputs are float32 tiles: statistics ``(rows, 1)``, values ``(rows, cols)``.
     """
 
-    def __init__(self, dtype, bits: int, symmetric: bool, precise_asm: bool, interpret: bool):
-        self.dtype = jnp.dtype(dtype)
+    def __init__(self, bits: int, symmetric: bool, precise_asm: bool):
         self.bits = bits
         self.symmetric = symmetric
         self.precise_asm = precise_asm
-        self.interpret = interpret
 
-    def _r(self, v):
-        return round_to(v, self.dtype, self.interpret)
+    def recip4(self, scale):
+        """``fl(4 / scale)``, IEEE on every backend (``quant.times_reciprocal`` takes it)."""
+        return quant.scale_recip4(scale, lambda a, b: div(a, b, self.precise_asm))
 
     def params(self, xmax, xmin, sig_max=None, sig_min=None):
-        """``quant._params`` from the row max/min (``(rows, 1)``): ``(scale, zero)``."""
+        """``quant``'s scale and zero point from the row max/min (``(rows, 1)``): ``(scale, zero)``."""
         if sig_max is not None:
-            xmax = self._r(sig_max.astype(jnp.float32) * xmax)
-            xmin = self._r(sig_min.astype(jnp.float32) * xmin)
-        _, q_max = qrange(self.bits, self.symmetric)
-        eps = self._r(jnp.float32(_EPS))
-        if self.symmetric:
-            amax = jnp.maximum(jnp.abs(xmin), jnp.abs(xmax))
-            scale = jnp.maximum(self._r(div_const(amax, q_max)), eps)
-            zero = jnp.zeros_like(scale)
-        else:
+            xmax = sig_max.astype(jnp.float32) * xmax
+            xmin = sig_min.astype(jnp.float32) * xmin
+        if not self.symmetric:
             # Zero stays inside the range so that exact zeros stay exact (as quant.py).
             xmax = jnp.maximum(xmax, 0.0)
             xmin = jnp.minimum(xmin, 0.0)
-            rng = self._r(xmax - xmin)
-            scale = jnp.maximum(self._r(div_const(rng, q_max)), eps)
-            zero = round_half_even(self._r(div(-xmin, scale, self.precise_asm)))
+        scale = quant.scale_from_stats(xmax, xmin, self.bits, self.symmetric)
+        if self.symmetric:
+            zero = jnp.zeros_like(scale)
+        else:
+            zero = round_half_even(quant.times_reciprocal(-xmin, self.recip4(scale)))
         return scale, zero
 
     def row_params(self, x, valid, sig_max=None, sig_min=None):
@@ -214,14 +193,16 @@ class RowQuant:
         return self.params(xmax, xmin, sig_max, sig_min)
 
     def quantize(self, x, scale, zero):
-        """``clip(round(x / scale) + zero, q_min, q_max)`` as float32 integers."""
+        """``clip(round(x / scale) + zero, q_min, q_max)`` as float32 integers; ``scale`` and
+        ``zero`` broadcast against ``x`` (per row, or per column segment)."""
         q_min, q_max = qrange(self.bits, self.symmetric)
-        t = round_half_even(self._r(div(x, scale, self.precise_asm)))
+        t = round_half_even(quant.times_reciprocal(x, self.recip4(scale)))
         return jnp.clip(t + zero, float(q_min), float(q_max))
 
-    def dequantize(self, q, scale, zero):
-        """``(q - zero) * scale``, rounded as the reference rounds it before its final cast."""
-        return self._r((q - zero) * scale)
+    def dequantize(self, q, scale, zero, dtype):
+        """``(q - zero) * scale`` saturated to ``dtype``'s range (still float32: the caller's store
+        rounds it to ``dtype``, as the reference's final cast does)."""
+        return quant.saturate((q - zero) * scale, dtype)
 
 
 def pack_slots(q: jax.Array, bits: int, per_word: int, word_dtype) -> jax.Array:

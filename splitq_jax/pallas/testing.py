@@ -92,3 +92,24 @@ def time_fn(f, *args, warmup: int = 2, iters: int = 20) -> float:
         jax.block_until_ready(f(*args))
         times.append(time.perf_counter() - t0)
     return float(np.median(times) * 1e6)
+
+
+def extreme_rows(d: int, seed: int = 0) -> jax.Array:
+    """``(8, d)`` float32 rows at the edges of the quantizer's range (see :mod:`splitq_jax.quant`):
+    an ordinary row, the same row times ``2^-110`` (tiny) and ``2^120`` (huge, spans beyond the
+    float range), rows at +-the float32 maximum, an all-zero row, a row below the scale floor with
+    denormals, and a row of ``1e-12`` values."""
+    rng = np.random.default_rng(seed)
+    base = np.clip(rng.standard_t(3.0, d) * 2.0 + 0.3, -60.0, 60.0).astype(np.float32)
+    big = float(np.finfo(np.float32).max)
+    rows = np.zeros((8, d), np.float32)
+    rows[0] = base
+    rows[1] = base * np.float32(2.0**-110)
+    rows[2] = base * np.float32(2.0**120)
+    rows[3] = np.where(np.arange(d) % 2 == 0, big, -big)
+    rows[3, 1::3] = big / 3
+    # rows[4]: all zero
+    rows[5] = np.resize(np.array([2.2e-38, -1.9e-38, 1e-40, -1e-45, 0.0], np.float32), d)
+    rows[6] = rng.uniform(-1e-12, 3e-12, d).astype(np.float32)
+    rows[7] = np.where(np.arange(d) % 3 == 0, big, -0.5 * big)
+    return jnp.asarray(rows)

@@ -220,6 +220,22 @@ def test_exact_data_is_not_trivial():
         assert np.abs(np.asarray(h.qvalue)).max() > 0
 
 
+def test_extreme_rows():
+    """Tokens scaled by 2^-120 .. 2^100 and all-zero tokens: the kernel equals the reference, and
+    a token scaled by a power of two keeps its main-path codes (exact data stays exact)."""
+    for case in (Case(96, 7, 4, False), Case(96, 7, 3, True, "gathered")):
+        x, kw = make(case)
+        f = jnp.asarray([2.0**-100, 0.0, 2.0**100, 2.0**-120, 1.0, 1.0, 1.0], x.dtype)[:, None]
+        xs = x * f
+        want, got = run(xs, kw, "xla"), run(xs, kw, "pallas")
+        assert_packed_equal(got, want)
+        base = run(x, kw, "xla")
+        for i in (0, 2, 3):
+            np.testing.assert_array_equal(np.asarray(got.main.qvalue[i]), np.asarray(base.main.qvalue[i]))
+        for qa in (got.main, *got.outliers.values(), *got.branches.values()):
+            assert np.all(np.isfinite(np.asarray(qa.scale))) and np.all(np.asarray(qa.scale) > 0)
+
+
 def test_dense_factors():
     """Random orthogonal factors (inexact float dots): scales within 1e-5, integers within one
     level, and almost all equal."""

@@ -19,6 +19,7 @@ from splitq_jax.pallas.fake_quant import fake_quant, fake_quant_pallas
 from splitq_jax.pallas.testing import (
     TRITON_CALL,
     export_cuda,
+    extreme_rows,
     random_clip,
     random_rows,
     tie_rows,
@@ -68,7 +69,7 @@ class FakeQuantTests:
 
     def test_bfloat16_and_special_rows(self):
         x, _ = random_rows((8,), 256, seed=1, dtype=jnp.bfloat16)
-        x = x.at[3].set(0.0).at[5].set(-1.0)  # an all-zero row (scale -> EPS) and a constant row
+        x = x.at[3].set(0.0).at[5].set(-1.0)  # an all-zero row (scale -> SCALE_MIN), a constant row
         for symmetric in (True, False):
             got = self.fq(x, 4, symmetric=symmetric)
             want = ref_fake_quant(x, 4, symmetric=symmetric)
@@ -76,6 +77,22 @@ class FakeQuantTests:
             np.testing.assert_array_equal(
                 np.asarray(got, np.float32), np.asarray(want, np.float32)
             )
+
+    @pytest.mark.parametrize("bits", [2, 3, 4, 8])
+    def test_extreme_rows(self, bits):
+        """Tiny, huge (up to the float32 maximum), zero and denormal rows: finite and equal to
+        the reference, with and without clipping."""
+        x = extreme_rows(40)
+        clip = random_clip("row", (8,), np.random.default_rng(bits))
+        for symmetric in (True, False):
+            for c in (None, clip):
+                got = self.fq(x, bits, symmetric=symmetric, clip=c)
+                want = ref_fake_quant(x, bits, symmetric=symmetric, clip=c)
+                assert bool(jnp.all(jnp.isfinite(got)))
+                np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+            # unclipped, the tiny copy of row 0 gives row 0's result scaled (a power of two: exactly)
+            got = np.asarray(self.fq(x, bits, symmetric=symmetric))
+            np.testing.assert_array_equal(got[1], got[0] * np.float32(2.0**-110))
 
     @pytest.mark.parametrize("symmetric,clip_kind", [(False, "row"), (True, "scalar")])
     def test_gradient_matches_reference(self, symmetric, clip_kind):

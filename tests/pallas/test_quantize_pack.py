@@ -19,6 +19,7 @@ from splitq_jax.pallas.quantize_pack import quantize_pack, quantize_pack_pallas
 from splitq_jax.pallas.testing import (
     TRITON_CALL,
     export_cuda,
+    extreme_rows,
     random_clip,
     random_rows,
     tie_rows,
@@ -86,13 +87,27 @@ class QuantizePackTests:
 
     def test_bfloat16_special_rows_and_fallback(self):
         x, _ = random_rows((8,), 256, seed=1, dtype=jnp.bfloat16)
-        x = x.at[3].set(0.0).at[5].set(-1.0)  # an all-zero row (scale -> EPS) and a constant row
+        x = x.at[3].set(0.0).at[5].set(-1.0)  # an all-zero row (scale -> SCALE_MIN), a constant row
         for symmetric in (True, False):
             got = self.qp(x, 4, symmetric=symmetric)
             assert_packed_equal(got, ref_quantize_pack(x, 4, symmetric))
         # 3-bit (10 values per uint32 word) has no kernel: it runs the reference
         y, _ = random_rows((4,), 40, seed=4)
         assert_packed_equal(self.qp(y, 3), ref_quantize_pack(y, 3, True))
+
+    @pytest.mark.parametrize("bits", [2, 4, 8])
+    def test_extreme_rows(self, bits):
+        """Tiny, huge (up to the float32 maximum), zero and denormal rows equal the reference;
+        the tiny copy of row 0 has row 0's codes."""
+        x = extreme_rows(40, seed=1)
+        clip = random_clip("row", (8,), np.random.default_rng(bits))
+        for symmetric in (True, False):
+            for c in (None, clip):
+                got = self.qp(x, bits, symmetric=symmetric, clip=c)
+                assert_packed_equal(got, ref_quantize_pack(x, bits, symmetric, c))
+                assert bool(jnp.all(jnp.isfinite(packing.unpack_dequantize(got))))
+            got = self.qp(x, bits, symmetric=symmetric)
+            np.testing.assert_array_equal(np.asarray(got.qvalue[1]), np.asarray(got.qvalue[0]))
 
     def test_dequantize_matches_quant(self):
         x, rng = random_rows((5,), 128, seed=5)
@@ -106,13 +121,11 @@ class QuantizePackTests:
             np.testing.assert_array_equal(
                 np.asarray(packing.unpack_dequantize(t)), np.asarray(quant.dequantize(p))
             )
-            # ... which is what fake_quant computes (up to its op order)
+            # ... which is what fake_quant computes (the same float32 operations)
             fq = jax.jit(quant.fake_quant, static_argnames=("bits", "symmetric"))(
                 x, 4, symmetric=symmetric, clip=clip
             )
-            np.testing.assert_allclose(
-                np.asarray(packing.unpack_dequantize(t)), np.asarray(fq), rtol=1e-6, atol=1e-6
-            )
+            np.testing.assert_array_equal(np.asarray(packing.unpack_dequantize(t)), np.asarray(fq))
 
 
 class TestQuantizePackXla(QuantizePackTests):

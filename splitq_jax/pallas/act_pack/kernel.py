@@ -132,7 +132,7 @@ def _to_int8(q, zero, shift, valid):
 
 
 def _act_pack_kernel(*refs, plan: Plan, n_rows, dtype, main_bits, aux_bits, symmetric,
-                     param_dtypes, precise_asm, interpret):
+                     precise_asm, interpret):
     it = iter(refs)
     x_ref, src_ref = next(it), next(it)
     mul_ref = next(it) if plan.has_mul else None
@@ -178,8 +178,9 @@ def _act_pack_kernel(*refs, plan: Plan, n_rows, dtype, main_bits, aux_bits, symm
     if plan.kron:
         xv = _kron(xv.reshape(block_rows, p1, p2), plgpu.load(a_ref), plgpu.load(b_ref), plan.n2,
                    interpret).reshape(block_rows, width)
-    y = xv.astype(jnp.float32)
-    rq = C.RowQuant(param_dtypes[0], main_bits, symmetric, precise_asm, interpret)
+    # the transform's output in the activation dtype, as the reference quantizes it (quant.widen)
+    y = C.round_to(xv.astype(jnp.float32), dtype, interpret)
+    rq = C.RowQuant(main_bits, symmetric, precise_asm)
     scale, zero = rq.row_params(y, valid, *clip_of((smax_ref, smin_ref)))
     qm, zm = _to_int8(rq.quantize(y, scale, zero), zero, main_shift, valid)
     qm8 = qm.astype(jnp.int8)
@@ -198,16 +199,14 @@ def _act_pack_kernel(*refs, plan: Plan, n_rows, dtype, main_bits, aux_bits, symm
     plgpu.store(zm_ref, zm, mask=row_ok)
 
     # ---- outlier groups: gather, dense transform, quantize at the aux bits
-    for gi, ((_, g), (gi_ref, gp_ref, gclip), (q_ref, s_ref, z_ref)) in enumerate(
-        zip(plan.groups, g_refs, g_outs)
-    ):
+    for (_, g), (gi_ref, gp_ref, gclip), (q_ref, s_ref, z_ref) in zip(plan.groups, g_refs, g_outs):
         cols = jax.lax.broadcasted_iota(jnp.int32, (1, g.kp), 1)
         gvalid = row_ok & (cols < g.k)
         xg = plgpu.load(x_ref.at[local, plgpu.load(gi_ref)], mask=gvalid, other=0)
         if g.has_transform:
             xg = _dense(xg, plgpu.load(gp_ref), g.k, interpret)
-        yg = xg.astype(jnp.float32)
-        rg = C.RowQuant(param_dtypes[1][gi], aux_bits, symmetric, precise_asm, interpret)
+        yg = C.round_to(xg.astype(jnp.float32), dtype, interpret)
+        rg = C.RowQuant(aux_bits, symmetric, precise_asm)
         sg, zg = rg.row_params(yg, gvalid, *clip_of(gclip))
         qg, zg = _to_int8(rg.quantize(yg, sg, zg), zg, aux_shift, gvalid)
         if plan.aux_per_byte == 1:
@@ -228,7 +227,7 @@ def _act_pack_kernel(*refs, plan: Plan, n_rows, dtype, main_bits, aux_bits, symm
         acc = acc - zm * plgpu.load(rs_ref)
     h = acc.astype(jnp.float32) * scale * plgpu.load(sw_ref)
     h = C.round_to(h, dtype, interpret)
-    rh = C.RowQuant(param_dtypes[2], aux_bits, symmetric, precise_asm, interpret)
+    rh = C.RowQuant(aux_bits, symmetric, precise_asm)
     rcol = jax.lax.broadcasted_iota(jnp.int32, (1, plan.r_pad), 1)
     n_b = hs_ref.shape[1]
     bcol = jax.lax.broadcasted_iota(jnp.int32, (1, n_b), 1)
@@ -346,16 +345,9 @@ def act_pack_pallas(
                       jax.ShapeDtypeStruct((m, n_b), jnp.int32)]
         out_specs += [rows(plan.r_pad // ca), rows(n_bp), rows(n_bp)]
     dtype = jnp.dtype(x.dtype)
-    sig = jnp.float32
-    param_dtypes = (
-        C.param_dtype(dtype, sig if clip is not None else None),
-        tuple(C.param_dtype(dtype, sig if gc is not None else None) for _, _, gc in groups),
-        C.param_dtype(dtype),
-    )
     kernel = functools.partial(
         _act_pack_kernel, plan=plan, n_rows=m, dtype=dtype, main_bits=main_bits,
-        aux_bits=aux_bits, symmetric=symmetric, param_dtypes=param_dtypes,
-        precise_asm=precise_div, interpret=interpret,
+        aux_bits=aux_bits, symmetric=symmetric, precise_asm=precise_div, interpret=interpret,
     )
     tag = f"a{main_bits}x{aux_bits}_{'sym' if symmetric else 'asym'}_k{plan.n1}x{plan.n2}"
     if cm > 1 or ca > 1:

@@ -19,7 +19,7 @@ from splitq_jax.pallas import _common as C
 
 
 def _fake_quant_kernel(
-    *refs, n_rows, n_cols, bits, symmetric, has_clip, param_dtype, precise_asm, interpret
+    *refs, n_rows, n_cols, bits, symmetric, has_clip, precise_asm
 ):
     if has_clip:
         x_ref, smax_ref, smin_ref, o_ref = refs
@@ -37,9 +37,9 @@ def _fake_quant_kernel(
     if has_clip:
         sig_max = plgpu.load(smax_ref, mask=row_ok, other=1)
         sig_min = plgpu.load(smin_ref, mask=row_ok, other=1)
-    rq = C.RowQuant(param_dtype, bits, symmetric, precise_asm, interpret)
+    rq = C.RowQuant(bits, symmetric, precise_asm)
     scale, zero = rq.row_params(x, valid, sig_max, sig_min)
-    y = rq.dequantize(rq.quantize(x, scale, zero), scale, zero)
+    y = rq.dequantize(rq.quantize(x, scale, zero), scale, zero, o_ref.dtype)
     plgpu.store(o_ref, y.astype(o_ref.dtype), mask=valid)
 
 
@@ -88,9 +88,7 @@ def fake_quant_pallas(
         bits=bits,
         symmetric=symmetric,
         has_clip=has_clip,
-        param_dtype=C.param_dtype(x.dtype, sig_max.dtype if has_clip else None),
         precise_asm=precise_div,
-        interpret=interpret,
     )
     return pl.pallas_call(
         kernel,

@@ -20,7 +20,7 @@ def fake_quant_xla(
 ) -> jax.Array:
     """Quantize-dequantize along the last axis (STE); see :func:`splitq_jax.quant.fake_quant`.
 
-    Jitted, as model code runs it: XLA compiles ``amax / q_max`` as ``amax * fl(1 / q_max)``, and
-    op-by-op (eager) execution of tiny statistics arrays can come out 1 ulp apart.
+    Jitted, as model code runs it (the quantizer's arithmetic is defined without divisions that
+    XLA could rewrite, so eager execution gives the same bits).
     """
     return quant.fake_quant(x, bits, symmetric=symmetric, clip=clip, group_size=group_size)

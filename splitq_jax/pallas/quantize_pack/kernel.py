@@ -32,9 +32,7 @@ def _quantize_pack_kernel(
     bits,
     symmetric,
     has_clip,
-    param_dtype,
     precise_asm,
-    interpret,
     per_word,
     word_dtype,
 ):
@@ -56,7 +54,7 @@ def _quantize_pack_kernel(
     if has_clip:
         sig_max = plgpu.load(smax_ref, mask=row_ok, other=1)
         sig_min = plgpu.load(smin_ref, mask=row_ok, other=1)
-    rq = C.RowQuant(param_dtype, bits, symmetric, precise_asm, interpret)
+    rq = C.RowQuant(bits, symmetric, precise_asm)
     scale, zero = rq.row_params(x, valid, sig_max, sig_min)
     q = rq.quantize(x, scale, zero).astype(jnp.int32)
     q = jnp.where(valid, q, 0)  # pack() pads each row with zero values
@@ -130,9 +128,7 @@ def quantize_pack_pallas(
         bits=bits,
         symmetric=symmetric,
         has_clip=has_clip,
-        param_dtype=C.param_dtype(x.dtype, sig_max.dtype if has_clip else None),
         precise_asm=precise_div,
-        interpret=interpret,
         per_word=per_word,
         word_dtype=wdt,
     )
