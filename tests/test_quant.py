@@ -529,6 +529,56 @@ def test_gradients_finite_on_extreme_rows(symmetric):
     np.testing.assert_allclose(gx2[4:8], gx2[:4], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_all_zero_row_passes_its_gradient(symmetric):
+    """A row at the scale floor (all zeros: a low-rank branch whose gate starts at 0) keeps its
+    straight-through gradient for cotangents of any size. Autodiff of the plain formula
+    multiplies the cotangent by SCALE_MIN (a denormal, flushed to zero on XLA:CPU) and silenced
+    it. The gradient of a zero row does not depend on the floor's value, so the reference is the
+    plain formula with a floor of 1, where nothing underflows. (Symmetric: the identity; asymmetric:
+    0 is the grid's lowest point, where JAX's clip convention and the statistics share it out.)"""
+    g = jnp.asarray(np.geomspace(1e-12, 1.0, 16, dtype=F32)[None])
+    zeros = jnp.zeros((1, 16), jnp.float32)
+    for clip in (None, {"max": jnp.array([3.0]), "min": jnp.array([2.0])}):
+        gx = jax.jit(jax.grad(lambda v: jnp.sum(fake_quant(v, 4, symmetric=symmetric, clip=clip) * g)))(zeros)
+        want = jax.jit(jax.grad(lambda v: jnp.sum(_plain_fake_quant(v, 4, symmetric, clip, floor=1.0) * g)))(zeros)
+        assert np.any(np.asarray(gx) != 0.0)
+        np.testing.assert_allclose(np.asarray(gx), np.asarray(want), rtol=1e-6, atol=0)
+        if symmetric:
+            np.testing.assert_array_equal(np.asarray(gx), np.asarray(g))
+
+
+def _plain_fake_quant(x, bits, symmetric, clip, floor=None):
+    """The quantizer as a plain expression (autodiff differentiates it as written): the
+    reference for the written-out derivative of ``quant._qdq``; ``floor`` replaces the scale floor."""
+    xmax, xmin = quant._stats(x, clip, symmetric)
+    s = quant.scale_from_stats(xmax, xmin, bits, symmetric)
+    if floor is not None:
+        s = jnp.maximum(s, floor)
+    q_min, q_max = quant.qrange(bits, symmetric)
+    z = 0.0 if symmetric else quant.round_ste(-xmin / s)
+    q = jnp.clip(quant.round_ste(x / s) + z, q_min, q_max)
+    return (q - z) * s
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_written_derivative_equals_autodiff_on_ordinary_rows(symmetric):
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(6, 24)).astype(F32) * 3.0)
+    clip = {"max": jnp.asarray(rng.uniform(0.5, 5.0, 6).astype(F32)),
+            "min": jnp.asarray(rng.uniform(0.5, 5.0, 6).astype(F32))}
+    g = jnp.asarray(rng.normal(size=(6, 24)).astype(F32))
+
+    def grads(f):
+        return jax.jit(jax.grad(lambda v, c: jnp.sum(f(v, c) * g), argnums=(0, 1)))(x, clip)
+
+    got = grads(lambda v, c: fake_quant(v, 3, symmetric=symmetric, clip=c))
+    want = grads(lambda v, c: _plain_fake_quant(v, 3, symmetric, c))
+    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=1e-5, atol=1e-5)
+    for k in ("max", "min"):
+        np.testing.assert_allclose(np.asarray(got[1][k]), np.asarray(want[1][k]), rtol=1e-4, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- configuration
 
 
