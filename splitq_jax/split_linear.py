@@ -155,8 +155,11 @@ def init_group(
     params["act_clip"] = init_clip(()) if cfg.learn_clip else None
 
     for group, idx, k in (("text", text_idx, k_text), ("vision", vision_idx, k_vis)):
+        # A one-channel group needs no transform: per-token activation and per-row weight
+        # quantizers over a single channel are exact up to rounding, whatever 1 x 1 factor they
+        # see, so such a factor could not be learned (its gradient is zero but for round-off).
         params[group] = (
-            {"transform": tf.init_dense(k, int(idx.size), rotation=cfg.outlier_init),
+            {"transform": tf.init_dense(k, int(idx.size), rotation=cfg.outlier_init) if idx.size > 1 else None,
              "act_clip": init_clip(()) if cfg.learn_clip else None}
             if idx.size else None
         )

@@ -109,9 +109,15 @@ def test_gradients_reach_every_learned_part(data, splitq_run):
         "p1": g["transform"]["p1"], "p2": g["transform"]["p2"], "c": g["transform"]["c"],
         "act_clip": g["act_clip"]["max"], "w_clip": g["weights"]["q_proj"]["clip"]["max"],
         "cws_gate": g["weights"]["q_proj"]["cws_gate"], "mac_gate": g["weights"]["q_proj"]["mac_gate"],
-        "text_transform": g["text"]["transform"]["p"], "vision_transform": g["vision"]["transform"]["p"],
         "text_w_clip": g["weights"]["k_proj"]["text_clip"]["min"],
+        # mlp_out's outlier groups have two channels each, so their 2 x 2 transforms matter
+        "text_transform": grads["mlp_out"]["text"]["transform"]["p"],
+        "vision_transform": grads["mlp_out"]["vision"]["transform"]["p"],
     }
+    # attn_in's outlier groups have one channel (48 channels x 2%): a 1 x 1 transform could not
+    # change a quantized result (one value per token and per weight row is exact), so none is kept
+    assert r.qparams["attn_in"]["text"]["transform"] is None and r.qparams["attn_in"]["vision"]["transform"] is None
+    assert r.qparams["mlp_out"]["text"]["transform"]["p"].shape == (2, 2)
     for name, leaf in leaves.items():
         leaf = np.asarray(leaf)
         assert np.all(np.isfinite(leaf)), name
