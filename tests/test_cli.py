@@ -29,10 +29,11 @@ from flax import nnx
 from splitq_jax import calib_data as cd
 from splitq_jax import export, fold, pipeline
 from splitq_jax import quantize as qz
-from splitq_jax.config import method_config
+from splitq_jax.config import method_config, variant_config
 from splitq_jax.export import CheckpointError
 from splitq_jax.models import llava, qwen2_5_vl
 from splitq_jax.runtime import QuantizedModel, load_quantized
+import golden_checkpoints as golden  # noqa: E402
 from test_pipeline import tiny_batches as qwen_tiny_batches  # the same tiny Qwen2.5-VL stream
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -238,6 +239,11 @@ def llava_tiny_batches(cfg, n_batches=2, batch=2, seed=0):
 @pytest.fixture(scope="module")
 def tiny():
     """family -> (handle, batches, stream) for the tiny Qwen2.5-VL and LLaVA, random init."""
+    return make_tiny()
+
+
+def make_tiny() -> dict:
+    """The ``tiny`` fixture's value, built anew (also used by ``golden_checkpoints.py``)."""
     qcfg = qwen2_5_vl.get_config("qwen2.5-vl-tiny")
     lcfg = llava.get_config("llava-1.5-tiny")
     out = {}
@@ -251,8 +257,9 @@ def tiny():
 
 
 def tiny_cfg(method: str):
-    # Three epochs (six steps): the first steps on these random tiny models can raise the loss.
-    return method_config(method, "w4a4", epochs=3, batch_size=2)
+    """A method or component variant (``flatquant+mocd``, ...) with the tiny runs' short recipe.
+    Three epochs (six steps): the first steps on these random tiny models can raise the loss."""
+    return variant_config(method, "w4a4", epochs=3, batch_size=2)
 
 
 @pytest.fixture(scope="module")
@@ -294,6 +301,14 @@ def test_method_checkpoint_reloads_bit_identically(tiny, tiny_runs, family, meth
     in_memory = QuantizedModel.from_parts(family=family, model_config=handle.model.config, fp_params=handle.model,
                                           folded_blocks=result.folded_blocks, method_config=tiny_cfg(method))
     assert np.array_equal(got, np.asarray(in_memory.logits(batch)))  # outputs identical after reload
+
+
+@pytest.mark.parametrize("case", golden.CASES)
+def test_checkpoint_bits_unchanged(tiny, tiny_runs, case):
+    """Every array of the exported checkpoint and the loaded model's logits are those recorded in
+    ``tests/golden/`` (see ``golden_checkpoints.py``): a restructuring changes no output bit."""
+    path, _ = tiny_runs("qwen2_5_vl", case)
+    golden.check(case, golden.digest(path, tiny["qwen2_5_vl"][1][0]))
 
 
 def test_library_resume_reproduces_clean_run(tiny, tiny_runs, tmp_path):
