@@ -5,7 +5,8 @@
     python scripts/calibrate.py --model /path/to/hf_dir --calib-data my.jsonl --samples 64 --resume
     python scripts/calibrate.py --bits w3a3 --quantize-vision --vision-bits w4a4   # vision tower too
 
-Every option of the method (see ``splitq_jax/config.py``) is a flag of the same name; ``--config
+Every option of the chosen method (see ``splitq_jax/methods/``) is a flag of the same name
+(``--method flatquant --help`` lists FlatQuant's); ``--config
 FILE`` reads them from JSON (flags typed on the command line win). Exit status 2 on bad input.
 """
 
@@ -25,13 +26,16 @@ from splitq_jax import pipeline, preflight  # noqa: E402
 from splitq_jax import quantize as qz  # noqa: E402
 from splitq_jax.pipeline import Stream  # noqa: E402
 from splitq_jax.calib_data import CODE_SOURCE, CalibDataError, load_samples  # noqa: E402
-from splitq_jax.config import ConfigError, add_method_args, config_from_args, load_config_file  # noqa: E402
+from splitq_jax import methods  # noqa: E402
+from splitq_jax.config import ConfigError  # noqa: E402
+from splitq_jax.methods.base import option_names  # noqa: E402
 from splitq_jax.errors import SplitqError  # noqa: E402
 from splitq_jax.quant import QuantError  # noqa: E402
 from splitq_jax.vision_block import vision_method_config  # noqa: E402
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser(method_name: str) -> argparse.ArgumentParser:
+    """The run's options plus ``--method``, ``--bits`` and the flags of ``method_name`` only."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None,
                     help="named config (qwen2.5-vl-3b, qwen2.5-vl-7b, llava-1.5-7b, llava-1.5-13b), HF directory "
@@ -51,15 +55,42 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="also quantize the vision tower (paper A.4); calibrated on the calibration images")
     ap.add_argument("--vision-bits", default=None,
                     help="bit widths wXaY of the vision tower, e.g. w4a4 (default: --bits)")
-    ap.add_argument("--config", default=None, help="JSON file of method options")
-    add_method_args(ap)
-    return ap.parse_args(argv)
+    ap.add_argument("--config", default=None,
+                    help="JSON file of options of the method (and 'method', 'bits'); flags typed here win")
+    methods.add_method_flags(ap, methods.get_method(method_name))
+    return ap
+
+
+def parse_args(argv=None) -> tuple[argparse.Namespace, dict | None]:
+    """``--method`` (or the ``--config`` file's ``method``) first, then that method's flags only.
+
+    Returns the parsed flags and the config file's options. A flag of another method, an unknown
+    method or an unreadable config file is a ConfigError naming the method's valid options."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    file_options = methods.read_config_file(known.config) if known.config else None
+    name = methods.method_name_from(argv, file_options)
+    ap = build_parser(name)
+    args, unknown = ap.parse_known_args(argv)
+    if unknown:
+        method = methods.get_method(name)
+        flags = [u.split("=")[0] for u in unknown if u.startswith("--")]
+        owners = {f: [m for m, meth in methods.METHODS.items()
+                      if f[2:].replace("-", "_") in option_names(meth.config_class)] for f in flags}
+        where = "; ".join(f"{f} is an option of {', '.join(o)}" for f, o in owners.items() if o)
+        raise ConfigError(f"{' '.join(unknown)}: not an option of {name}{' (' + where + ')' if where else ''}; "
+                          f"{name}'s options: {', '.join('--' + o.replace('_', '-') for o in option_names(method.config_class))} "
+                          f"(see --method {name} --help)")
+    return args, file_options
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
     try:
-        cfg = config_from_args(args, load_config_file(args.config) if args.config else None)
+        args, file_options = parse_args(argv)
+        spec = methods.config_from_args(args, file_options)
+        cfg = spec.engine_config()
         for flag, value in (("--samples", args.samples), ("--calib-batch-size", args.calib_batch_size),
                             ("--max-tokens", args.max_tokens)):
             if value is not None and value < 1:

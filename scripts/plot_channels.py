@@ -15,7 +15,8 @@ from splitq_jax import analysis  # noqa: E402
 from splitq_jax import preflight  # noqa: E402
 from splitq_jax import quantize as qz  # noqa: E402
 from splitq_jax.block import GROUPS  # noqa: E402
-from splitq_jax.config import add_method_args, config_from_args  # noqa: E402
+from splitq_jax import methods  # noqa: E402
+from splitq_jax.config import ConfigError  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -26,10 +27,15 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--calib-data", default="default")
     ap.add_argument("--out", default="channels.png")
-    add_method_args(ap)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        methods.add_method_flags(ap, methods.get_method(methods.method_name_from(argv, None)))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     args = ap.parse_args(argv)
     try:
-        cfg = config_from_args(args)
+        cfg = methods.config_from_args(args).engine_config()
         if args.samples < 1:
             raise ValueError(f"--samples must be at least 1, got {args.samples}")
         preflight.check_output(Path(args.out))

@@ -1,0 +1,25 @@
+"""RTN: round-to-nearest weights and per-token activations, nothing calibrated.
+
+The baseline every other method is measured against: each weight row and each token's activation
+row quantized with its own min-max scale (``splitq_jax.quant``), no transform, no search.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from splitq_jax.config import MethodConfig
+from splitq_jax.methods.base import Method, QuantSpec, register
+
+
+@dataclass(frozen=True, kw_only=True)
+class RtnConfig(QuantSpec):
+    """RTN has no knobs of its own: the shared quantization spec is all of it."""
+
+    method = "rtn"
+
+    def engine_config(self) -> MethodConfig:
+        return self._engine("rtn")
+
+
+METHOD = register(Method("rtn", RtnConfig, "round-to-nearest, nothing calibrated"))

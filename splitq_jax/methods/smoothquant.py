@@ -1,0 +1,31 @@
+"""SmoothQuant: per-channel scales that move activation outliers into the weights.
+
+``c_j = max|W_:,j|^(1 - alpha) / max|X_:,j|^alpha`` from calibration maxima (Xiao et al., 2023);
+``X diag(c)`` and ``diag(1/c) W^T`` replace ``X`` and ``W^T``, then both are quantized
+round-to-nearest. Closed form: nothing is trained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from splitq_jax.config import MethodConfig
+from splitq_jax.methods.base import Method, QuantSpec, register
+
+
+@dataclass(frozen=True, kw_only=True)
+class SmoothQuantConfig(QuantSpec):
+    """``smooth_alpha``: migration strength (0: scales from the weights only, 1: from the
+    activations only). ``block_inputs``: statistics from the full-precision (``"fp"``) or the
+    already-quantized (``"quantized"``) outputs of the previous block."""
+
+    smooth_alpha: float = 0.5
+    block_inputs: str = "fp"
+
+    method = "smoothquant"
+
+    def engine_config(self) -> MethodConfig:
+        return self._engine("smoothquant")
+
+
+METHOD = register(Method("smoothquant", SmoothQuantConfig, "closed-form channel scales, alpha 0.5"))

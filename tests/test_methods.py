@@ -1,0 +1,110 @@
+"""The method registry and per-method configs (issue 12): one module per method, each with only
+its own options, validated by the same class on the command line, in ``--config`` files and in
+Python; every preset equal to the engine setting it replaces."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from splitq_jax import methods
+from splitq_jax.config import BIT_PRESETS, COMPONENT_VARIANTS, METHODS, ConfigError, variant_config
+from splitq_jax.methods.flatquant import FlatQuantConfig
+from splitq_jax.methods.splitq import SplitqConfig
+from test_cli import cli, run_cli
+
+
+def test_registry_lists_every_method_and_variant():
+    assert tuple(methods.METHODS) == METHODS
+    assert methods.names() == METHODS + ("flatquant+mocd", "flatquant+mocd+cws")
+    assert set(methods.names()) == set(METHODS) | set(COMPONENT_VARIANTS)
+    for name in METHODS:
+        assert methods.get_method(name).config().method == name
+    with pytest.raises(ConfigError, match="unknown method 'gptq': choose one of rtn, smoothquant"):
+        methods.get_method("gptq")
+
+
+@pytest.mark.parametrize("name", list(dict.fromkeys(METHODS + tuple(COMPONENT_VARIANTS))))
+@pytest.mark.parametrize("bits", BIT_PRESETS)
+def test_every_preset_is_the_engine_setting_it_replaces(name, bits):
+    assert methods.get_config(name, bits).engine_config() == variant_config(name, bits)
+    overrides = {"seed": 3, "w_group_size": 16}
+    assert methods.get_config(name, bits, **overrides).engine_config() == variant_config(name, bits, **overrides)
+
+
+def test_configs_hold_only_their_own_options():
+    own = {name: set(methods.base.option_names(m.config_class)) for name, m in methods.METHODS.items()}
+    shared = {"w_symmetric", "a_symmetric", "w_group_size", "seed"}
+    assert own["rtn"] == shared
+    assert own["smoothquant"] == shared | {"smooth_alpha", "block_inputs"}
+    assert not own["flatquant"] & {"cws", "mac", "cws_ratio", "selector", "text_ratio"}
+    assert own["flatquant"] < own["splitq"]  # SplitQ is FlatQuant plus MOCD and the branches
+    assert {f.name for f in dataclasses.fields(SplitqConfig)} - {f.name for f in dataclasses.fields(FlatQuantConfig)} >= {
+        "selector", "cws", "mac", "cws_ratio", "mac_ratio", "kmeans_starts"}
+    cfg = methods.get_config("flatquant", "w3a3", epochs=2)
+    assert isinstance(cfg, FlatQuantConfig) and cfg.bits == "w3a3" and cfg.epochs == 2
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.epochs = 3
+
+
+def test_option_of_another_method_is_refused_by_name():
+    with pytest.raises(ConfigError) as e:
+        methods.get_config("rtn", "w4a4", cws_ratio=0.1)
+    assert "cws_ratio: not an option of rtn (cws_ratio belongs to splitq)" in str(e.value)
+    assert "rtn's options: bits, w_symmetric, a_symmetric, w_group_size, seed" in str(e.value)
+    with pytest.raises(ConfigError, match="lr belongs to flatquant, splitq"):
+        methods.get_config("smoothquant", lr=0.1)
+    with pytest.raises(ConfigError, match=r"lr \(--lr\) must be a finite number"):
+        methods.get_config("flatquant", lr=float("nan"))
+
+
+def test_help_shows_only_the_methods_flags(capsys):
+    for name, absent, present in (("flatquant", ("--cws", "--mac-ratio", "--selector"), ("--lr", "--rotation-init")),
+                                  ("rtn", ("--lr", "--smooth-alpha", "--cws"), ("--w-group-size", "--seed")),
+                                  ("splitq", (), ("--cws-ratio", "--kmeans-starts", "--lr"))):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["--method", name, "--help"])
+        out = capsys.readouterr().out
+        assert e.value.code == 0 and f"{name} options" in out
+        assert all(flag not in out for flag in absent), name
+        assert all(flag in out for flag in present), name
+
+
+@pytest.mark.parametrize("argv,config,message", [
+    (["--method", "rtn", "--cws-ratio", "0.1"], None,
+     "--cws-ratio 0.1: not an option of rtn (--cws-ratio is an option of splitq); rtn's options: --w-symmetric"),
+    (["--method", "flatquant", "--mac"], None, "--mac: not an option of flatquant (--mac is an option of splitq)"),
+    ([], {"method": "smoothquant", "epochs": 3}, "epochs: not an option of smoothquant (epochs belongs to flatquant, "
+                                                  "splitq)"),
+    ([], {"method": "flatquant", "learning_rate": 0.1}, "learning_rate: not an option of flatquant (learning_rate is no "
+                                                        "option)"),
+    ([], {"method": 3}, "method must be a name, got 3"),
+    (["--method", "rtn"], {"method": "splitq", "cws_ratio": 0.1}, "cws_ratio: not an option of rtn"),
+], ids=["flag-of-splitq", "bool-flag-of-splitq", "key-of-flatquant", "unknown-key", "method-not-a-name",
+        "flag-beats-file-method"])
+def test_foreign_options_fail_cleanly(argv, config, message, tmp_path, capsys):
+    if config is not None:
+        (tmp_path / "options.json").write_text(json.dumps(config))
+        argv = [*argv, "--config", tmp_path / "options.json"]
+    rc, err = run_cli([*argv, "--out", tmp_path / "ckpt"], capsys)
+    assert rc == 2 and err.startswith("error: ") and message in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["options.json"] if config is not None else [])
+
+
+def test_variant_by_name_on_the_command_line(tmp_path, capsys, monkeypatch):
+    """``--method flatquant+mocd`` is SplitQ without the branches; its options are SplitQ's."""
+    from splitq_jax import quantize as qz
+
+    seen = {}
+
+    def stop(handle, cfg, out, vision_cfg=None):
+        seen["cfg"] = cfg
+        raise qz.QuantizeError("stop here")
+
+    monkeypatch.setattr(qz, "load_model_for_calibration", lambda *a, **kw: object())
+    monkeypatch.setattr(qz, "preflight_model", stop)
+    rc, err = run_cli(["--method", "flatquant+mocd", "--bits", "w3a3", "--epochs", "2", "--out", tmp_path / "c"], capsys)
+    assert rc == 2 and "stop here" in err
+    assert seen["cfg"] == variant_config("flatquant+mocd", "w3a3", epochs=2)
