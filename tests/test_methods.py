@@ -35,7 +35,7 @@ def test_every_preset_is_the_engine_setting_it_replaces(name, bits):
 
 
 def test_configs_hold_only_their_own_options():
-    own = {name: set(methods.base.option_names(m.config_class)) for name, m in methods.METHODS.items()}
+    own = {name: set(methods.option_names(m.config_class)) for name, m in methods.METHODS.items()}
     shared = {"w_symmetric", "a_symmetric", "w_group_size", "seed"}
     assert own["rtn"] == shared
     assert own["smoothquant"] == shared | {"smooth_alpha", "block_inputs"}

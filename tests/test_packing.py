@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from splitq_jax import packing
-from splitq_jax.packing import PackedTensor, nbytes, pack, pack_quantized, unpack, unpack_dequantize
+from splitq_jax.packing import nbytes, pack, pack_quantized, unpack, unpack_dequantize
 from splitq_jax import quant
 from splitq_jax.quant import dequantize
 

@@ -1,6 +1,5 @@
 """Vision-tower quantization (paper A.4): functional vision blocks, their calibration and folding."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -5,13 +5,13 @@
     cfg.engine_config()                                 # what the calibration engine runs
 
 ``METHODS``: name -> :class:`~splitq_jax.methods.base.Method`; ``VARIANTS``: named presets of a
-method (``flatquant+mocd``). See :mod:`splitq_jax.methods.base` for the shared pieces.
+method (``flatquant+mocd``). :mod:`~splitq_jax.methods.base` holds the shared pieces,
+:mod:`~splitq_jax.methods.registry` the listing and the command-line front end.
 """
 
-# Registration order is the listing order (CLI choices, error messages): simplest method first.
-from splitq_jax.methods import rtn, smoothquant, flatquant, splitq  # noqa: F401,I001
-from splitq_jax.methods.base import (METHODS, VARIANTS, Method, QuantSpec, add_method_flags, config_from_args,
-                                     get_config, get_method, method_name_from, names, read_config_file)
+from splitq_jax.methods.base import Method, QuantSpec, option_names
+from splitq_jax.methods.registry import (METHODS, VARIANTS, add_method_flags, config_from_args, get_config,
+                                         get_method, method_name_from, names, read_config_file)
 
 __all__ = ["METHODS", "VARIANTS", "Method", "QuantSpec", "add_method_flags", "config_from_args", "get_config",
-           "get_method", "method_name_from", "names", "read_config_file"]
+           "get_method", "method_name_from", "names", "option_names", "read_config_file"]

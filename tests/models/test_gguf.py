@@ -10,7 +10,6 @@ tokenizer). The slow test compares the real 0.5B model with transformers' GGUF l
 from __future__ import annotations
 
 import hashlib
-import os
 import sysconfig
 import time
 import zipfile

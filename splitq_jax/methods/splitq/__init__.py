@@ -3,13 +3,12 @@ low-rank branches (CWS on the weights, MAC on text tokens), on FlatQuant's trans
 
 The numeric parts live in :mod:`splitq_jax.mocd` (channel selection) and
 :mod:`splitq_jax.split_linear` (the split group and its branches); this package holds the method's
-configuration and its registration.
+configuration and its named component variants.
 """
 
-from splitq_jax.methods.base import Method, register
+from splitq_jax.methods.base import Method
 from splitq_jax.methods.splitq.config import BIT_DEFAULTS, VARIANTS, SplitqConfig
 
-METHOD = register(Method("splitq", SplitqConfig, "FlatQuant + MOCD channel split + CWS/MAC branches",
-                         bit_defaults=BIT_DEFAULTS), variants=VARIANTS)
+METHOD = Method("splitq", SplitqConfig, "FlatQuant + MOCD channel split + CWS/MAC branches", bit_defaults=BIT_DEFAULTS)
 
 __all__ = ["METHOD", "SplitqConfig", "VARIANTS"]

@@ -1,0 +1,123 @@
+"""The registry of methods and named variants, and the command-line and config-file front end.
+
+Every method module exports ``METHOD`` (a :class:`~splitq_jax.methods.base.Method`); this module
+lists them, in the order they are offered (simplest first). Nothing below it imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from splitq_jax.config import ConfigError
+from splitq_jax.methods import flatquant, rtn, smoothquant, splitq
+from splitq_jax.methods.base import Method, QuantSpec, option_names
+
+METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in (rtn, smoothquant, flatquant, splitq)}
+# Named presets of a method: variant -> (method, fixed options).
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {name: ("splitq", fixed) for name, fixed in splitq.VARIANTS.items()}
+
+
+def names() -> tuple[str, ...]:
+    """Every method and variant name, methods first."""
+    return tuple(METHODS) + tuple(VARIANTS)
+
+
+def get_method(name: str) -> Method:
+    """The method ``name``; a variant name gives its method (see :func:`get_config`)."""
+    if name in METHODS:
+        return METHODS[name]
+    if name in VARIANTS:
+        return METHODS[VARIANTS[name][0]]
+    raise ConfigError(f"unknown method {name!r}: choose one of {', '.join(names())}")
+
+
+def get_config(name: str, bits: str = "w4a4", **options: Any) -> QuantSpec:
+    """The config of method or variant ``name`` at ``bits`` with ``options`` applied; an option
+    of another method is an error naming the methods it belongs to and this one's options."""
+    method = get_method(name)
+    allowed = set(option_names(method.config_class))
+    unknown = sorted(set(options) - allowed - {"w_bits", "a_bits"})
+    if unknown:
+        owners = {o: [m for m, meth in METHODS.items() if o in option_names(meth.config_class)] for o in unknown}
+        where = "; ".join(f"{o} belongs to {', '.join(owners[o])}" if owners[o] else f"{o} is no option"
+                          for o in unknown)
+        raise ConfigError(f"{', '.join(unknown)}: not an option of {name} ({where}); {name}'s options: "
+                          f"bits, {', '.join(option_names(method.config_class))}")
+    fixed = VARIANTS[name][1] if name in VARIANTS else {}
+    return method.config(bits, **{**fixed, **options})
+
+
+# ---------------------------------------------------------------------------------- command line
+
+
+def add_method_flags(parser: argparse.ArgumentParser, method: Method) -> None:
+    """``--method``, ``--bits`` and one flag per field of ``method``'s config (defaults None, so
+    only what the user typed overrides the preset and the ``--config`` file)."""
+    parser.add_argument("--method", default=None, choices=names(),
+                        help=f"quantization method or variant (default splitq): {', '.join(names())}")
+    parser.add_argument("--bits", default=None, help="bit widths wXaY, e.g. w4a8, w4a4, w3a3, w3a2 (default w4a4)")
+    group = parser.add_argument_group(f"{method.name} options ({method.summary})")
+    defaults = method.config()
+    for f in dataclasses.fields(method.config_class):
+        if f.name in ("w_bits", "a_bits"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if isinstance(default, bool):
+            group.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction,
+                               help=f"(default: {default})")
+        else:
+            kind = {int: int, float: float, str: str}.get(type(default), _int_or_none)
+            group.add_argument(flag, dest=f.name, default=None, type=kind, help=f"(default: {default})")
+
+
+def _int_or_none(s: str) -> int | None:
+    return None if s.lower() in ("none", "null", "") else int(s)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A JSON object of options (``method``, ``bits`` and config fields), not yet validated."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {p} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a JSON object of option names to values")
+    return data
+
+
+def method_name_from(argv: list[str], file_options: dict[str, Any] | None) -> str:
+    """The method a command line asks for: ``--method`` wins over the ``--config`` file's
+    ``method``; the default is ``splitq``. Unknown names are an error listing the valid ones."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method", default=None)
+    known, _ = pre.parse_known_args(argv)
+    name = known.method or (file_options or {}).get("method") or "splitq"
+    if not isinstance(name, str):
+        raise ConfigError(f"method must be a name, got {name!r}; choose one of {', '.join(names())}")
+    get_method(name)
+    return name
+
+
+def config_from_args(args: argparse.Namespace, file_options: dict[str, Any] | None = None) -> QuantSpec:
+    """Preset of (method, bits) <- ``--config`` file options <- flags typed on the command line."""
+    opts = dict(file_options or {})
+    name = args.method or opts.pop("method", None) or "splitq"
+    opts.pop("method", None)
+    bits = args.bits or opts.pop("bits", None) or "w4a4"
+    opts.pop("bits", None)
+    for k in ("w_bits", "a_bits"):
+        if k in opts:
+            raise ConfigError(f"set bit widths with 'bits' (e.g. \"w4a4\"), not {k!r}")
+    for f in dataclasses.fields(get_method(name).config_class):
+        v = getattr(args, f.name, None)
+        if v is not None and f.name not in ("w_bits", "a_bits"):
+            opts[f.name] = v
+    return get_config(name, bits, **opts)
