@@ -2,21 +2,45 @@
 
 The functional API in a few names; each lives in the module of its pipeline step:
 
-* methods: :func:`method_config`, :class:`MethodConfig` (``splitq_jax.config``)
+* methods: :func:`get_method`, :func:`get_config`, ``METHODS`` (``splitq_jax.methods``);
+  :func:`method_config`, :class:`MethodConfig`: the engine setting a method config runs as
 * one block: :func:`calibrate_block`, :func:`make_block_data` (``splitq_jax.calibrate``),
   :func:`fold_block` (``splitq_jax.fold``)
 * a whole model: :func:`calibrate_model` (``splitq_jax.pipeline``)
 * checkpoints: :func:`save_quantized`, :func:`load_quantized`, :class:`QuantizedModel`
+* errors a user can fix: :class:`SplitqError` (``splitq_jax.errors``)
+
+Names are imported on first use (PEP 562), so that ``import splitq_jax.runtime`` for inference
+does not pull in the calibration engine and its optimiser.
 """
 
-from splitq_jax.calibrate import calibrate_block, make_block_data
-from splitq_jax.config import MethodConfig, method_config
-from splitq_jax.export import CheckpointError, save_quantized, verify_checkpoint
-from splitq_jax.fold import fold_block
-from splitq_jax.pipeline import calibrate_model
-from splitq_jax.runtime import QuantizedModel, load_quantized
+from __future__ import annotations
 
-__all__ = [
-    "CheckpointError", "MethodConfig", "QuantizedModel", "calibrate_block", "calibrate_model", "fold_block",
-    "load_quantized", "make_block_data", "method_config", "save_quantized", "verify_checkpoint",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "CheckpointError": "splitq_jax.export", "save_quantized": "splitq_jax.export",
+    "verify_checkpoint": "splitq_jax.export",
+    "MethodConfig": "splitq_jax.config", "method_config": "splitq_jax.config",
+    "METHODS": "splitq_jax.methods", "get_config": "splitq_jax.methods", "get_method": "splitq_jax.methods",
+    "calibrate_block": "splitq_jax.calibrate", "make_block_data": "splitq_jax.calibrate",
+    "fold_block": "splitq_jax.fold",
+    "calibrate_model": "splitq_jax.pipeline",
+    "QuantizedModel": "splitq_jax.runtime", "load_quantized": "splitq_jax.runtime",
+    "SplitqError": "splitq_jax.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'splitq_jax' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

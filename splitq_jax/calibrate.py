@@ -29,7 +29,7 @@ from splitq_jax.config import MethodConfig
 from splitq_jax.errors import NonFiniteError
 from splitq_jax.finite import first_nonfinite
 
-from splitq_jax.modality import ANSWER, PAD, TEXT, VISION  # noqa: F401  (re-exported)
+from splitq_jax.modality import ANSWER, PAD, TEXT, VISION, text_mask  # noqa: F401  (re-exported)
 Tree = dict[str, Any]
 
 
@@ -83,9 +83,7 @@ def check_inputs(x: jax.Array, bcfg: BlockConfig) -> None:
 
 def text_mask_of(modality: jax.Array, cfg: MethodConfig) -> jax.Array:
     """Tokens that count as text (MOCD's T set, MAC's token mask) under ``cfg.text_tokens``."""
-    if cfg.text_tokens == "answer":
-        return modality == ANSWER
-    return (modality == TEXT) | (modality == ANSWER)
+    return text_mask(modality, cfg.text_tokens)
 
 
 def group_is_split(group: str, cfg: MethodConfig) -> bool:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from splitq_jax import split_linear as sl
 from splitq_jax.block import GROUP_NORM, BlockConfig
-from splitq_jax.calibrate import text_mask_of
+from splitq_jax import modality as md
 from splitq_jax.config import MethodConfig
 from splitq_jax.packing import PackedTensor, pack_quantized, unpack_dequantize
 from splitq_jax.quant import quantize
@@ -108,7 +108,7 @@ def fold_block(qparams: Tree, qconsts: Tree, cfg: MethodConfig, *, fold_norms: b
 def folded_block_forward(folded: Tree, x, cos, sin, mask, modality, cfg: MethodConfig, bcfg: BlockConfig,
                          *, quantize_acts: bool = True) -> jax.Array:
     """The folded block in fake-quant; same signature as the calibrated block's forward."""
-    tmask = text_mask_of(modality, cfg)
+    tmask = md.text_mask(modality, cfg.text_tokens)
     weights = {g: materialize(f["weights"]) for g, f in folded["groups"].items()}
     bits = sl.Bits.of(cfg, quantize_acts)
 

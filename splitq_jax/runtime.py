@@ -37,7 +37,7 @@ from flax import nnx
 
 from splitq_jax import export
 from splitq_jax.block import BlockConfig
-from splitq_jax.calibrate import ANSWER, PAD, VISION, text_mask_of
+from splitq_jax.modality import ANSWER, PAD, VISION, text_mask
 from splitq_jax.config import MethodConfig
 from splitq_jax.export import CheckpointError
 from splitq_jax.models.layers import Decoder, KVCache, make_attention_mask
@@ -50,7 +50,7 @@ def quantized_block_forward(folded: Tree, x, cos, sin, mask, modality, cfg: Meth
                             *, cache: KVCache | None = None):
     """A folded block with integer matmuls; the signature of ``fold.folded_block_forward`` plus an
     optional KV cache (then returns ``(x, cache)``, see :func:`splitq_jax.block.block_forward`)."""
-    tmask = text_mask_of(modality, cfg)
+    tmask = text_mask(modality, cfg.text_tokens)
 
     def linear(group: str, inp: jax.Array) -> dict[str, jax.Array]:
         return quantized_group_apply(folded["groups"][group], inp, tmask, cfg)

@@ -8,6 +8,8 @@ edge to ``pkg.name`` when that is a module, else to ``pkg``.
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -96,3 +98,17 @@ def test_graph_sees_function_level_imports():
 def test_no_import_cycle():
     found = cycles(import_graph())
     assert not found, "import cycles: " + "; ".join(" <-> ".join(c) for c in found)
+
+
+def test_inference_imports_no_calibration_engine():
+    """Loading and running a checkpoint needs neither the calibration engine nor the methods.
+    (optax itself is out of reach: flax.nnx imports it, flax/nnx/helpers.py.)"""
+    code = ("import sys; import splitq_jax.runtime; from splitq_jax.runtime import load_quantized; "
+            "from splitq_jax import load_quantized as lq; "
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith('splitq_jax'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}).stdout.split()
+    assert "splitq_jax.runtime" in out
+    engine = {"splitq_jax.calibrate", "splitq_jax.pipeline", "splitq_jax.quantize", "splitq_jax.mocd",
+              "splitq_jax.parallel", "splitq_jax.methods", "splitq_jax.preflight"}
+    assert not engine & set(out), sorted(engine & set(out))
