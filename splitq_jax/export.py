@@ -58,6 +58,7 @@ import numpy as np
 from splitq_jax.config import MethodConfig
 from splitq_jax.errors import SplitqError
 from splitq_jax.finite import check_finite
+from splitq_jax.inference import InferenceSpec
 from splitq_jax.packing import PackedTensor
 
 Tree = Any
@@ -71,7 +72,7 @@ MANIFEST_FILE = "manifest.json"
 BLOCK_FILE = "block.json"
 FAMILIES = ("qwen2_5_vl", "llava")
 _PACKAGES = ("splitq-jax", "jax", "jaxlib", "flax", "orbax-checkpoint", "numpy", "ml_dtypes")
-_RESERVED = frozenset({"format", "format_version", "created", "model", "method", "bits", "method_config",
+_RESERVED = frozenset({"format", "format_version", "created", "model", "method", "bits", "method_config", "inference",
                        "storage", "versions", "files", "vision"})
 # Where each family keeps its vision-tower blocks (dropped from "fp" when they are quantized).
 VISION_LAYERS = {"qwen2_5_vl": ("visual", "blocks"), "llava": ("vision_tower", "layers")}
@@ -606,7 +607,8 @@ def save_quantized(out_dir: str | os.PathLike, *, family: str, model_config, fp_
         fp = tree["fp"] = strip_vision_layers(fp, family)
         tree["vision_blocks"] = {str(i): b for i, b in enumerate(vision_blocks)}
         vision = {"num_blocks": len(vision_blocks), "method": vision_method_config.method,
-                  "bits": vision_method_config.bits, "method_config": vision_method_config.to_dict()}
+                  "bits": vision_method_config.bits, "method_config": vision_method_config.to_dict(),
+                  "inference": InferenceSpec.of(vision_method_config).to_dict()}
     dtype = _check_fp(fp, family, model_config, vision_quantized=vision is not None)
     # Never publish a NaN: a checkpoint that loads and then answers garbage is worse than none.
     check_finite(tree, f"the checkpoint for {out_dir}", "nothing was written")
@@ -624,6 +626,7 @@ def save_quantized(out_dir: str | os.PathLike, *, family: str, model_config, fp_
             "method": method_config.method,
             "bits": method_config.bits,
             "method_config": method_config.to_dict(),
+            "inference": InferenceSpec.of(method_config).to_dict(),  # all that loading needs
             "storage": _storage(list(folded_blocks) + list(vision_blocks or []), fp),
             **({"vision": vision} if vision is not None else {}),
             **extra,

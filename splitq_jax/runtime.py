@@ -39,6 +39,7 @@ from splitq_jax import export
 from splitq_jax.block import BlockConfig
 from splitq_jax.modality import ANSWER, PAD, VISION, text_mask
 from splitq_jax.config import MethodConfig
+from splitq_jax.inference import InferenceSpec
 from splitq_jax.export import CheckpointError
 from splitq_jax.models.layers import Decoder, KVCache, make_attention_mask
 from splitq_jax.qlinear import quantized_group_apply
@@ -118,25 +119,36 @@ class QuantizedModel:
     blocks: list[Tree]
     config: Any
     family: str
-    method_config: MethodConfig
+    spec: InferenceSpec  # all that inference reads (bit widths, symmetry, main path, text tokens)
     block_config: BlockConfig
     manifest: dict = dataclasses.field(default_factory=dict)
     vision_blocks: list[Tree] | None = None  # folded vision-tower blocks (None: the fp tower runs)
-    vision_method_config: MethodConfig | None = None
+    vision_spec: InferenceSpec | None = None
+    # Provenance: the engine setting the blocks were calibrated with; None when the checkpoint's
+    # method is unknown to this version (it still loads and runs from ``spec``).
+    method_config: MethodConfig | None = None
 
     @classmethod
     def from_parts(cls, *, family: str, model_config, fp_params: Any, folded_blocks: Sequence[Tree],
-                   method_config: MethodConfig, manifest: Mapping[str, Any] | None = None,
+                   method_config: MethodConfig | None = None, manifest: Mapping[str, Any] | None = None,
                    vision_blocks: Sequence[Tree] | None = None,
-                   vision_method_config: MethodConfig | None = None) -> "QuantizedModel":
-        """Assemble from in-memory pieces (the arguments of :func:`splitq_jax.export.save_quantized`)."""
+                   vision_method_config: MethodConfig | None = None, spec: InferenceSpec | None = None,
+                   vision_spec: InferenceSpec | None = None) -> "QuantizedModel":
+        """Assemble from in-memory pieces (the arguments of :func:`splitq_jax.export.save_quantized`).
+        ``spec`` / ``vision_spec`` default to those of the method configs."""
+        if spec is None:
+            if method_config is None:
+                raise CheckpointError("a quantized model needs its inference spec or its method config")
+            spec = InferenceSpec.of(method_config)
+        if vision_spec is None and vision_method_config is not None:
+            vision_spec = InferenceSpec.of(vision_method_config)
 
         fp = export.fp_state_dict(fp_params)
         if vision_blocks is not None:
             from splitq_jax import vision_block as vb
 
-            if vision_method_config is None:
-                raise CheckpointError("quantized vision blocks without their method config")
+            if vision_spec is None:
+                raise CheckpointError("quantized vision blocks without their inference spec or method config")
             fp = export.strip_vision_layers(fp, family)
             n = vb.num_quantized_blocks(model_config, family)
             if len(vision_blocks) != n:
@@ -153,9 +165,9 @@ class QuantizedModel:
             raise CheckpointError(f"the saved fp parameters do not fit the {family} config: {e}") from e
         if len(folded_blocks) != model_config.text.num_layers:
             raise CheckpointError(f"{len(folded_blocks)} blocks for {model_config.text.num_layers} decoder layers")
-        return cls(nnx.merge(graphdef, state), list(folded_blocks), model_config, family, method_config,
+        return cls(nnx.merge(graphdef, state), list(folded_blocks), model_config, family, spec,
                    BlockConfig.from_decoder(model_config.text), dict(manifest or {}),
-                   None if vision_blocks is None else list(vision_blocks), vision_method_config)
+                   None if vision_blocks is None else list(vision_blocks), vision_spec, method_config)
 
     # -- pieces -------------------------------------------------------------------------------
 
@@ -173,12 +185,12 @@ class QuantizedModel:
         :func:`quantized_vision_features`."""
         if self.vision_blocks is None:
             raise ValueError("this checkpoint's vision tower is not quantized; use the model's own embed")
-        return quantized_vision_features(self.model, self.family, self.vision_blocks, self.vision_method_config,
+        return quantized_vision_features(self.model, self.family, self.vision_blocks, self.vision_spec,
                                          pixel_values, image_grid_thw, block=block)
 
     def run_blocks(self, x, cos, sin, mask, modality, caches: list[KVCache] | None = None):
         """Every quantized block: ``x (B, N, d)`` -> ``(B, N, d)`` (and the updated caches if given)."""
-        cfg, bcfg = self.method_config, self.block_config
+        cfg, bcfg = self.spec, self.block_config
         if caches is None:
             for folded in self.blocks:
                 x = _block(folded, x, cos, sin, mask, modality, None, cfg=cfg, bcfg=bcfg)
@@ -307,14 +319,22 @@ def load_quantized(ckpt_dir: str | os.PathLike, *, verify: bool = True) -> Quant
     family = manifest["model"]["family"]
     try:
         model_config = export.model_config_from_dict(family, manifest["model"]["config"])
-        cfg = export.method_config_from_dict(manifest["method_config"])
-        vcfg = (None if vision_blocks is None
-                else export.method_config_from_dict(manifest["vision"]["method_config"]))
+        # What inference needs comes from "inference" (older checkpoints: the method config's
+        # fields of the same names); the method config itself is provenance only.
+        spec = InferenceSpec.from_dict(manifest.get("inference") or manifest["method_config"])
+        vspec = None
+        if vision_blocks is not None:
+            vision = manifest["vision"]
+            vspec = InferenceSpec.from_dict(vision.get("inference") or vision["method_config"])
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{ckpt_dir}: the manifest's model or method config is invalid: {e}") from e
+        raise CheckpointError(f"{ckpt_dir}: the manifest's model config or inference spec is invalid: {e}") from e
+    try:
+        cfg = export.method_config_from_dict(manifest["method_config"])
+    except (KeyError, TypeError, ValueError):
+        cfg = None  # a method this version does not know: it runs from the spec all the same
     return QuantizedModel.from_parts(family=family, model_config=model_config, fp_params=fp, folded_blocks=blocks,
                                      method_config=cfg, manifest=manifest, vision_blocks=vision_blocks,
-                                     vision_method_config=vcfg)
+                                     spec=spec, vision_spec=vspec)
 
 
 __all__ = ["QuantizedModel", "load_quantized", "quantized_block_forward", "quantized_vision_features"]

@@ -110,7 +110,7 @@ def fake_quant_logits(qm: QuantizedModel, batch: dict) -> jax.Array:
     mask = qm.model.attention_mask(modality)
     x = emb.hidden
     for folded in qm.blocks:
-        x = _fake_quant_block(folded, x, cos, sin, mask, modality, cfg=qm.method_config, bcfg=qm.block_config)
+        x = _fake_quant_block(folded, x, cos, sin, mask, modality, cfg=qm.spec, bcfg=qm.block_config)
     return qm.head(x)
 
 
@@ -330,6 +330,22 @@ def test_library_resume_reproduces_clean_run(tiny, tiny_runs, tmp_path):
     assert_checkpoints_identical(path, clean)
 
 
+def test_checkpoint_of_an_unknown_method_loads_and_runs(tiny, tiny_runs, tmp_path):
+    """Loading reads the manifest's inference spec, never a method config: a checkpoint whose
+    method this version does not know gives the very same logits."""
+    src, _ = tiny_runs("qwen2_5_vl", "splitq")
+    ck = tmp_path / "ckpt"
+    shutil.copytree(src, ck)
+    manifest = json.loads((ck / "manifest.json").read_text())
+    manifest["method"] = manifest["method_config"]["method"] = "a-method-from-the-future"
+    manifest["method_config"]["a_new_option"] = 3
+    (ck / "manifest.json").write_text(json.dumps(manifest))
+    batch = tiny["qwen2_5_vl"][1][0]
+    qm, ref = load_quantized(ck), load_quantized(src)
+    assert qm.method_config is None and ref.method_config.method == "splitq" and qm.spec == ref.spec
+    assert np.array_equal(np.asarray(qm.logits(batch)), np.asarray(ref.logits(batch)))
+
+
 def test_corrupted_checkpoint_names_the_file(tiny_runs, tmp_path):
     src, _ = tiny_runs("qwen2_5_vl", "splitq")
     ck = tmp_path / "ckpt"
@@ -460,7 +476,7 @@ def test_quantize_vision_checkpoint(tiny, family, tmp_path):
     vbcfg = vb.block_config(handle.model, family)
 
     def fake(folded, x, cos, sin, mask, modality):
-        return _fake_quant_block(folded, x, cos, sin, mask, modality, cfg=qm.vision_method_config, bcfg=vbcfg)
+        return _fake_quant_block(folded, x, cos, sin, mask, modality, cfg=qm.vision_spec, bcfg=vbcfg)
 
     batch = batches[0]
     args = (batch["pixel_values"], batch.get("image_grid_thw"))

@@ -259,7 +259,7 @@ def test_quantize_vision_dinov2_tower(model, tiny_batches, tmp_path):
     got = np.asarray(qm.vision_features(pix))
 
     def fake(folded, x, cos, sin, mask, modality):
-        return fold.folded_block_forward(folded, x, cos, sin, mask, modality, qm.vision_method_config, bcfg)
+        return fold.folded_block_forward(folded, x, cos, sin, mask, modality, qm.vision_spec, bcfg)
 
     ref = np.asarray(qm.vision_features(pix, block=fake))
     assert np.abs(got - ref).max() < 1e-3 * np.abs(ref).max()
