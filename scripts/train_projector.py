@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from splitq_jax import assets  # noqa: E402
 from splitq_jax import calib_data as cd  # noqa: E402
 from splitq_jax import preprocess as pp  # noqa: E402
 from splitq_jax.export import sha256_file  # noqa: E402
@@ -75,7 +76,7 @@ def feature_cache(vit, config, image_ids, split: str, *, weights_sha256: str, ca
     from ``<cache>/easyvqa_features/<weights sha256[:16]>-<split>-<size>px-pool<p>.npy``."""
     from splitq_jax.models.dinov2 import dinov2_features
 
-    root = Path(cache_dir) if cache_dir is not None else pp.default_cache_dir()
+    root = Path(cache_dir) if cache_dir is not None else assets.default_cache_dir()
     icfg = config.image_processor()
     key = f"{weights_sha256[:16]}-{split}-{icfg.crop_size}px-pool{config.vision_pool}"
     path = root / FEATURES_DIR / f"{key}.npy"
@@ -303,7 +304,7 @@ def main(argv=None) -> int:
     from splitq_jax.models.llava import Projector
 
     t_start = time.time()
-    cache = Path(args.cache_dir) if args.cache_dir else pp.default_cache_dir()
+    cache = Path(args.cache_dir) if args.cache_dir else assets.default_cache_dir()
     work = Path(args.work_dir) if args.work_dir else cache / "train_projector"
     out = Path(args.out) if args.out else ev.ASSETS_DIR / ev.PROJECTOR_FILE
     system = None if args.no_system else pp.QWEN_DEFAULT_SYSTEM

@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from splitq_jax import assets
 from splitq_jax import preprocess as pp
 from splitq_jax.modality import ANSWER, PAD, TEXT, VISION  # noqa: F401  (re-exported codes)
 from splitq_jax.errors import SplitqError
@@ -91,8 +92,8 @@ VQA_INSTRUCTION = "Answer the question using a single word or phrase."
 
 def easy_vqa_wheel(cache_dir: str | os.PathLike | None = None) -> Path:
     """Path of the verified easy-vqa 1.0 wheel, fetched into ``<cache>/wheels`` on first use."""
-    root = Path(cache_dir) if cache_dir is not None else pp.default_cache_dir()
-    return pp.fetch_wheel(EASY_VQA_WHEEL, EASY_VQA_WHEEL_FILE, EASY_VQA_WHEEL_SHA256, root / "wheels")
+    root = Path(cache_dir) if cache_dir is not None else assets.default_cache_dir()
+    return assets.fetch_wheel(EASY_VQA_WHEEL, EASY_VQA_WHEEL_FILE, EASY_VQA_WHEEL_SHA256, root / "wheels")
 
 
 def _easy_vqa_split(zf: zipfile.ZipFile, split: str) -> list[tuple[str, str, int]]:

