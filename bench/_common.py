@@ -8,13 +8,11 @@ fields) and one ``metric == "run"`` record with the command line and package ver
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import resource
 import shlex
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from splitq_jax.fsutil import write_json  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 
@@ -78,18 +78,7 @@ def run_record(bench: str, machine: str, **extra: Any) -> dict[str, Any]:
 
 def write_json_atomic(path: Path, records: list[dict[str, Any]]) -> None:
     """Write ``records`` to ``path`` via a temp file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(records, f, indent=1, default=_jsonable)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_json(path, records, default=_jsonable)
 
 
 def _jsonable(x: Any) -> Any:

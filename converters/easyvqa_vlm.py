@@ -55,7 +55,7 @@ def config_for(text: DecoderConfig) -> LlavaConfig:
 
 
 def _sha256(path: Path) -> str:
-    from splitq_jax.export import sha256_file  # here: splitq_jax's package import reaches converters
+    from splitq_jax.fsutil import sha256_file
 
     return sha256_file(path)
 

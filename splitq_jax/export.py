@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import importlib.metadata
 import json
 import math
@@ -218,7 +217,7 @@ def _abstract(structure: dict) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
 # --------------------------------------------------------------------------------------------
 
 
-from splitq_jax.fsutil import OCDBT_FILE_BYTES  # noqa: E402  (one setting for every orbax save)
+from splitq_jax.fsutil import OCDBT_FILE_BYTES, sha256_file  # noqa: E402,F401  (sha256_file: re-exported)
 
 
 def _save_arrays(path: Path, arrays: Mapping[tuple[str, ...], Any]) -> None:
@@ -288,14 +287,6 @@ def _read_json(path: Path, what: str) -> dict:
         raise CheckpointError(f"{path.parent} has no {path.name}: {what}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e}); the file is corrupted") from e
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _checksums(root: Path, exclude: Sequence[str] = ()) -> dict[str, dict[str, Any]]:

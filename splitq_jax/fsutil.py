@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -58,4 +60,20 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-__all__ = ["atomic_dir", "atomic_file"]
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (checkpoints, wheels, assets)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_json(path: str | os.PathLike, obj, *, indent: int | None = 1, default=None) -> None:
+    """``obj`` as JSON to ``path`` atomically (see :func:`atomic_file`), newline-terminated,
+    readable by everyone (0644 under the usual umask)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=indent, default=default) + "\n")
+
+
+__all__ = ["OCDBT_FILE_BYTES", "atomic_dir", "atomic_file", "sha256_file", "write_json"]

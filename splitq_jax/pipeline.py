@@ -30,6 +30,7 @@ from splitq_jax.block import BlockConfig
 from splitq_jax.config import MethodConfig
 from splitq_jax.errors import NonFiniteError
 from splitq_jax.finite import check_finite
+from splitq_jax.fsutil import write_json
 
 Tree = dict[str, Any]
 
@@ -245,10 +246,7 @@ def _report_path(block_path) -> Path:
 
 
 def _write_report(block_path, report: BlockReport) -> None:
-    p = _report_path(block_path)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(dataclasses.asdict(report)))
-    tmp.replace(p)
+    write_json(_report_path(block_path), dataclasses.asdict(report), indent=None)
 
 
 def _read_report(block_path, index: int) -> BlockReport:

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from splitq_jax import calib_data as cd
+from splitq_jax import fsutil
 from splitq_jax import pipeline
 from splitq_jax import preprocess as pp
 from splitq_jax.config import MethodConfig
@@ -217,9 +218,7 @@ def prepare_output(out_dir: str | Path, *, overwrite: bool, resume: bool, record
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    tmp = work / "run.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
-    tmp.replace(work / "run.json")
+    fsutil.write_json(work / "run.json", json.loads(json.dumps(record, sort_keys=True)), indent=2)
     return work
 
 
