@@ -11,7 +11,7 @@ Then, each in a fresh subprocess:
 
 * ``baseline``: imports what a conversion imports (jax, flax, orbax, safetensors, the converters
   and models) and starts the jax backend; nothing that depends on the checkpoint;
-* ``convert``: ``converters.checkpoints.convert(ckpt, out, dtype=--dtype)`` (the whole of
+* ``convert``: ``splitq_jax.models.converters.checkpoints.convert(ckpt, out, dtype=--dtype)`` (the whole of
   ``scripts/convert.py`` without ``--check``: load, then an orbax save).
 
 The peak RSS of each is the kernel's high-water mark ``VmHWM``, read by the child itself at its
@@ -199,7 +199,7 @@ def child_main(mode: str, ckpt: str, out: str, dtype: str) -> None:
     import orbax.checkpoint  # noqa: F401  (imported lazily by the save; part of the baseline)
     import safetensors  # noqa: F401
 
-    from converters import checkpoints, hf, qwen2_5_vl  # noqa: F401
+    from splitq_jax.models.converters import checkpoints, hf, qwen2_5_vl  # noqa: F401
     from splitq_jax.models import qwen2_5_vl as model  # noqa: F401
 
     jax.devices()  # the backend start is a fixed cost too

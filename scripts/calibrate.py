@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tqdm import tqdm  # noqa: E402
 
-from converters.hf import ConversionError  # noqa: E402
+from splitq_jax.models.converters.hf import ConversionError  # noqa: E402
 from splitq_jax import pipeline, preflight  # noqa: E402
 from splitq_jax import quantize as qz  # noqa: E402
 from splitq_jax.pipeline import Stream  # noqa: E402

@@ -18,8 +18,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from converters.checkpoints import DTYPES, convert  # noqa: E402
-from converters.hf import ConversionError  # noqa: E402
+from splitq_jax.models.converters.checkpoints import DTYPES, convert  # noqa: E402
+from splitq_jax.models.converters.hf import ConversionError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tqdm import tqdm  # noqa: E402
 
-from converters.hf import ConversionError  # noqa: E402
+from splitq_jax.models.converters.hf import ConversionError  # noqa: E402
 from splitq_jax import calib_data as cd  # noqa: E402
 from splitq_jax import evaluate as ev  # noqa: E402
 from splitq_jax import preflight  # noqa: E402

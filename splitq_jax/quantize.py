@@ -61,7 +61,7 @@ def load_model_for_calibration(model_ref: str | None, *, seed: int = 0, dtype=jn
                            cfg.pad_token_id, None)
     import os
 
-    from converters.checkpoints import load_model, named_models
+    from splitq_jax.models.converters.checkpoints import load_model, named_models
 
     ref = str(model_ref)
     if not os.path.exists(os.path.expanduser(ref)) and ref not in named_models() and "/" not in ref:

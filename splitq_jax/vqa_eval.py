@@ -2,7 +2,7 @@
 
 ::
 
-    from converters.easyvqa_vlm import load_easyvqa_vlm, load_tokenizer
+    from splitq_jax.models.converters.easyvqa_vlm import load_easyvqa_vlm, load_tokenizer
     model, config, _ = load_easyvqa_vlm()
     r = easy_vqa_accuracy(model, load_tokenizer(), n=500, seed=0)
     r["accuracy"], r["by_type"]["color"]["accuracy"], r["by_type"]["color"]["majority_accuracy"]
@@ -215,12 +215,12 @@ def main(argv=None) -> int:
 
     t0 = time.time()
     if args.model == "easyvqa-vlm-0.5b":
-        from converters.easyvqa_vlm import load_easyvqa_vlm, load_tokenizer
+        from splitq_jax.models.converters.easyvqa_vlm import load_easyvqa_vlm, load_tokenizer
 
         tokenizer = load_tokenizer()
         model = None if args.quantized else load_easyvqa_vlm(projector=args.projector)[0]
     else:
-        from converters.checkpoints import load_model
+        from splitq_jax.models.converters.checkpoints import load_model
 
         model, _, _, model_dir = load_model(args.model)
         tokenizer = pp.load_tokenizer(model_dir)

@@ -17,9 +17,9 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from converters import checkpoints
-from converters.hf import _to_jax, aligned_empty, open_checkpoint
-from converters.qwen2_5_vl import map_key
+from splitq_jax.models.converters import checkpoints
+from splitq_jax.models.converters.hf import _to_jax, aligned_empty, open_checkpoint
+from splitq_jax.models.converters.qwen2_5_vl import map_key
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import convert_memory as bench  # noqa: E402

@@ -15,9 +15,9 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from converters import checkpoints  # noqa: E402
-from converters.hf import ConversionError  # noqa: E402
-from converters.llava import load_llava  # noqa: E402
+from splitq_jax.models.converters import checkpoints  # noqa: E402
+from splitq_jax.models.converters.hf import ConversionError  # noqa: E402
+from splitq_jax.models.converters.llava import load_llava  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "convert.py"

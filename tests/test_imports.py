@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("splitq_jax", "converters")
+PACKAGES = ("splitq_jax",)
 
 
 def _modules() -> dict[str, Path]:

@@ -221,7 +221,7 @@ def test_export_refuses_nonfinite_trees(tiny, tmp_path):
 
 def test_refusal_is_a_splitq_error():
     """The CLIs catch SplitqError; every user-fixable error class derives from it."""
-    from converters.hf import ConversionError
+    from splitq_jax.models.converters.hf import ConversionError
     from splitq_jax.calib_data import CalibDataError
     from splitq_jax.quant import QuantError
 

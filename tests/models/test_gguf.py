@@ -1,4 +1,4 @@
-"""GGUF models (converters/gguf.py): fetching and assembling the split file, header -> config,
+"""GGUF models (splitq_jax/models/converters/gguf.py): fetching and assembling the split file, header -> config,
 dequantized weights in a text-only Qwen2.5-VL, the named model ``qwen2.5-coder-0.5b``, and the
 standard-library code source of splitq_jax/calib_data.py.
 
@@ -23,9 +23,9 @@ from PIL import Image
 
 gguf = pytest.importorskip("gguf")
 
-from converters import checkpoints  # noqa: E402
-from converters import gguf as cg  # noqa: E402
-from converters.hf import ConversionError  # noqa: E402
+from splitq_jax.models.converters import checkpoints  # noqa: E402
+from splitq_jax.models.converters import gguf as cg  # noqa: E402
+from splitq_jax.models.converters.hf import ConversionError  # noqa: E402
 from splitq_jax import calib_data as cd  # noqa: E402
 from splitq_jax.models.qwen2_5_vl import PAD, TEXT, get_rope_index  # noqa: E402
 
@@ -126,7 +126,7 @@ def test_header_maps_to_config(tiny):
     assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (EOT, (IM_END,), EOT)
     assert hf["architectures"] == ["Qwen2ForCausalLM"] and hf["max_position_embeddings"] == 256
     # the HF config dict rebuilds the same config (how a saved checkpoint is read back)
-    from converters.qwen2_5_vl import config_from_hf
+    from splitq_jax.models.converters.qwen2_5_vl import config_from_hf
 
     assert config_from_hf(hf) == config
     # another header, other values: nothing is hard-coded

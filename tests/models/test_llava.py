@@ -22,8 +22,8 @@ transformers = pytest.importorskip("transformers")
 from flax import nnx  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from converters.hf import ConversionError  # noqa: E402
-from converters.llava import load_llava, map_key  # noqa: E402
+from splitq_jax.models.converters.hf import ConversionError  # noqa: E402
+from splitq_jax.models.converters.llava import load_llava, map_key  # noqa: E402
 from splitq_jax.models.layers import count_params  # noqa: E402
 from splitq_jax.models.llava import PAD, TEXT, VISION, LlavaConfig, abstract_model, get_config  # noqa: E402
 

@@ -19,8 +19,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from converters.hf import ConversionError, open_checkpoint, resolve_model_dir  # noqa: E402
-from converters.qwen2_5_vl import config_from_hf, load_qwen2_5_vl, map_key  # noqa: E402
+from splitq_jax.models.converters.hf import ConversionError, open_checkpoint, resolve_model_dir  # noqa: E402
+from splitq_jax.models.converters.qwen2_5_vl import config_from_hf, load_qwen2_5_vl, map_key  # noqa: E402
 from splitq_jax.models import layers  # noqa: E402
 from splitq_jax.models.qwen2_5_vl import (PAD, TEXT, VISION, Qwen2_5_VLConfig, abstract_model,  # noqa: E402
                                           get_config, get_rope_index)

@@ -338,8 +338,8 @@ def test_quantized_model_evaluates(model, tok, tiny_batches, tmp_path):
 def test_projector_file_hash_is_checked(tmp_path):
     from safetensors.numpy import save_file
 
-    from converters import easyvqa_vlm as ev
-    from converters.hf import ConversionError
+    from splitq_jax.models.converters import easyvqa_vlm as ev
+    from splitq_jax.models.converters.hf import ConversionError
 
     rng = np.random.default_rng(0)
     tensors = {"linear_1.w": rng.normal(size=(8, 4)), "linear_1.b": np.zeros(8), "linear_2.w": rng.normal(size=(8, 8)),
@@ -359,7 +359,7 @@ def test_projector_file_hash_is_checked(tmp_path):
 
 
 def test_named_model_is_registered():
-    from converters import checkpoints
+    from splitq_jax.models.converters import checkpoints
 
     assert "easyvqa-vlm-0.5b" in checkpoints.named_models()
 
@@ -373,8 +373,8 @@ def test_easyvqa_vlm_answers_from_the_image():
     """The trained projector makes the vision tokens real: on 20 test questions of each type the
     model beats the per-type majority answer, shapes almost always right (measured with seed 0:
     shape 1.00, yes/no 0.85, color 0.25 against majorities 0.30 / 0.35 / 0.15)."""
-    from converters.checkpoints import load_model
-    from converters.easyvqa_vlm import load_tokenizer
+    from splitq_jax.models.converters.checkpoints import load_model
+    from splitq_jax.models.converters.easyvqa_vlm import load_tokenizer
 
     model, config, family, _ = load_model("easyvqa-vlm-0.5b")
     assert family == "llava" and config.vision_tower == "dinov2" and config.num_image_tokens == 64

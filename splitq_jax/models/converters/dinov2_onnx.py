@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from splitq_jax.fsutil import atomic_dir
-from converters.hf import ConversionError, KeyMap, KeyRule, load_state, open_checkpoint, read_config
+from splitq_jax.models.converters.hf import ConversionError, KeyMap, KeyRule, load_state, open_checkpoint, read_config
 from splitq_jax.models.dinov2 import IMAGENET_MEAN, IMAGENET_STD, Dinov2, Dinov2Config, abstract_model, get_config
 from splitq_jax.assets import AssetError, default_cache_dir, fetch_wheel
 
@@ -106,7 +106,7 @@ def map_key(key: str) -> tuple | None:
 
 
 class ArrayCheckpoint:
-    """In-memory tensors with the read interface :func:`converters.hf.load_state` uses."""
+    """In-memory tensors with the read interface :func:`splitq_jax.models.converters.hf.load_state` uses."""
 
     def __init__(self, tensors: Mapping[str, np.ndarray]):
         self._t = {k: np.asarray(v) for k, v in tensors.items()}

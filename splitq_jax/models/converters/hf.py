@@ -1,6 +1,6 @@
 """Reading Hugging Face checkpoints: model references, ``config.json`` and safetensors shards.
 
-Model-agnostic; the per-model converters (``converters/qwen2_5_vl.py``, ...) hold only their key
+Model-agnostic; the per-model converters (``splitq_jax/models/converters/qwen2_5_vl.py``, ...) hold only their key
 tables and tensor transforms, and :func:`load_state` fills a model's parameters from a checkpoint
 with them. Tensors are read one at a time (bfloat16 as ``ml_dtypes.bfloat16``) and handed to jax
 one at a time, so converting needs about the checkpoint's size of host memory, not twice that.

@@ -23,7 +23,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from converters.hf import (ConversionError, KeyMap, KeyRule, load_state, open_checkpoint, read_config,
+from splitq_jax.models.converters.hf import (ConversionError, KeyMap, KeyRule, load_state, open_checkpoint, read_config,
                            require_architecture, resolve_model_dir)
 from splitq_jax.models.layers import DecoderConfig
 from splitq_jax.models.qwen2_5_vl import (Qwen2_5_VL, Qwen2_5_VLConfig, VisionConfig, abstract_model,

