@@ -19,11 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tqdm import tqdm  # noqa: E402
 
-from splitq_jax.models.converters.hf import ConversionError  # noqa: E402
 from splitq_jax import calib_data as cd  # noqa: E402
 from splitq_jax import evaluate as ev  # noqa: E402
 from splitq_jax import preflight  # noqa: E402
-from splitq_jax.export import CheckpointError  # noqa: E402
+from splitq_jax.errors import SplitqError  # noqa: E402
 from splitq_jax.fsutil import write_json  # noqa: E402
 from splitq_jax.runtime import load_quantized  # noqa: E402
 
@@ -91,7 +90,7 @@ def main(argv=None) -> int:
               f"x {batches[0]['input_ids'].shape[1]} tokens ({time.time() - t0:.1f} s to load)")
         result = ev.evaluate(qm, ref.model, batches, encoded, tokenizer=ref.tokenizer, family=ref.family,
                              max_new_tokens=args.max_new_tokens, pad_id=ref.pad_id, on_batch=on_batch)
-    except (CheckpointError, cd.CalibDataError, ev.EvaluateError, ConversionError, ValueError) as e:
+    except SplitqError as e:  # user-fixable; a bug keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

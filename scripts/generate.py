@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from splitq_jax import evaluate as ev  # noqa: E402
 from splitq_jax import preprocess as pp  # noqa: E402
-from splitq_jax.export import CheckpointError  # noqa: E402
+from splitq_jax.errors import SplitqError  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,14 +59,14 @@ def text_prompt_ids(tokenizer, prompt: str, *, chat: bool) -> np.ndarray:
     """``(1, N)`` token ids of a text prompt: plain, or through the chat template."""
     if chat:
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("--chat: this model's tokenizer has no chat template; drop --chat")
+            raise SplitqError("--chat: this model's tokenizer has no chat template; drop --chat")
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     else:
         ids = tokenizer(prompt)["input_ids"]
     if not ids:
-        raise ValueError("the prompt is empty after tokenization")
+        raise SplitqError("the prompt is empty after tokenization")
     return np.asarray([ids], np.int64)
 
 
@@ -83,14 +83,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         if args.max_new_tokens < 1:
-            raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+            raise SplitqError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
         image = None
         if args.image is not None:
             if not Path(args.image).is_file():
-                raise ValueError(f"image {args.image!r} does not exist or is not a file")
+                raise SplitqError(f"image {args.image!r} does not exist or is not a file")
             image = pp.load_image(args.image)
             if args.chat:
-                raise ValueError("--chat applies to text-only prompts; image prompts always use the chat template")
+                raise SplitqError("--chat applies to text-only prompts; image prompts always use the chat template")
         if args.checkpoint is not None:
             from splitq_jax.runtime import load_quantized
 
@@ -99,22 +99,18 @@ def main(argv=None) -> int:
             tokenizer, image_cfg = ev.processor_for(model.manifest)
         else:
             from splitq_jax.models.converters.checkpoints import load_model
-            from splitq_jax.models.converters.hf import ConversionError
 
-            try:
-                model, config, family, model_dir = load_model(args.model)
-            except ConversionError as e:
-                raise ValueError(str(e)) from e
+            model, config, family, model_dir = load_model(args.model)
             tokenizer, image_cfg = pp.load_tokenizer(model_dir), None
         if image is None:
             text = generate_text_only(model, config, tokenizer, args.prompt, chat=args.chat,
                                       max_new_tokens=args.max_new_tokens)
         else:
             if getattr(config, "vision", True) is None:
-                raise ValueError("this model is text only (no vision tower); drop --image")
+                raise SplitqError("this model is text only (no vision tower); drop --image")
             text = ev.generate_text(model, image, args.prompt, family=family, tokenizer=tokenizer,
                                     image_cfg=image_cfg, max_new_tokens=args.max_new_tokens)
-    except (CheckpointError, ev.EvaluateError, ValueError) as e:
+    except SplitqError as e:  # user-fixable; a bug keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(text)

@@ -17,6 +17,7 @@ from splitq_jax import quantize as qz  # noqa: E402
 from splitq_jax.block import GROUPS  # noqa: E402
 from splitq_jax import methods  # noqa: E402
 from splitq_jax.config import ConfigError  # noqa: E402
+from splitq_jax.errors import SplitqError  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -37,16 +38,16 @@ def main(argv=None) -> int:
     try:
         cfg = methods.config_from_args(args).engine_config()
         if args.samples < 1:
-            raise ValueError(f"--samples must be at least 1, got {args.samples}")
+            raise SplitqError(f"--samples must be at least 1, got {args.samples}")
         preflight.check_output(Path(args.out))
         handle = qz.load_model_for_calibration(args.model, seed=cfg.seed)
         n_layers = len(list(handle.model.blocks))
         if args.layer is not None and not 0 <= args.layer < n_layers:
-            raise ValueError(f"--layer {args.layer} is out of range: {handle.name} has decoder blocks 0 to {n_layers - 1}")
+            raise SplitqError(f"--layer {args.layer} is out of range: {handle.name} has decoder blocks 0 to {n_layers - 1}")
         stream = qz.calibration_stream(handle, source=args.calib_data, samples=args.samples, seed=cfg.seed)
         layer = len(list(handle.model.blocks)) // 2 if args.layer is None else args.layer
         prof = analysis.channel_profile(handle.model, stream, layer, args.group, cfg)
-    except ValueError as e:
+    except SplitqError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     analysis.plot_profile(prof, args.out, f"{handle.name}: layer {layer}, {args.group} input")

@@ -31,6 +31,7 @@ from PIL import Image, UnidentifiedImageError
 
 # Per-position modality codes, shared by every model and by the calibration code.
 from splitq_jax import assets
+from splitq_jax.errors import SplitqError
 from splitq_jax.fsutil import atomic_dir
 from splitq_jax.modality import ANSWER, PAD, TEXT, VISION  # noqa: F401  (re-exported)
 
@@ -44,12 +45,16 @@ ImageLike = Any  # str | os.PathLike | PIL.Image.Image | np.ndarray
 # --------------------------------------------------------------------------- images
 
 
+class ImageError(SplitqError):
+    """An image file that cannot be read or decoded (a ``ValueError``, as before)."""
+
+
 def load_image(image: ImageLike) -> np.ndarray:
     """Decode any supported image into RGB ``uint8`` of shape ``(H, W, 3)``.
 
     Accepts a path, a PIL image or an array ``(H, W)``, ``(H, W, 1|3|4)`` (uint8, or bool/float
     in [0, 1]). Transparency is composited onto white, as the HF processors do.
-    Raises ``ValueError`` naming the file when it cannot be read or decoded.
+    Raises :class:`ImageError` (a ``ValueError``) naming the file when it cannot be read or decoded.
     """
     if isinstance(image, (str, os.PathLike)):
         path = os.fspath(image)
@@ -58,7 +63,7 @@ def load_image(image: ImageLike) -> np.ndarray:
                 im.load()  # open() is lazy: truncated files only fail here
                 return _pil_to_rgb(im)
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise ValueError(f"cannot decode image file {path!r}: {e}") from e
+            raise ImageError(f"cannot decode image file {path!r}: {e}") from e
     if isinstance(image, Image.Image):
         return _pil_to_rgb(image)
     if isinstance(image, np.ndarray):
