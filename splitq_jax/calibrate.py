@@ -25,7 +25,7 @@ import optax
 
 from splitq_jax import split_linear as sl
 from splitq_jax.block import BlockConfig, fp_block
-from splitq_jax.config import MethodConfig
+from splitq_jax.config import MethodConfig, as_engine
 from splitq_jax.errors import NonFiniteError
 from splitq_jax.finite import first_nonfinite
 
@@ -320,6 +320,7 @@ def calibrate_block(
 
     Steps per epoch are ``samples // batch_size`` (FlatQuant), in a fixed order.
     """
+    cfg = as_engine(cfg)
     check_inputs(data.x, bcfg)
     key = jax.random.PRNGKey(cfg.seed) if key is None else key
     if stats is None:

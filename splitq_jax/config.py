@@ -237,3 +237,14 @@ def variant_config(name: str, bits: str = "w4a4", **overrides: Any) -> MethodCon
                           f"{', '.join(dict.fromkeys(METHODS + tuple(COMPONENT_VARIANTS)))}")
     preset, fixed = COMPONENT_VARIANTS[name]
     return method_config(preset, bits, **{**fixed, **overrides})
+
+
+def as_engine(cfg: Any) -> MethodConfig:
+    """The engine setting of ``cfg``: a :class:`MethodConfig` as it is, or a method's config
+    (``splitq_jax.methods``) through its ``engine_config()``."""
+    if isinstance(cfg, MethodConfig):
+        return cfg
+    if hasattr(cfg, "engine_config"):
+        return cfg.engine_config()
+    raise ConfigError(f"expected a method config (splitq_jax.methods.get_config) or a MethodConfig, got "
+                      f"{type(cfg).__name__}")

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from splitq_jax import split_linear as sl
 from splitq_jax.block import GROUP_NORM, BlockConfig
 from splitq_jax import modality as md
-from splitq_jax.config import MethodConfig
+from splitq_jax.config import MethodConfig, as_engine
 from splitq_jax.packing import PackedTensor, pack_quantized, unpack_dequantize
 from splitq_jax.quant import quantize
 
@@ -97,6 +97,7 @@ def fold_block(qparams: Tree, qconsts: Tree, cfg: MethodConfig, *, fold_norms: b
     """Fold a calibrated block: ``{"norms": {...}, "groups": {group: folded group}}``.
 
     ``bcfg`` names the norm before each group (default: the decoder block's)."""
+    cfg = as_engine(cfg)
     groups = {g: fold_group(qparams[g], qconsts[g], cfg) for g in qparams}
     norms = {k: dict(v) for k, v in qconsts["norms"].items()}
     if fold_norms:

@@ -27,7 +27,7 @@ import numpy as np
 from splitq_jax import calibrate as cal
 from splitq_jax import fold
 from splitq_jax.block import BlockConfig
-from splitq_jax.config import MethodConfig
+from splitq_jax.config import MethodConfig, as_engine
 from splitq_jax.errors import NonFiniteError
 from splitq_jax.finite import check_finite
 from splitq_jax.fsutil import write_json
@@ -148,6 +148,7 @@ def calibrate_model(
       x_quant: with ``block_inputs="quantized"``, the first block's quantized-stream input when it
         differs from ``stream.x`` (embeddings with the quantized vision tower's features).
     """
+    cfg = as_engine(cfg)
     blocks = list(model.blocks)
     return calibrate_blocks([layer.block_params for layer in blocks], block_config_of(model.config.text), stream,
                             cfg, work_dir=work_dir, save_block=save_block, load_block=load_block, resume=resume,
@@ -176,6 +177,7 @@ def calibrate_blocks(
     are saved as ``block_XXX`` for the language model and ``vision_block_XXX`` for a vision tower.
     Arguments otherwise as :func:`calibrate_model`.
     """
+    cfg = as_engine(cfg)
     if stream.x.shape[-1] != bcfg.hidden:
         raise ValueError(f"stream width {stream.x.shape[-1]} != block width {bcfg.hidden}")
     work = Path(work_dir) if work_dir is not None else None

@@ -25,7 +25,7 @@ from splitq_jax import calib_data as cd
 from splitq_jax import fsutil
 from splitq_jax import pipeline
 from splitq_jax import preprocess as pp
-from splitq_jax.config import MethodConfig
+from splitq_jax.config import MethodConfig, as_engine
 from splitq_jax.errors import SplitqError
 
 EMBEDDED_DEFAULT = "qwen2.5-vl-mini"
@@ -242,6 +242,7 @@ def quantize_model(
     from splitq_jax.errors import SplitqError
     from splitq_jax.preflight import nearest_existing
 
+    cfg = as_engine(cfg)
     record = _run_record(handle, cfg, data_record, vision)
     existing = nearest_existing(Path(out_dir).parent)
     work = prepare_output(out_dir, overwrite=overwrite, resume=resume, record=record)
