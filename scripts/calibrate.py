@@ -105,6 +105,7 @@ def main(argv=None) -> int:
         if args.resume and not (out.with_name(out.name + ".work") / "run.json").exists():
             raise qz.QuantizeError(f"nothing to resume for {out}: no interrupted run there; run without --resume")
         preflight.check_output(out)
+        qz.preflight_config(args.model, cfg)
         raw = (None if args.calib_data in ("default", CODE_SOURCE)
                else load_samples(args.calib_data, n=args.samples, seed=cfg.seed))
         handle = qz.load_model_for_calibration(args.model, seed=cfg.seed)

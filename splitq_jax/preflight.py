@@ -5,8 +5,9 @@ The main job (``scripts/calibrate.py``) runs these in order:
 1. :func:`check_output`: ``--out`` can be created (probed by making and removing a directory in
    its nearest existing ancestor; ``os.access`` is not enough, since root passes it everywhere but
    a read-only or capability-restricted file system does not).
-2. after the model is built: :func:`check_group_size` (the weight group size divides every width
-   it applies to) and :func:`check_disk` (free space against the estimated checkpoint size).
+2. :func:`check_group_size` (the weight group size divides every width it applies to): from the
+   config alone for the embedded and named models, before any weight is loaded; otherwise once the
+   model is built. Then :func:`check_disk` (free space against the estimated checkpoint size).
 3. after the samples are tokenized: :func:`check_memory` (the estimated peak memory of embedding
    and calibrating at that length against what this process may still allocate).
 
@@ -106,10 +107,23 @@ def main_widths(widths: dict[str, int], cfg: MethodConfig) -> dict[str, int]:
 def check_group_size(block_params: dict[str, Any], groups: dict[str, tuple[str, ...]], cfg: MethodConfig,
                      part: str = "language") -> None:
     """Refuse a ``w_group_size`` that does not divide every main-weight width of the block."""
+    check_group_size_widths(group_widths(block_params, groups), cfg, part)
+
+
+def decoder_widths(text_cfg) -> dict[str, int]:
+    """Group input widths of a decoder block from its config alone (no weights needed)."""
+    from splitq_jax.block import BlockConfig
+
+    b = BlockConfig.from_decoder(text_cfg)
+    return {"attn_in": b.hidden, "attn_out": b.num_heads * b.head_dim, "mlp_in": b.hidden, "mlp_out": b.intermediate}
+
+
+def check_group_size_widths(widths: dict[str, int], cfg: MethodConfig, part: str = "language") -> None:
+    """:func:`check_group_size` on group input widths ``{group: d}``."""
     g_size = cfg.w_group_size
     if g_size is None or cfg.w_bits is None:
         return
-    widths = main_widths(group_widths(block_params, groups), cfg)
+    widths = main_widths(widths, cfg)
     bad = {g: d for g, d in widths.items() if d % g_size}
     if bad:
         listing = ", ".join(f"{g} {d}" for g, d in bad.items())

@@ -142,6 +142,18 @@ def vision_job(handle: ModelHandle, batches: list[dict], cfg: MethodConfig, bits
     return VisionJob(stream, vb.vision_method_config(cfg, bits), list(batches))
 
 
+def preflight_config(model_ref: str | None, cfg: MethodConfig) -> None:
+    """Checks that need only the model's configuration, for the embedded default and the named
+    configs (whose decoder shapes are known without loading a weight): the weight group size."""
+    from splitq_jax import preflight as pf
+    from splitq_jax.models import llava, qwen2_5_vl
+
+    name = model_ref or EMBEDDED_DEFAULT
+    for family in (qwen2_5_vl, llava):
+        if name in family.CONFIGS:
+            pf.check_group_size_widths(pf.decoder_widths(family.CONFIGS[name].text), as_engine(cfg))
+
+
 def preflight_model(handle: ModelHandle, cfg: MethodConfig, out_dir: str | Path,
                     vision_cfg: MethodConfig | None = None) -> None:
     """Checks that need the model but no data, made before anything is written: the weight group

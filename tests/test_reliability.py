@@ -109,10 +109,23 @@ def tiny_model(tiny, monkeypatch):
 
 def test_group_size_refused_before_anything_is_written(tiny_model, tmp_path, capsys):
     d = tiny_model.model.config.text.hidden_size
-    rc, err = run_cli(["--w-group-size", "7", "--out", tmp_path / "sub" / "ckpt"], capsys)
+    # a model given by path: its widths are known only once it is built (the tiny model here)
+    rc, err = run_cli(["--model", "/nonexistent/hf-model", "--w-group-size", "7", "--out", tmp_path / "sub" / "ckpt"],
+                      capsys)
     assert rc == 2 and "--w-group-size 7 does not divide the language weight widths" in err, err
     assert f"attn_in {d}" in err and "use a common divisor" in err
     assert list(tmp_path.iterdir()) == []  # neither <out>, <out>.work nor the parent directory
+
+
+def test_group_size_of_a_named_model_refused_before_it_loads(tmp_path, capsys, monkeypatch):
+    """The embedded default's and the named configs' widths are known without their weights."""
+    monkeypatch.setattr(qz, "load_model_for_calibration", lambda *a, **kw: pytest.fail("model loaded"))
+    for model, widths in ((None, "attn_in 128, attn_out 128, mlp_in 128, mlp_out 384"),
+                          ("qwen2.5-vl-3b", "attn_in 2048, attn_out 2048, mlp_in 2048, mlp_out 11008")):
+        rc, err = run_cli([*(["--model", model] if model else []), "--w-group-size", "3000", "--out",
+                           tmp_path / "ckpt"], capsys)
+        assert rc == 2 and f"does not divide the language weight widths ({widths})" in err, err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_group_size_counts_the_gathered_main_width(tiny):
