@@ -75,8 +75,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict | None]:
     if unknown:
         method = methods.get_method(name)
         flags = [u.split("=")[0] for u in unknown if u.startswith("--")]
-        owners = {f: [m for m, meth in methods.METHODS.items()
-                      if f[2:].replace("-", "_") in option_names(meth.config_class)] for f in flags}
+        owners = {f: methods.option_owners(f[2:].replace("-", "_")) for f in flags}
         where = "; ".join(f"{f} is an option of {', '.join(o)}" for f, o in owners.items() if o)
         raise ConfigError(f"{' '.join(unknown)}: not an option of {name}{' (' + where + ')' if where else ''}; "
                           f"{name}'s options: {', '.join('--' + o.replace('_', '-') for o in option_names(method.config_class))} "

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 
 from splitq_jax.errors import SplitqError
+from splitq_jax.inference import MAIN_PATHS
+from splitq_jax.modality import TEXT_TOKENS
 from splitq_jax.quant import check_bits
 
 METHODS = ("rtn", "smoothquant", "flatquant", "splitq")
@@ -104,8 +106,8 @@ class MethodConfig:
         _one_of("instability", self.instability, ("kmeans", "variance"))
         _one_of("outlier_init", self.outlier_init, ("identity", "random"))
         _one_of("empty_cluster", self.empty_cluster, ("keep", "farthest"))
-        _one_of("main_path", self.main_path, ("masked", "gathered"))
-        _one_of("text_tokens", self.text_tokens, ("non_vision", "answer"))
+        _one_of("main_path", self.main_path, MAIN_PATHS)
+        _one_of("text_tokens", self.text_tokens, TEXT_TOKENS)
         _one_of("svd_of", self.svd_of, ("weight", "transformed"))
         _one_of("block_inputs", self.block_inputs, ("fp", "quantized"))
         for f in dataclasses.fields(self):

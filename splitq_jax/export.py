@@ -57,6 +57,7 @@ import numpy as np
 from splitq_jax.config import MethodConfig
 from splitq_jax.errors import SplitqError
 from splitq_jax.finite import check_finite
+from splitq_jax.fsutil import OCDBT_FILE_BYTES, sha256_file  # noqa: F401  (sha256_file: re-exported)
 from splitq_jax.inference import InferenceSpec
 from splitq_jax.packing import PackedTensor
 
@@ -216,8 +217,6 @@ def _abstract(structure: dict) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
 # Files: orbax arrays, JSON, checksums, fsync, atomic rename
 # --------------------------------------------------------------------------------------------
 
-
-from splitq_jax.fsutil import OCDBT_FILE_BYTES, sha256_file  # noqa: E402,F401  (sha256_file: re-exported)
 
 
 def _save_arrays(path: Path, arrays: Mapping[tuple[str, ...], Any]) -> None:

@@ -61,7 +61,7 @@ def check_output(out: str | os.PathLike, flag: str = "--out") -> Path:
     return base
 
 
-def _nbytes(leaves: Iterable[Any]) -> int:
+def nbytes(leaves: Iterable[Any]) -> int:
     return int(sum(np.prod(a.shape) * np.dtype(a.dtype).itemsize for a in leaves if hasattr(a, "shape")))
 
 

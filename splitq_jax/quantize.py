@@ -168,8 +168,8 @@ def preflight_model(handle: ModelHandle, cfg: MethodConfig, out_dir: str | Path,
     params = blocks[0].block_params()
     groups = pipeline.block_config_of(model.config.text).groups
     pf.check_group_size(params, groups, cfg, "language")
-    total = pf._nbytes(jax.tree_util.tree_leaves(nnx.state(model)))
-    dropped = pf._nbytes(jax.tree_util.tree_leaves(params)) * len(blocks)
+    total = pf.nbytes(jax.tree_util.tree_leaves(nnx.state(model)))
+    dropped = pf.nbytes(jax.tree_util.tree_leaves(params)) * len(blocks)
     stored = pf.block_weight_bytes(params, groups, cfg.w_bits) * len(blocks)
     if vision_cfg is not None:
         from splitq_jax import vision_block as vb
@@ -181,7 +181,7 @@ def preflight_model(handle: ModelHandle, cfg: MethodConfig, out_dir: str | Path,
         vparams = vb.block_params(vblocks[0], handle.family)
         vgroups = vb.block_config(model, handle.family).groups
         pf.check_group_size(vparams, vgroups, vision_cfg, "vision")
-        dropped += pf._nbytes(jax.tree_util.tree_leaves(vparams)) * len(vblocks)
+        dropped += pf.nbytes(jax.tree_util.tree_leaves(vparams)) * len(vblocks)
         stored += pf.block_weight_bytes(vparams, vgroups, vision_cfg.w_bits) * len(vblocks)
     # Finished blocks stay in <out>.work until the checkpoint (which holds them again) is complete.
     pf.check_disk(out_dir, total - dropped + 2 * stored)

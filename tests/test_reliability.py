@@ -49,6 +49,7 @@ from test_cli import ROOT, run_cli, tiny, tiny_cfg, tree_snapshot  # noqa: F401 
     ("epochs", 1.5, "epochs (--epochs) must be an integer >= 0"),
     ("batch_size", 0, "batch_size (--batch-size) must be an integer >= 1"),
     ("n_clusters", 0, "n_clusters (--n-clusters) must be an integer >= 1"),
+    ("kmeans_starts", 0, "kmeans_starts (--kmeans-starts) must be an integer >= 1"),
     ("w_group_size", 0, "w_group_size (--w-group-size) must be an integer >= 1"),
     ("seed", -1, "seed (--seed) must be an integer in [0, 2147483647]"),
     ("cws", "yes", "--cws must be true or false"),
@@ -297,3 +298,36 @@ def test_memory_estimate_grows_with_the_square_of_the_length():
     with pytest.raises(preflight.PreflightError, match="needs about .* GB of memory but only 1.0 GB"):
         preflight.check_memory(long, "calibrating", "lower --max-tokens", available=2**30)
     preflight.check_memory(short, "calibrating", "lower --max-tokens", available=64 * 2**30)
+
+
+def _script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_evaluate_json_output_checked_before_loading(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    before = tree_snapshot(tmp_path)
+    rc = _script("evaluate").main(["--checkpoint", str(tmp_path / "nope"), "--json", str(tmp_path / "afile" / "r.json")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "is a file, not a directory; choose another --json" in err, err
+    assert tree_snapshot(tmp_path) == before
+
+
+def test_plot_channels_refuses_bad_input_before_loading(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(qz, "load_model_for_calibration", lambda *a, **kw: pytest.fail("model loaded"))
+    plot = _script("plot_channels")
+    (tmp_path / "afile").write_text("x")
+    before = tree_snapshot(tmp_path)
+    for argv, message in ((["--samples", "0"], "--samples must be at least 1, got 0"),
+                          (["--out", str(tmp_path / "afile" / "c.png")], "is a file, not a directory"),
+                          (["--method", "gptq"], "unknown method 'gptq'")):
+        rc = plot.main(argv)
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("error: ") and message in err, err
+    assert tree_snapshot(tmp_path) == before
+

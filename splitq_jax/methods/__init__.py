@@ -11,7 +11,7 @@ method (``flatquant+mocd``). :mod:`~splitq_jax.methods.base` holds the shared pi
 
 from splitq_jax.methods.base import Method, QuantSpec, option_names
 from splitq_jax.methods.registry import (METHODS, VARIANTS, add_method_flags, config_from_args, get_config,
-                                         get_method, method_name_from, names, read_config_file)
+                                         get_method, method_name_from, names, option_owners, read_config_file)
 
 __all__ = ["METHODS", "VARIANTS", "Method", "QuantSpec", "add_method_flags", "config_from_args", "get_config",
-           "get_method", "method_name_from", "names", "option_names", "read_config_file"]
+           "get_method", "method_name_from", "names", "option_names", "option_owners", "read_config_file"]

@@ -35,6 +35,11 @@ def get_method(name: str) -> Method:
     raise ConfigError(f"unknown method {name!r}: choose one of {', '.join(names())}")
 
 
+def option_owners(option: str) -> list[str]:
+    """The methods that have ``option`` (a field name, ``lr``)."""
+    return [m for m, meth in METHODS.items() if option in option_names(meth.config_class)]
+
+
 def get_config(name: str, bits: str = "w4a4", **options: Any) -> QuantSpec:
     """The config of method or variant ``name`` at ``bits`` with ``options`` applied; an option
     of another method is an error naming the methods it belongs to and this one's options."""
@@ -42,8 +47,7 @@ def get_config(name: str, bits: str = "w4a4", **options: Any) -> QuantSpec:
     allowed = set(option_names(method.config_class))
     unknown = sorted(set(options) - allowed - {"w_bits", "a_bits"})
     if unknown:
-        owners = {o: [m for m, meth in METHODS.items() if o in option_names(meth.config_class)] for o in unknown}
-        where = "; ".join(f"{o} belongs to {', '.join(owners[o])}" if owners[o] else f"{o} is no option"
+        where = "; ".join(f"{o} belongs to {', '.join(option_owners(o))}" if option_owners(o) else f"{o} is no option"
                           for o in unknown)
         raise ConfigError(f"{', '.join(unknown)}: not an option of {name} ({where}); {name}'s options: "
                           f"bits, {', '.join(option_names(method.config_class))}")
