@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from splitq_jax import split_linear as sl
 from splitq_jax.block import BlockConfig, fp_block
+from splitq_jax.calib.stats import GroupStats, Selection, collect_group_stats, group_inputs_jit  # noqa: F401
 from splitq_jax.config import MethodConfig, as_engine
 from splitq_jax.errors import NonFiniteError
 from splitq_jax.finite import first_nonfinite
@@ -37,7 +37,9 @@ class BlockData(NamedTuple):
     """Calibration data of one block; leading axis = samples.
 
     x: (S, N, d) block inputs; y: (S, N, d) full-precision targets; cos, sin: (S, N, hd);
-    mask: (S, N, N) bool attention mask; modality: (S, N) int codes.
+    mask: (S, N, N) bool attention mask; modality: (S, N) int codes; weight: (S, N) float32
+    per-token weights of the block loss and of weighted statistics (e.g. the Hessian), or None:
+    1 on every non-pad token (methods such as MBQ and TLQ set their own).
     """
 
     x: jax.Array
@@ -46,9 +48,10 @@ class BlockData(NamedTuple):
     sin: jax.Array
     mask: jax.Array
     modality: jax.Array
+    weight: jax.Array | None = None
 
     def batch(self, start: int, size: int) -> "BlockData":
-        return BlockData(*(a[start:start + size] for a in self))
+        return BlockData(*(None if a is None else a[start:start + size] for a in self))
 
 
 @functools.lru_cache(maxsize=16)
@@ -57,9 +60,11 @@ def fp_block_jit(bcfg: BlockConfig) -> Callable:
     return jax.jit(lambda p, x, c, s, m: fp_block(p, x, c, s, m, bcfg))
 
 
-def make_block_data(block_params, x, cos, sin, mask, modality, bcfg: BlockConfig, x_quant=None) -> BlockData:
+def make_block_data(block_params, x, cos, sin, mask, modality, bcfg: BlockConfig, x_quant=None,
+                    weight=None) -> BlockData:
     """Targets are the full-precision block applied to ``x``; the quantized block reads ``x_quant``
-    (the previous block's quantized output) when given, else ``x`` too."""
+    (the previous block's quantized output) when given, else ``x`` too. ``weight``: optional
+    ``(S, N)`` per-token weights (see :class:`BlockData`)."""
     check_inputs(x, bcfg)
     if x_quant is not None:
         check_inputs(x_quant, bcfg)
@@ -68,7 +73,11 @@ def make_block_data(block_params, x, cos, sin, mask, modality, bcfg: BlockConfig
         raise NonFiniteError(
             "the full-precision block gives NaN or inf on the calibration inputs (its targets); the "
             "model weights or the inputs overflow (float16 weights are a common cause: use float32 or bfloat16)")
-    return BlockData(x if x_quant is None else x_quant, y, cos, sin, mask, jnp.asarray(modality, jnp.int32))
+    if weight is not None:
+        weight = jnp.asarray(weight, jnp.float32)
+        if weight.shape != tuple(modality.shape) or not bool(jnp.all(jnp.isfinite(weight) & (weight >= 0))):
+            raise ValueError(f"per-token weights must be finite, >= 0 and of shape {tuple(modality.shape)}")
+    return BlockData(x if x_quant is None else x_quant, y, cos, sin, mask, jnp.asarray(modality, jnp.int32), weight)
 
 
 def check_inputs(x: jax.Array, bcfg: BlockConfig) -> None:
@@ -95,60 +104,30 @@ def group_is_split(group: str, cfg: MethodConfig) -> bool:
 # Statistics
 
 
-@dataclass
-class GroupStats:
-    absmax: jax.Array  # (d,) max |X| over valid tokens
-    text_idx: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int32))
-    vision_idx: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int32))
+def group_transformed(group: str, cfg: MethodConfig, bcfg: BlockConfig) -> bool:
+    """Whether ``group``'s input gets the main transform: every group, or with
+    ``transform_groups="norm_fed"`` only those a norm feeds (where the diagonal folds away)."""
+    return cfg.transform and (cfg.transform_groups == "all" or group in bcfg.group_norm)
 
 
-@functools.lru_cache(maxsize=16)
-def group_inputs_jit(bcfg: BlockConfig) -> Callable:
-    """``jit`` of the FP block returning each group's input: ``(params, x, cos, sin, mask) -> {group: x}``."""
-    @jax.jit
-    def capture(params, x, cos, sin, mask):
-        cap: dict[str, jax.Array] = {}
-        fp_block(params, x, cos, sin, mask, bcfg, capture=cap)
-        return cap
-
-    return capture
+def engine_statistics(cfg: MethodConfig, bcfg: BlockConfig) -> tuple[dict[str, tuple[str, ...]], dict[str, Selection]]:
+    """What the engine's initialisation reads, per group: the device statistics (absmax for a
+    SmoothQuant-style diagonal) and the MOCD channel selection of the groups it splits."""
+    wanted = {g: ("absmax",) if group_transformed(g, cfg, bcfg) and cfg.diag_init == "smooth" else ()
+              for g in bcfg.groups}
+    split = {g: Selection(cfg.text_ratio, cfg.vision_ratio, selector=cfg.selector, n_clusters=cfg.n_clusters,
+                          instability=cfg.instability, empty_cluster=cfg.empty_cluster,
+                          kmeans_starts=cfg.kmeans_starts, text_tokens=cfg.text_tokens, seed=cfg.seed)
+             for g in bcfg.groups if group_is_split(g, cfg)}
+    return wanted, split
 
 
 def collect_stats(block_params: Tree, data: BlockData, cfg: MethodConfig, bcfg: BlockConfig,
                   batch_size: int = 4) -> dict[str, GroupStats]:
-    """Run the full-precision block over ``data.x`` and derive, per group, the activation maxima and
-    the channel split chosen by ``cfg.selector`` from the raw group inputs (before any transform)."""
-
-    pooled: dict[str, list[np.ndarray]] = {g: [] for g in bcfg.groups}
-    s = data.x.shape[0]
-    mod = np.asarray(data.modality)
-    for i in range(0, s, batch_size):
-        cap = group_inputs_jit(bcfg)(block_params, data.x[i:i + batch_size], data.cos[i:i + batch_size], data.sin[i:i + batch_size],
-                      data.mask[i:i + batch_size])
-        for g in bcfg.groups:
-            pooled[g].append(np.asarray(cap[g]).reshape(-1, cap[g].shape[-1]))
-    modality = mod.reshape(-1)
-    valid = modality != PAD
-    # MOCD sees text tokens according to the text-token choice; other non-vision tokens are ignored.
-    tmask = np.asarray(text_mask_of(jnp.asarray(modality), cfg))
-    codes = np.where(modality == VISION, 2, np.where(tmask, 1, 0)).astype(np.int32)
-    stats = {}
-    for g in bcfg.groups:
-        xs = np.concatenate(pooled[g])
-        st = GroupStats(absmax=jnp.asarray(np.max(np.abs(xs[valid]), axis=0)))
-        if group_is_split(g, cfg):
-            from splitq_jax import mocd
-
-            k_t, k_v = mocd.channel_counts(xs.shape[-1], cfg.text_ratio, cfg.vision_ratio)
-            sel = mocd.select_channels(
-                xs, codes, k_t=k_t, k_v=k_v, selector=cfg.selector, n_clusters=cfg.n_clusters,
-                instability=cfg.instability, seed=cfg.seed, max_text_tokens=8192,
-                empty_cluster=cfg.empty_cluster, kmeans_starts=cfg.kmeans_starts,
-            )
-            st.text_idx = np.asarray(sel.text, np.int32)
-            st.vision_idx = np.asarray(sel.vision, np.int32)
-        stats[g] = st
-    return stats
+    """The statistics ``cfg`` needs, from the full-precision block over ``data.x``
+    (:func:`splitq_jax.calib.stats.collect_group_stats`: streamed, bounded memory)."""
+    wanted, split = engine_statistics(as_engine(cfg), bcfg)
+    return collect_group_stats(block_params, data, bcfg, wanted, split, batch_size=batch_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,7 +144,8 @@ def init_qblock(key: jax.Array, block_params: Tree, stats: dict[str, GroupStats]
         weights = {n: block_params[n] for n in groups[g]}
         st = stats[g]
         qparams[g], qconsts[g] = sl.init_group(
-            key_g, weights, cfg, text_idx=st.text_idx, vision_idx=st.vision_idx, act_absmax=st.absmax
+            key_g, weights, cfg, text_idx=st.text_idx, vision_idx=st.vision_idx, act_absmax=st.absmax,
+            transform=group_transformed(g, cfg, bcfg),
         )
     return qparams, qconsts
 
@@ -181,22 +161,25 @@ def qblock_forward(qparams: Tree, qconsts: Tree, x, cos, sin, mask, modality, cf
     return bcfg.forward(qconsts["norms"], linear, x, cos, sin, mask)
 
 
-def token_weights(modality: jax.Array, cfg: MethodConfig) -> jax.Array:
-    """Per-token loss weights: 0 on pads, the modality weights elsewhere."""
+def token_weights(modality: jax.Array, cfg: MethodConfig, weight: jax.Array | None = None) -> jax.Array:
+    """Per-token loss weights: 0 on pads, the modality weights elsewhere, times the block data's
+    own per-token ``weight`` when it has one."""
     w = jnp.where(modality == VISION, cfg.loss_vision_weight, cfg.loss_text_weight)
-    return jnp.where(modality == PAD, 0.0, w).astype(jnp.float32)
+    w = jnp.where(modality == PAD, 0.0, w).astype(jnp.float32)
+    return w if weight is None else w * weight
 
 
-def block_mse(out: jax.Array, target: jax.Array, modality: jax.Array, cfg: MethodConfig) -> jax.Array:
+def block_mse(out: jax.Array, target: jax.Array, modality: jax.Array, cfg: MethodConfig,
+              weight: jax.Array | None = None) -> jax.Array:
     """Token-weighted mean squared error of the block output (mean over channels and tokens)."""
     err = jnp.mean(jnp.square(out.astype(jnp.float32) - target.astype(jnp.float32)), axis=-1)
-    w = token_weights(modality, cfg)
+    w = token_weights(modality, cfg, weight)
     return jnp.sum(err * w) / jnp.maximum(jnp.sum(w), 1e-12)
 
 
 def loss_fn(qparams: Tree, qconsts: Tree, batch: BlockData, cfg: MethodConfig, bcfg: BlockConfig) -> jax.Array:
     out = qblock_forward(qparams, qconsts, batch.x, batch.cos, batch.sin, batch.mask, batch.modality, cfg, bcfg)
-    return block_mse(out, batch.y, batch.modality, cfg)
+    return block_mse(out, batch.y, batch.modality, cfg, batch.weight)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,7 +247,7 @@ def _eval_sums(cfg: MethodConfig, bcfg: BlockConfig, quantize: bool) -> Callable
     def sums(qp, qc, b):
         out = qblock_forward(qp, qc, b.x, b.cos, b.sin, b.mask, b.modality, cfg, bcfg, quantize=quantize)
         err = jnp.mean(jnp.square(out.astype(jnp.float32) - b.y.astype(jnp.float32)), axis=-1)
-        w = token_weights(b.modality, cfg)
+        w = token_weights(b.modality, cfg, b.weight)
         return jnp.sum(err * w), jnp.sum(w)
 
     return sums

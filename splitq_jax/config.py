@@ -54,6 +54,7 @@ class MethodConfig:
 
     # --- main-path transform (Eq. 2, 15) ------------------------------------------------------
     transform: bool = True  # Kronecker transform on the main path
+    transform_groups: str = "all"  # which group inputs get it: "all" or "norm_fed" (a norm feeds them)
     rotation_init: str = "random"  # "random" orthogonal factors or "identity"
     diag_init: str = "smooth"  # "smooth" (SmoothQuant-style c) or "ones"
     smooth_alpha: float = 0.3
@@ -102,6 +103,7 @@ class MethodConfig:
         _one_of("method", self.method, METHODS)
         _one_of("selector", self.selector, SELECTORS)
         _one_of("rotation_init", self.rotation_init, ("random", "identity"))
+        _one_of("transform_groups", self.transform_groups, ("all", "norm_fed"))
         _one_of("diag_init", self.diag_init, ("smooth", "ones"))
         _one_of("instability", self.instability, ("kmeans", "variance"))
         _one_of("outlier_init", self.outlier_init, ("identity", "random"))
@@ -199,7 +201,8 @@ def method_config(method: str, bits: str = "w4a4", **overrides: Any) -> MethodCo
     """The preset of ``method`` at ``bits``, with ``overrides`` applied.
 
     * ``rtn``: round-to-nearest, no transform, nothing learned.
-    * ``smoothquant``: SmoothQuant channel scales (alpha 0.5), no rotation, nothing learned.
+    * ``smoothquant``: SmoothQuant channel scales (alpha 0.5) on the inputs a norm feeds (q/k/v
+      and gate/up, as the reference implementation does), folded into those norms; nothing learned.
     * ``flatquant``: learned Kronecker transform + clipping; no split, no branches.
     * ``splitq``: FlatQuant + MOCD split + CWS + MAC (paper defaults; W3A2 uses larger ranks).
     """
@@ -208,7 +211,8 @@ def method_config(method: str, bits: str = "w4a4", **overrides: Any) -> MethodCo
     base: dict[str, Any] = dict(method=method, w_bits=w, a_bits=a)
     if method in ("rtn", "smoothquant"):
         base.update(
-            transform=method == "smoothquant", rotation_init="identity", diag_init="smooth",
+            transform=method == "smoothquant", transform_groups="norm_fed", rotation_init="identity",
+            diag_init="smooth",
             smooth_alpha=0.5, learn_transform=False, learn_diag=False, learn_clip=False,
             selector="none", cws=False, mac=False, epochs=0,
         )

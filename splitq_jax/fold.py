@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from splitq_jax import split_linear as sl
 from splitq_jax.block import GROUP_NORM, BlockConfig
@@ -92,17 +93,37 @@ def _fold_diag_into_norm(norm: Tree, folded: Tree, cfg: MethodConfig) -> Tree:
     return {k: v * c_full for k, v in norm.items()}
 
 
+def is_identity(a: Any) -> bool:
+    """Whether ``a`` is, concretely, an identity matrix (a traced value never is: under ``jit``
+    nothing is known about it, so it is kept)."""
+    if isinstance(a, jax.core.Tracer) or getattr(a, "ndim", 0) != 2 or a.shape[0] != a.shape[1]:
+        return False
+    return bool(np.array_equal(np.asarray(a), np.eye(a.shape[0], dtype=np.asarray(a).dtype)))
+
+
+def drop_identity(transform: Tree | None) -> Tree | None:
+    """The canonical main transform: None when only identity Kronecker factors are left (after
+    the diagonal moved into the norm), so the runtime takes the transform-free path. Exact:
+    ``x (I kron I) = x``."""
+    if transform is None or set(transform) - {"p1", "p2"}:
+        return transform
+    return None if all(is_identity(transform[k]) for k in transform) else transform
+
+
 def fold_block(qparams: Tree, qconsts: Tree, cfg: MethodConfig, *, fold_norms: bool = True,
                bcfg=None) -> Tree:
     """Fold a calibrated block: ``{"norms": {...}, "groups": {group: folded group}}``.
 
-    ``bcfg`` names the norm before each group (default: the decoder block's)."""
+    ``bcfg`` names the norm before each group (default: the decoder block's). Every method goes
+    through this one fold: diagonals into norms, then identity transforms dropped."""
     cfg = as_engine(cfg)
     groups = {g: fold_group(qparams[g], qconsts[g], cfg) for g in qparams}
     norms = {k: dict(v) for k, v in qconsts["norms"].items()}
     if fold_norms:
         for g, norm in (GROUP_NORM if bcfg is None else bcfg.group_norm).items():
             norms[norm] = _fold_diag_into_norm(norms[norm], groups[g], cfg)
+    for f in groups.values():
+        f["acts"]["transform"] = drop_identity(f["acts"]["transform"])
     return {"norms": norms, "groups": groups}
 
 

@@ -675,7 +675,8 @@ def select_from_stats(
     _check_selector_args(selector, instability, n_clusters, k_t, k_v, d, kmeans_starts)
     if stats.n_all == 0:
         raise ValueError("select_from_stats: no non-pad token has been accumulated")
-    if selector in ("mocd", "text_max") and stats.n_text < 2:
+    # As in select_channels: MOCD reads text tokens only to choose a text group (k_t > 0).
+    if (selector == "text_max" or (selector == "mocd" and k_t > 0)) and stats.n_text < 2:
         raise ValueError(
             f"selector={selector!r} needs at least 2 text tokens (modality == {TEXT}), got "
             f"{stats.n_text}; calibrate on samples with text"

@@ -40,8 +40,8 @@ Tree = Any
 
 # Default batching of BlockData fields: inputs and targets differ per block; rotary tables, the
 # attention mask and the modality codes are those of the one calibration stream, shared.
-SHARED_STREAM = cal.BlockData(x=0, y=0, cos=None, sin=None, mask=None, modality=None)
-ALL_STACKED = cal.BlockData(x=0, y=0, cos=0, sin=0, mask=0, modality=0)
+SHARED_STREAM = cal.BlockData(x=0, y=0, cos=None, sin=None, mask=None, modality=None, weight=None)
+ALL_STACKED = cal.BlockData(x=0, y=0, cos=0, sin=0, mask=0, modality=0, weight=0)
 
 
 class StackError(ValueError):
@@ -107,7 +107,9 @@ def stack_block_data(datas: Sequence[cal.BlockData], axes: cal.BlockData = SHARE
     fields = []
     for name, ax in zip(cal.BlockData._fields, axes):
         vals = [getattr(d, name) for d in datas]
-        if ax is None:
+        if all(v is None for v in vals):
+            fields.append(None)
+        elif ax is None:
             v0 = np.asarray(vals[0])
             for i, v in enumerate(vals[1:], start=1):
                 if np.shape(v) != v0.shape or not np.array_equal(np.asarray(v), v0):
@@ -123,7 +125,7 @@ def stack_block_data(datas: Sequence[cal.BlockData], axes: cal.BlockData = SHARE
 
 def batch_stacked(data: cal.BlockData, start: int, size: int, axes: cal.BlockData = SHARED_STREAM) -> cal.BlockData:
     """Samples ``[start, start + size)`` of stacked block data (sample axis 1 where stacked, else 0)."""
-    return cal.BlockData(*(a[:, start:start + size] if ax == 0 else a[start:start + size]
+    return cal.BlockData(*(None if a is None else a[:, start:start + size] if ax == 0 else a[start:start + size]
                            for a, ax in zip(data, axes)))
 
 

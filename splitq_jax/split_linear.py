@@ -92,6 +92,7 @@ def init_group(
     text_idx: np.ndarray | None = None,
     vision_idx: np.ndarray | None = None,
     act_absmax: jax.Array | None = None,
+    transform: bool | None = None,
 ) -> tuple[Tree, Tree]:
     """Build ``(params, consts)`` for a group of linears sharing an input of width ``d``.
 
@@ -100,6 +101,7 @@ def init_group(
       text_idx, vision_idx: outlier channel indices (Eq. 8, 11); None or empty = no such group.
       act_absmax: ``(d,)`` per-channel max |X| over calibration data, for the SmoothQuant-style
         initial diagonal (ignored with ``diag_init="ones"``).
+      transform: whether this group gets the main transform (default ``cfg.transform``).
     """
     names = sorted(weights)
     d = int(weights[names[0]]["w"].shape[1])
@@ -140,8 +142,8 @@ def init_group(
         return w[:, main_idx] if gathered else w * main_mask[None, :]
 
     # Main transform, with c initialised from activation and (all group) weight maxima.
-    transform = None
-    if cfg.transform:
+    main_transform = None
+    if cfg.transform if transform is None else transform:
         c = None
         if cfg.diag_init == "smooth" and act_absmax is not None:
             w_absmax = jnp.max(
@@ -150,8 +152,8 @@ def init_group(
             )
             c = tf.smooth_scale(jnp.asarray(act_absmax), w_absmax, cfg.smooth_alpha)
             c = c[main_idx] if gathered else c
-        transform = tf.init_kron(k_main, dm, rotation=cfg.rotation_init, c=c)
-    params["transform"] = transform
+        main_transform = tf.init_kron(k_main, dm, rotation=cfg.rotation_init, c=c)
+    params["transform"] = main_transform
     params["act_clip"] = init_clip(()) if cfg.learn_clip else None
 
     for group, idx, k in (("text", text_idx, k_text), ("vision", vision_idx, k_vis)):
@@ -181,7 +183,7 @@ def init_group(
             basis = wm
             if cfg.svd_of == "transformed":
                 # SVD of P0^-1 W_m^T: the branch basis is fixed in the transformed space.
-                basis = np.asarray(tf.apply_weight(transform, jnp.asarray(wm)))
+                basis = np.asarray(tf.apply_weight(main_transform, jnp.asarray(wm)))
             u, l2 = _svd_top(basis, r_max)
         for branch, r, g0 in (("cws", r_cws, 1.0), ("mac", r_mac, cfg.mac_gate_init)):
             if r:

@@ -214,3 +214,30 @@ def test_fp_block_matches_model_decoder_layer():
     want = layer(x, cos, sin, mask)
     got = fp_block(layer.block_params(), x, cos, sin, mask, BCFG)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_smoothquant_folds_to_no_transform(data):
+    """SmoothQuant smooths the inputs a norm feeds (q/k/v, gate/up) and its scales fold into
+    those norms: the folded block holds no transform at all, scales the norms by exactly the
+    calibrated ``c`` and computes the calibrated block."""
+    params, d = data
+    cfg = method_config("smoothquant", "w4a4")
+    r = cal.calibrate_block(params, d, cfg, BCFG)
+    assert r.qparams["attn_out"]["transform"] is None and r.qparams["mlp_out"]["transform"] is None
+    folded = fold.fold_block(r.qparams, r.qconsts, cfg)
+    assert all(f["acts"]["transform"] is None for f in folded["groups"].values())
+    for g, norm in BCFG.group_norm.items():
+        c = r.qparams[g]["transform"]["c"]
+        np.testing.assert_array_equal(folded["norms"][norm]["scale"], params[norm]["scale"] * c)
+    y_cal = _fwd(r.qparams, r.qconsts, d, cfg)
+    y_fold = fold.folded_block_forward(folded, d.x, d.cos, d.sin, d.mask, d.modality, cfg, BCFG)
+    assert _valid_max_err(y_fold, y_cal, d) < 1e-4 * float(jnp.max(jnp.abs(y_cal)))
+
+
+def test_identity_transforms_are_dropped_only_when_exact():
+    eye, rot = jnp.eye(4), jnp.asarray(np.linalg.qr(np.random.default_rng(0).normal(size=(4, 4)))[0], jnp.float32)
+    assert fold.drop_identity({"p1": eye, "p2": eye}) is None
+    assert fold.drop_identity({"p1": eye, "p2": rot}) is not None
+    assert fold.drop_identity({"p1": eye, "p2": eye, "c": jnp.ones(16)}) is not None  # a diagonal stays online
+    assert fold.drop_identity({"p1": eye.at[0, 1].set(1e-30), "p2": eye}) is not None
+    assert jax.jit(fold.drop_identity)({"p1": eye, "p2": eye}) is not None  # traced: unknown, kept

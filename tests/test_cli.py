@@ -311,6 +311,20 @@ def test_checkpoint_bits_unchanged(tiny, tiny_runs, case):
     golden.check(case, golden.digest(path, tiny["qwen2_5_vl"][1][0]))
 
 
+def test_smoothquant_checkpoint_carries_no_transform(tiny, tiny_runs):
+    """A SmoothQuant checkpoint pays no online transform: every folded group's main and outlier
+    transforms are absent, so the runtime takes the transform-free path; its smoothing lives in
+    the saved norms (which differ from the model's)."""
+    path, _ = tiny_runs("qwen2_5_vl", "smoothquant")
+    qm = load_quantized(path)
+    model = tiny["qwen2_5_vl"][0].model
+    for i, blk in enumerate(qm.blocks):
+        assert all(f["acts"]["transform"] is None and f["acts"].get("text") is None
+                   for f in blk["groups"].values()), f"block {i}"
+        fp_norm = np.asarray(list(model.blocks)[i].block_params()["input_layernorm"]["scale"])
+        assert not np.array_equal(np.asarray(blk["norms"]["input_layernorm"]["scale"]), fp_norm)
+
+
 def test_library_resume_reproduces_clean_run(tiny, tiny_runs, tmp_path):
     handle, _, stream = tiny["qwen2_5_vl"]
     clean, _ = tiny_runs("qwen2_5_vl", "splitq")

@@ -3,6 +3,10 @@
 ``c_j = max|W_:,j|^(1 - alpha) / max|X_:,j|^alpha`` from calibration maxima (Xiao et al., 2023);
 ``X diag(c)`` and ``diag(1/c) W^T`` replace ``X`` and ``W^T``, then both are quantized
 round-to-nearest. Closed form: nothing is trained.
+
+As in the reference implementation, only the inputs a norm feeds are smoothed (q/k/v after the
+input norm, gate/up after the post-attention norm), so every ``c`` folds into a norm and the
+checkpoint runs transform-free; o_proj and down_proj are quantized round-to-nearest.
 """
 
 from __future__ import annotations
