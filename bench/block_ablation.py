@@ -24,7 +24,7 @@ Methods (all at the same recipe: samples, tokens, batch, epochs):
 Metric: block-output MSE against the full-precision block (mean over channels, then over tokens;
 the library's ``evaluate``), on the held-out samples and on the calibration samples, also split by
 modality (text / vision tokens). Also: the calibration loss before training (``init``), wall time
-per method (calibrate_block, i.e. init + evaluation + training, excluding the channel statistics,
+per method (fit_block, i.e. init + evaluation + training, excluding the channel statistics,
 which are computed once per selector and recorded separately), and how many of the generator's
 outlier channels MOCD's split recovered.
 
@@ -210,7 +210,7 @@ def main(argv=None) -> None:
     results: dict[tuple[str, str], dict] = {}
     timed_init = Timed(cal.init_qblock)
     timed_eval = Timed(cal.evaluate)
-    cal.init_qblock, cal.evaluate = timed_init, timed_eval  # timing only; calibrate_block looks them up
+    cal.init_qblock, cal.evaluate = timed_init, timed_eval  # timing only; fit_block looks them up
     try:
         for name in names:
             for bits in bits_list:
@@ -226,7 +226,7 @@ def main(argv=None) -> None:
                     t_last[0] = now
 
                 t0 = time.perf_counter()
-                res = cal.calibrate_block(block_params, calib, cfg, bcfg, key=jax.random.PRNGKey(args.seed),
+                res = cal.fit_block(block_params, calib, cfg, bcfg, key=jax.random.PRNGKey(args.seed),
                                           stats=stats, on_step=on_step)
                 wall = time.perf_counter() - t0
                 t1 = time.perf_counter()
@@ -250,12 +250,12 @@ def main(argv=None) -> None:
                                     note="calibration-set MSE at initialisation, before any training"))
                 records.append(dict(base, metric="train_loss_per_epoch", split="calib", value=res.epoch_losses))
                 records.append(dict(base, metric="wall_s", value=wall,
-                                    note="calibrate_block: init + 2 evaluations + training (incl. compiles); "
+                                    note="fit_block: init + 2 evaluations + training (incl. compiles); "
                                          "excludes channel statistics"))
                 records.append(dict(base, metric="init_s", value=timed_init.total))
                 if step_times:
                     records.append(dict(base, metric="first_step_s", value=step_times[0],
-                                        note="from calibrate_block's start to the end of the first step: "
+                                        note="from fit_block's start to the end of the first step: "
                                              "init, initial evaluation, compile and one step"))
                     if len(step_times) > 1:
                         records.append(dict(base, metric="step_s", value=float(np.median(step_times[1:]))))
@@ -289,7 +289,7 @@ def main(argv=None) -> None:
     table("block-output MSE, held-out, vision tokens", lambda r: r["heldout"]["vision"])
     table("block-output MSE, calibration samples (after training)", lambda r: r["final"])
     table("block-output MSE, calibration samples, at initialisation", lambda r: r["init"])
-    table("wall time per method [s] (calibrate_block)", lambda r: r["wall"], "{:.0f}")
+    table("wall time per method [s] (fit_block)", lambda r: r["wall"], "{:.0f}")
     print(f"\nwrote {out_path} ({total / 60:.1f} min)")
 
 

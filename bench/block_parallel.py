@@ -1,5 +1,5 @@
 """Calibrating K independent decoder blocks: a Python loop of the per-block jitted step (what
-``splitq_jax.pipeline.calibrate_blocks`` does) versus one ``jax.vmap``-ed step over the K blocks
+``splitq_jax.pipeline.quantize_blocks`` does) versus one ``jax.vmap``-ed step over the K blocks
 stacked (``splitq_jax.parallel.make_vmapped_step``: the same AdamW step, vmapped, jitted once).
 
 With full-precision block inputs (``block_inputs="fp"``) block ``i``'s data depends only on the FP

@@ -188,7 +188,7 @@ def llm_part(args, methods, bits_list, records, save, base) -> None:
             t1 = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="MOCD: no vision tokens")
-                result = pipeline.calibrate_model(handle.model, stream, cfg)
+                result = pipeline.quantize_decoder(handle.model, stream, cfg)
             calib_s = time.perf_counter() - t1
             qm = QuantizedModel.from_parts(family=handle.family, model_config=handle.model.config,
                                            fp_params=handle.model, folded_blocks=result.folded_blocks,
@@ -309,7 +309,7 @@ class VlmBench:
             return
         cfg = variant_config(variant, bits, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
         t1 = time.perf_counter()
-        result = pipeline.calibrate_model(h.model, self.stream, cfg)
+        result = pipeline.quantize_decoder(h.model, self.stream, cfg)
         calib_s = time.perf_counter() - t1
         qm = QuantizedModel.from_parts(family=h.family, model_config=h.model.config, fp_params=h.model,
                                        folded_blocks=result.folded_blocks, method_config=cfg)

@@ -74,7 +74,7 @@ def main(argv=None) -> int:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4g}")
 
-            r = cal.calibrate_block(params, train, cfg, bcfg, on_step=on_step)
+            r = cal.fit_block(params, train, cfg, bcfg, on_step=on_step)
         folded = fold.fold_block(r.qparams, r.qconsts, cfg)
         y = fold.folded_block_forward(folded, held_out.x, held_out.cos, held_out.sin, held_out.mask,
                                       held_out.modality, cfg, bcfg)

@@ -5,9 +5,11 @@ The functional API in a few names; each lives in the module of its pipeline step
 * methods: :func:`get_method`, :func:`get_config`, ``METHODS`` (``splitq_jax.methods``);
   :func:`method_config`, :class:`MethodConfig`: the engine setting a method config runs as
 * one block: :class:`BlockConfig`, :func:`init_block_params` (``splitq_jax.block``),
-  :func:`calibrate_block`, :func:`make_block_data` (``splitq_jax.calibrate``), :func:`fold_block`
-  (``splitq_jax.fold``); each takes a method config or an engine setting
-* a whole model: :func:`calibrate_model` (``splitq_jax.pipeline``)
+  :func:`make_block_data` (``splitq_jax.calibrate``), then the method's two steps
+  :func:`calibrate_block` and :func:`fold_block` (``splitq_jax.methods``); each takes a method
+  config or an engine setting
+* a whole model: :func:`quantize_model` (load data, quantize, export: ``splitq_jax.quantize``)
+  and :func:`quantize_decoder` (its in-memory core, ``splitq_jax.pipeline``)
 * checkpoints: :func:`save_quantized`, :func:`load_quantized`, :class:`QuantizedModel`
 * errors a user can fix: :class:`SplitqError` (``splitq_jax.errors``)
 
@@ -25,10 +27,10 @@ _EXPORTS = {
     "verify_checkpoint": "splitq_jax.export",
     "MethodConfig": "splitq_jax.config", "method_config": "splitq_jax.config",
     "METHODS": "splitq_jax.methods", "get_config": "splitq_jax.methods", "get_method": "splitq_jax.methods",
-    "calibrate_block": "splitq_jax.calibrate", "make_block_data": "splitq_jax.calibrate",
-    "fold_block": "splitq_jax.fold",
+    "calibrate_block": "splitq_jax.methods", "fold_block": "splitq_jax.methods",
+    "make_block_data": "splitq_jax.calibrate",
     "BlockConfig": "splitq_jax.block", "init_block_params": "splitq_jax.block",
-    "calibrate_model": "splitq_jax.pipeline",
+    "quantize_decoder": "splitq_jax.pipeline", "quantize_model": "splitq_jax.quantize",
     "QuantizedModel": "splitq_jax.runtime", "load_quantized": "splitq_jax.runtime",
     "SplitqError": "splitq_jax.errors",
 }

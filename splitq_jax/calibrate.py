@@ -4,7 +4,7 @@ Flow for one block::
 
     stats = collect_stats(block_params, data, bcfg)              # group inputs -> MOCD split, maxima
     qparams, qconsts = init_qblock(key, block_params, stats, cfg, bcfg)
-    result = calibrate_block(block_params, data, cfg, bcfg, key=key)   # does all of the above + training
+    result = fit_block(block_params, data, cfg, bcfg, key=key)   # does all of the above + training
 
 ``data`` is a :class:`BlockData`: the block inputs (full-precision or quantized outputs of the previous
 block), the full-precision targets, rotary tables, attention mask and per-token modality.
@@ -288,7 +288,7 @@ class CalibResult:
     stats: dict[str, GroupStats]
 
 
-def calibrate_block(
+def fit_block(
     block_params: Tree,
     data: BlockData,
     cfg: MethodConfig,
@@ -299,7 +299,9 @@ def calibrate_block(
     epochs: int | None = None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> CalibResult:
-    """Calibrate one block: statistics, initialisation, ``epochs`` passes of the jitted step.
+    """The transform engine's per-block step: statistics, initialisation, ``epochs`` passes of
+    the jitted step (none for closed-form settings). Methods reach it through
+    :meth:`splitq_jax.methods.transform.TransformMethod.calibrate_block`.
 
     Steps per epoch are ``samples // batch_size`` (FlatQuant), in a fixed order.
     """

@@ -118,30 +118,30 @@ class MethodConfig:
         # Every number is checked here, where flags, --config files and the Python API all pass,
         # so that a NaN learning rate or a negative rank never reaches a calibration.
         for name in ("text_ratio", "vision_ratio", "cws_ratio", "mac_ratio"):
-            _check_number(name, getattr(self, name), lo=0.0, hi=1.0, hi_open=True)
+            check_number(name, getattr(self, name), lo=0.0, hi=1.0, hi_open=True)
         if self.text_ratio + self.vision_ratio >= 1.0:
             raise ConfigError(
                 f"text_ratio + vision_ratio = {self.text_ratio + self.vision_ratio} leaves no main "
                 "channels; keep their sum well below 1 (the paper uses 0.02 each)"
             )
-        _check_number("smooth_alpha", self.smooth_alpha, lo=0.0, hi=1.0)
-        _check_number("mac_gate_init", self.mac_gate_init)
-        _check_number("lr", self.lr, lo=0.0)
-        _check_number("clip_lr", self.clip_lr, lo=0.0)
-        _check_number("weight_decay", self.weight_decay, lo=0.0)
-        _check_number("final_lr_ratio", self.final_lr_ratio, lo=0.0, hi=1.0)
-        _check_number("loss_text_weight", self.loss_text_weight, lo=0.0)
-        _check_number("loss_vision_weight", self.loss_vision_weight, lo=0.0)
+        check_number("smooth_alpha", self.smooth_alpha, lo=0.0, hi=1.0)
+        check_number("mac_gate_init", self.mac_gate_init)
+        check_number("lr", self.lr, lo=0.0)
+        check_number("clip_lr", self.clip_lr, lo=0.0)
+        check_number("weight_decay", self.weight_decay, lo=0.0)
+        check_number("final_lr_ratio", self.final_lr_ratio, lo=0.0, hi=1.0)
+        check_number("loss_text_weight", self.loss_text_weight, lo=0.0)
+        check_number("loss_vision_weight", self.loss_vision_weight, lo=0.0)
         if self.loss_text_weight == 0 and self.loss_vision_weight == 0:
             raise ConfigError("loss_text_weight and loss_vision_weight are both 0, so the block loss would "
                               "weigh no token; give at least one of them a positive weight (default 1)")
-        _check_number("n_clusters", self.n_clusters, lo=1, integer=True)
-        _check_number("kmeans_starts", self.kmeans_starts, lo=1, integer=True)
-        _check_number("epochs", self.epochs, lo=0, integer=True)
-        _check_number("batch_size", self.batch_size, lo=1, integer=True)
-        _check_number("seed", self.seed, lo=0, hi=2**31 - 1, integer=True)
+        check_number("n_clusters", self.n_clusters, lo=1, integer=True)
+        check_number("kmeans_starts", self.kmeans_starts, lo=1, integer=True)
+        check_number("epochs", self.epochs, lo=0, integer=True)
+        check_number("batch_size", self.batch_size, lo=1, integer=True)
+        check_number("seed", self.seed, lo=0, hi=2**31 - 1, integer=True)
         if self.w_group_size is not None:
-            _check_number("w_group_size", self.w_group_size, lo=1, integer=True)
+            check_number("w_group_size", self.w_group_size, lo=1, integer=True)
 
     @property
     def bits(self) -> str:
@@ -171,7 +171,7 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _check_number(name: str, value: Any, *, lo: float | None = None, hi: float | None = None,
+def check_number(name: str, value: Any, *, lo: float | None = None, hi: float | None = None,
                   hi_open: bool = False, integer: bool = False) -> None:
     """Raise :class:`ConfigError` unless ``value`` is a finite number (an integer if ``integer``)
     in ``[lo, hi]`` (``[lo, hi)`` with ``hi_open``); the message names the flag and the range."""

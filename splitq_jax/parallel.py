@@ -18,7 +18,7 @@ input width and the ratios alone (:func:`splitq_jax.mocd.channel_counts`), and s
 width and the branch ranks. Channel indices live in ``qconsts`` as arrays, so the vmapped step
 gathers each block's own channels. :func:`stack_trees` reports the first leaf that disagrees.
 
-:func:`calibrate_blocks_parallel` is :func:`splitq_jax.calibrate.calibrate_block` for K blocks:
+:func:`fit_blocks_parallel` is :func:`splitq_jax.calibrate.fit_block` for K blocks:
 statistics, initialisation and evaluation per block (host work, as before), the training steps
 vmapped.
 """
@@ -142,7 +142,7 @@ def make_vmapped_step(cfg: MethodConfig, bcfg: BlockConfig, total_steps: int,
     return opt, jax.jit(jax.vmap(step, in_axes=(0, 0, 0, axes)))
 
 
-def calibrate_blocks_parallel(
+def fit_blocks_parallel(
     block_params: Sequence[Tree],
     datas: Sequence[cal.BlockData],
     cfg: MethodConfig,
@@ -154,10 +154,10 @@ def calibrate_blocks_parallel(
     axes: cal.BlockData = SHARED_STREAM,
     on_step: Callable[[int, int, float], None] | None = None,
 ) -> list[cal.CalibResult]:
-    """:func:`splitq_jax.calibrate.calibrate_block` for K independent blocks, training vmapped.
+    """:func:`splitq_jax.calibrate.fit_block` for K independent blocks, training vmapped.
 
     Block ``i`` uses ``block_params[i]``, ``datas[i]`` and ``keys[i]``; the results equal K
-    separate ``calibrate_block`` calls up to float32 round-off. ``on_step(block, step, loss)``.
+    separate ``fit_block`` calls up to float32 round-off. ``on_step(block, step, loss)``.
     """
     k = len(block_params)
     if not (len(datas) == len(keys) == k) or k == 0:
@@ -219,5 +219,5 @@ def fits(cfg: MethodConfig) -> bool:
 
 __all__ = [
     "SHARED_STREAM", "ALL_STACKED", "StackError", "stack_trees", "unstack_tree", "stack_block_data",
-    "batch_stacked", "make_vmapped_step", "calibrate_blocks_parallel", "fits",
+    "batch_stacked", "make_vmapped_step", "fit_blocks_parallel", "fits",
 ]

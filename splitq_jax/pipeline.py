@@ -27,7 +27,8 @@ import numpy as np
 from splitq_jax import calibrate as cal
 from splitq_jax import fold
 from splitq_jax.block import BlockConfig
-from splitq_jax.config import MethodConfig, as_engine
+from splitq_jax.inference import InferenceSpec
+from splitq_jax.methods.registry import method_of
 from splitq_jax.errors import NonFiniteError
 from splitq_jax.finite import check_finite
 from splitq_jax.fsutil import write_json
@@ -125,10 +126,10 @@ class ModelResult:
     reports: list[BlockReport]
 
 
-def calibrate_model(
+def quantize_decoder(
     model,
     stream: Stream,
-    cfg: MethodConfig,
+    cfg: Any,
     *,
     work_dir: str | Path | None = None,
     save_block: Callable[[Path, Tree], None] | None = None,
@@ -139,7 +140,8 @@ def calibrate_model(
     on_block: Callable[[BlockReport], None] | None = None,
     x_quant: jax.Array | None = None,
 ) -> ModelResult:
-    """Calibrate every decoder block of ``model`` on ``stream``; returns the folded blocks.
+    """Quantize every decoder block of ``model`` on ``stream`` with ``cfg``'s method (a method
+    config or an engine setting); returns the folded blocks.
 
     Args:
       work_dir: where finished blocks are kept for ``resume`` (with ``save_block`` / ``load_block``).
@@ -148,18 +150,17 @@ def calibrate_model(
       x_quant: with ``block_inputs="quantized"``, the first block's quantized-stream input when it
         differs from ``stream.x`` (embeddings with the quantized vision tower's features).
     """
-    cfg = as_engine(cfg)
     blocks = list(model.blocks)
-    return calibrate_blocks([layer.block_params for layer in blocks], block_config_of(model.config.text), stream,
+    return quantize_blocks([layer.block_params for layer in blocks], block_config_of(model.config.text), stream,
                             cfg, work_dir=work_dir, save_block=save_block, load_block=load_block, resume=resume,
                             fail_after_block=fail_after_block, on_step=on_step, on_block=on_block, x_quant=x_quant)
 
 
-def calibrate_blocks(
+def quantize_blocks(
     params_of: Sequence[Callable[[], Tree]],
     bcfg,
     stream: Stream,
-    cfg: MethodConfig,
+    cfg: Any,
     *,
     part: str = "language",
     work_dir: str | Path | None = None,
@@ -171,13 +172,16 @@ def calibrate_blocks(
     on_block: Callable[[BlockReport], None] | None = None,
     x_quant: jax.Array | None = None,
 ) -> ModelResult:
-    """Calibrate a chain of blocks of one architecture (``bcfg``, see :mod:`splitq_jax.block`).
+    """Quantize a chain of blocks of one architecture (``bcfg``, see :mod:`splitq_jax.block`):
+    per block, the method's two steps (:meth:`~splitq_jax.methods.base.Method.calibrate_block`,
+    then :meth:`~splitq_jax.methods.base.Method.fold_block`), then the streams move on.
 
     ``params_of[i]()`` returns block ``i``'s parameters (read lazily, one block at a time). Blocks
     are saved as ``block_XXX`` for the language model and ``vision_block_XXX`` for a vision tower.
-    Arguments otherwise as :func:`calibrate_model`.
+    Arguments otherwise as :func:`quantize_decoder`.
     """
-    cfg = as_engine(cfg)
+    method = method_of(cfg)
+    spec = method.inference_spec(cfg)
     if stream.x.shape[-1] != bcfg.hidden:
         raise ValueError(f"stream width {stream.x.shape[-1]} != block width {bcfg.hidden}")
     work = Path(work_dir) if work_dir is not None else None
@@ -192,7 +196,8 @@ def calibrate_blocks(
     x_fp = stream.x
     if x_quant is not None and x_quant.shape != stream.x.shape:
         raise ValueError(f"x_quant {x_quant.shape} does not match the stream {stream.x.shape}")
-    x_q = (stream.x if x_quant is None else x_quant) if cfg.block_inputs == "quantized" else None
+    quantized_inputs = getattr(cfg, "block_inputs", "fp") == "quantized"
+    x_q = (stream.x if x_quant is None else x_quant) if quantized_inputs else None
     folded_blocks: list[Tree] = []
     reports: list[BlockReport] = []
     for i, get_params in enumerate(params_of):
@@ -210,11 +215,11 @@ def calibrate_blocks(
             try:
                 data = cal.make_block_data(params, x_fp, stream.cos, stream.sin, mask, stream.modality, bcfg,
                                            x_quant=x_q)
-                result = cal.calibrate_block(params, data, cfg, bcfg, key=jax.random.fold_in(base_key, i),
-                                             on_step=step_cb)
+                result = method.calibrate_block(params, data, cfg, bcfg, key=jax.random.fold_in(base_key, i),
+                                                on_step=step_cb)
             except NonFiniteError as e:
                 raise NonFiniteError(f"{label}: {e}") from None
-            folded = fold.fold_block(result.qparams, result.qconsts, cfg, bcfg=bcfg)
+            folded = method.fold_block(result, cfg, bcfg)
             check_finite(folded, f"{label}: the folded (packed) block",
                          "the calibrated state was finite, so its folding overflowed; nothing was saved")
             y_fp = data.y
@@ -228,7 +233,7 @@ def calibrate_blocks(
                 _write_report(path, report)  # first: a block counts as done once its folded state exists
                 save_block(path, folded)
         if x_q is not None:
-            x_q = _folded_forward(cfg, bcfg)(folded, x_q, stream.cos, stream.sin, mask, stream.modality)
+            x_q = _folded_forward(spec, bcfg)(folded, x_q, stream.cos, stream.sin, mask, stream.modality)
             if not bool(jnp.all(jnp.isfinite(x_q))):
                 raise NonFiniteError(f"the quantized {label} gives NaN or "
                                      "inf outputs (the quantized block inputs of the next block); try "
@@ -264,10 +269,10 @@ def _read_report(block_path, index: int) -> BlockReport:
 _FOLDED_CACHE: dict = {}
 
 
-def _folded_forward(cfg: MethodConfig, bcfg):
-    """``jit(folded_block_forward)`` per configuration (the quantized-input stream)."""
-    key = (cfg, bcfg)
+def _folded_forward(spec: InferenceSpec, bcfg):
+    """``jit(folded_block_forward)`` per inference spec (the quantized-input stream)."""
+    key = (spec, bcfg)
     if key not in _FOLDED_CACHE:
         _FOLDED_CACHE[key] = jax.jit(
-            lambda f, x, c, s, m, mod: fold.folded_block_forward(f, x, c, s, m, mod, cfg, bcfg))
+            lambda f, x, c, s, m, mod: fold.folded_block_forward(f, x, c, s, m, mod, spec, bcfg))
     return _FOLDED_CACHE[key]

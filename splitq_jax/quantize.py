@@ -259,7 +259,7 @@ def quantize_model(
     existing = nearest_existing(Path(out_dir).parent)
     work = prepare_output(out_dir, overwrite=overwrite, resume=resume, record=record)
     try:
-        return _calibrate_and_export(handle, stream, cfg, out_dir, work, data_record=data_record, overwrite=overwrite,
+        return _quantize_and_export(handle, stream, cfg, out_dir, work, data_record=data_record, overwrite=overwrite,
                                      resume=resume, fail_after_block=fail_after_block, on_step=on_step,
                                      on_block=on_block, vision=vision, on_vision_step=on_vision_step)
     except SplitqError:
@@ -284,7 +284,7 @@ def _remove_empty_parents(path: Path, stop: Path) -> None:
         path = path.parent
 
 
-def _calibrate_and_export(handle: ModelHandle, stream: pipeline.Stream, cfg: MethodConfig, out_dir: str | Path,
+def _quantize_and_export(handle: ModelHandle, stream: pipeline.Stream, cfg: MethodConfig, out_dir: str | Path,
                           work: Path, *, data_record: dict[str, Any], overwrite: bool, resume: bool,
                           fail_after_block: int | None, on_step, on_block, vision: VisionJob | None,
                           on_vision_step) -> tuple[Path, pipeline.ModelResult]:
@@ -296,7 +296,7 @@ def _calibrate_and_export(handle: ModelHandle, stream: pipeline.Stream, cfg: Met
 
         fam = handle.family
         blocks = vb.quantized_blocks(handle.model, fam)
-        vision_result = pipeline.calibrate_blocks(
+        vision_result = pipeline.quantize_blocks(
             [lambda b=b: vb.block_params(b, fam) for b in blocks], vb.block_config(handle.model, fam), vision.stream,
             vision.cfg, part="vision", work_dir=work, save_block=export.save_block, load_block=export.load_block,
             resume=resume, on_step=on_vision_step, on_block=on_block)
@@ -312,7 +312,7 @@ def _calibrate_and_export(handle: ModelHandle, stream: pipeline.Stream, cfg: Met
         encoder = partial(quantized_vision_features, handle.model, handle.family, vision_result.folded_blocks,
                           vision.cfg)
         x_quant = pipeline.embed_batches(handle.model, vision.batches, handle.family, vision_encoder=encoder).x
-    result = pipeline.calibrate_model(
+    result = pipeline.quantize_decoder(
         handle.model, stream, cfg, work_dir=work, save_block=export.save_block, load_block=export.load_block,
         resume=resume, fail_after_block=fail_after_block, on_step=on_step, on_block=on_block, x_quant=x_quant,
     )

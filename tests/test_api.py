@@ -24,7 +24,7 @@ def test_readme_example_uses_only_public_names():
     # rtn keeps this check cheap (nothing to compile for training); the calls are the example's
     cfg = sq.get_config("rtn", "w4a4")
     result = sq.calibrate_block(params, data, cfg, bcfg)
-    folded = sq.fold_block(result.qparams, result.qconsts, cfg)
+    folded = sq.fold_block(result, cfg, bcfg)
     assert np.isfinite(result.final_loss) and folded["groups"]["attn_in"]["weights"]["q_proj"]["main"].bits == 4
     assert sq.get_method("splitq").config().cws and isinstance(sq.SplitqError("x"), ValueError)
     # the method config and its engine setting calibrate identically

@@ -124,14 +124,14 @@ def test_vmapped_step_equals_per_block_steps(blocks, method):
     assert max(d) > 1e-2
 
 
-def test_calibrate_blocks_parallel_matches_calibrate_block(blocks):
+def test_fit_blocks_parallel_matches_fit_block(blocks):
     params, datas = blocks
     cfg = _cfg("splitq")
     seen = []
-    res = par.calibrate_blocks_parallel(params, datas, cfg, BCFG, keys=_keys(),
+    res = par.fit_blocks_parallel(params, datas, cfg, BCFG, keys=_keys(),
                                         on_step=lambda b, t, loss: seen.append((b, t)))
     assert sorted(seen) == [(0, 1), (1, 1)]
-    refs = [cal.calibrate_block(p, d, cfg, BCFG, key=k) for p, d, k in zip(params, datas, _keys())]
+    refs = [cal.fit_block(p, d, cfg, BCFG, key=k) for p, d, k in zip(params, datas, _keys())]
     for r, ref in zip(res, refs):
         assert r.init_loss == pytest.approx(ref.init_loss, rel=1e-6)
         np.testing.assert_allclose(r.epoch_losses, ref.epoch_losses, rtol=1e-6)  # the step-0 loss

@@ -115,7 +115,7 @@ def test_token_weights_in_block_data(data):  # noqa: F811
     same loss, zero weight on a token removes it from the loss and from weighted statistics."""
     params, d = data
     cfg = method_config("rtn", "w4a4")
-    r = cal.calibrate_block(params, d, cfg, BCFG)
+    r = cal.fit_block(params, d, cfg, BCFG)
     ones = d._replace(weight=jnp.where(d.modality != PAD, 1.0, 0.0))
     assert cal.evaluate(r.qparams, r.qconsts, ones, cfg, BCFG) == cal.evaluate(r.qparams, r.qconsts, d, cfg, BCFG)
     only_vision = d._replace(weight=(d.modality == VISION).astype(jnp.float32))

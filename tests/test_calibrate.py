@@ -38,7 +38,7 @@ def data():
 def splitq_run(data):
     params, d = data
     cfg = method_config("splitq", "w4a4", epochs=4, batch_size=4, mac_gate_init=0.0)
-    return cfg, cal.calibrate_block(params, d, cfg, BCFG)
+    return cfg, cal.fit_block(params, d, cfg, BCFG)
 
 
 def _fwd(qp, qc, d, cfg, **kw):
@@ -129,7 +129,7 @@ def test_methods_are_configs_of_one_engine(data):
     losses = {}
     for method in ("rtn", "smoothquant", "flatquant"):
         cfg = method_config(method, "w4a4", epochs=3)
-        r = cal.calibrate_block(params, d, cfg, BCFG)
+        r = cal.fit_block(params, d, cfg, BCFG)
         losses[method] = r.final_loss
         assert all(len(s.text_idx) == 0 and len(s.vision_idx) == 0 for s in r.stats.values())
         assert "cws_gate" not in r.qparams["attn_in"]["weights"]["q_proj"]
@@ -222,7 +222,7 @@ def test_smoothquant_folds_to_no_transform(data):
     calibrated ``c`` and computes the calibrated block."""
     params, d = data
     cfg = method_config("smoothquant", "w4a4")
-    r = cal.calibrate_block(params, d, cfg, BCFG)
+    r = cal.fit_block(params, d, cfg, BCFG)
     assert r.qparams["attn_out"]["transform"] is None and r.qparams["mlp_out"]["transform"] is None
     folded = fold.fold_block(r.qparams, r.qconsts, cfg)
     assert all(f["acts"]["transform"] is None for f in folded["groups"].values())

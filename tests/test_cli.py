@@ -529,13 +529,13 @@ def test_quantized_block_inputs_start_from_the_quantized_tower(tiny, tmp_path, m
     handle, batches, stream = tiny["qwen2_5_vl"]
     cfg = method_config("rtn", "w4a4", block_inputs="quantized")
     seen = {}
-    real = pipeline.calibrate_model
+    real = pipeline.quantize_decoder
 
     def spy(*a, **kw):
         seen["x_quant"] = kw.get("x_quant")
         return real(*a, **kw)
 
-    monkeypatch.setattr(pipeline, "calibrate_model", spy)
+    monkeypatch.setattr(pipeline, "quantize_decoder", spy)
     path, _ = qz.quantize_model(handle, stream, cfg, tmp_path / "ckpt", data_record={"source": "synthetic"},
                                 vision=qz.vision_job(handle, batches, cfg))
     xq, x = np.asarray(seen["x_quant"]), np.asarray(stream.x)

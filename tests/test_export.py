@@ -26,7 +26,7 @@ QWEN_CFG = method_config("splitq", "w4a4", w_symmetric=False, a_symmetric=False,
 @functools.lru_cache(maxsize=None)
 def tiny_quantized_qwen(cfg: MethodConfig):
     """A random tiny Qwen2.5-VL (logits sharpened so greedy choices are clear), its blocks folded from
-    initialisation (``calibrate_block(epochs=0)`` without the loss evaluation) and a left-padded
+    initialisation (``fit_block(epochs=0)`` without the loss evaluation) and a left-padded
     two-row batch with an image. Shared with test_runtime.py."""
     config = qv.get_config("qwen2.5-vl-tiny")
     model = qv.Qwen2_5_VL(config, rngs=nnx.Rngs(0))

@@ -13,6 +13,7 @@ from splitq_jax import methods
 from splitq_jax.config import BIT_PRESETS, COMPONENT_VARIANTS, METHODS, ConfigError, variant_config
 from splitq_jax.methods.flatquant import FlatQuantConfig
 from splitq_jax.methods.splitq import SplitqConfig
+from test_calibrate import data  # noqa: F401  (fixture)
 from test_cli import cli, run_cli
 
 
@@ -108,3 +109,48 @@ def test_variant_by_name_on_the_command_line(tmp_path, capsys, monkeypatch):
     rc, err = run_cli(["--method", "flatquant+mocd", "--bits", "w3a3", "--epochs", "2", "--out", tmp_path / "c"], capsys)
     assert rc == 2 and "stop here" in err
     assert seen["cfg"] == variant_config("flatquant+mocd", "w3a3", epochs=2)
+
+
+def test_pipeline_reaches_a_method_only_through_its_two_steps(data, monkeypatch):  # noqa: F811
+    """The seam a new method plugs into: a method that is no transform-engine setting (its config
+    has no ``engine_config``) registers, and the whole-model pipeline runs it by calling its
+    ``calibrate_block`` then ``fold_block`` once per block and streaming on with its folded form."""
+    import jax
+    import numpy as np
+    from dataclasses import dataclass, field
+
+    from splitq_jax import pipeline
+    from splitq_jax.methods import registry
+    from splitq_jax.methods.base import Method, QuantSpec
+    from test_calibrate import BCFG
+
+    @dataclass(frozen=True, kw_only=True)
+    class ToyConfig(QuantSpec):
+        block_inputs: str = "quantized"
+        method = "toy"
+
+    @dataclass(frozen=True)
+    class Toy(Method):
+        calls: list = field(default_factory=list)
+
+        def calibrate_block(self, block_params, data, cfg, bcfg, *, key=None, on_step=None):
+            self.calls.append("calibrate")
+            return methods.calibrate_block(block_params, data, methods.get_config("rtn", cfg.bits), bcfg, key=key)
+
+        def fold_block(self, result, cfg, bcfg=None):
+            self.calls.append("fold")
+            return methods.fold_block(result, methods.get_config("rtn", cfg.bits), bcfg)
+
+    toy = Toy("toy", ToyConfig, "RTN through the seam")
+    monkeypatch.setitem(registry.METHODS, "toy", toy)
+    assert not hasattr(ToyConfig(), "engine_config") and methods.method_of(ToyConfig()) is toy
+    params, d = data
+    stream = pipeline.Stream(d.x, d.cos, d.sin, d.mask, d.modality)
+    got = pipeline.quantize_blocks([lambda: params] * 2, BCFG, stream, ToyConfig())
+    assert toy.calls == ["calibrate", "fold"] * 2
+    ref = pipeline.quantize_blocks([lambda: params] * 2, BCFG, stream, methods.get_config("rtn", "w4a4"))
+    # block 0 reads the same inputs in both runs; block 1 reads the quantized stream in the toy run
+    same = jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))),
+                                  got.folded_blocks[0], ref.folded_blocks[0])
+    assert all(jax.tree_util.tree_leaves(same))
+    assert got.reports[1].init_loss != ref.reports[1].init_loss

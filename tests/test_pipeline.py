@@ -52,12 +52,12 @@ def _same(a, b):
     return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
 
 
-def test_calibrate_model_and_resume_reproduces_clean_run(setup, tmp_path):
+def test_quantize_decoder_and_resume_reproduces_clean_run(setup, tmp_path):
     model, stream = setup
     # Three epochs (six steps): the first Adam steps on this random tiny model can raise the loss
     # (two steps did, by 23%, on block 0), so "no worse than the start" needs a few more.
     cfg = method_config("splitq", "w4a4", epochs=3, batch_size=2)
-    clean = pipeline.calibrate_model(model, stream, cfg)
+    clean = pipeline.quantize_decoder(model, stream, cfg)
     assert len(clean.folded_blocks) == 2
     for r in clean.reports:
         assert np.isfinite(r.final_loss) and r.final_loss <= r.init_loss * 1.05
@@ -72,10 +72,10 @@ def test_calibrate_model_and_resume_reproduces_clean_run(setup, tmp_path):
         return store[str(path)]
 
     with pytest.raises(RuntimeError, match="injected failure after block 0"):
-        pipeline.calibrate_model(model, stream, cfg, work_dir=tmp_path, save_block=save, load_block=load,
+        pipeline.quantize_decoder(model, stream, cfg, work_dir=tmp_path, save_block=save, load_block=load,
                                  fail_after_block=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["block_000", "block_000.json"]
-    resumed = pipeline.calibrate_model(model, stream, cfg, work_dir=tmp_path, save_block=save, load_block=load,
+    resumed = pipeline.quantize_decoder(model, stream, cfg, work_dir=tmp_path, save_block=save, load_block=load,
                                        resume=True)
     assert resumed.reports[0].resumed and not resumed.reports[1].resumed
     assert resumed.reports[0].final_loss == clean.reports[0].final_loss
@@ -85,10 +85,10 @@ def test_calibrate_model_and_resume_reproduces_clean_run(setup, tmp_path):
 def test_quantized_block_inputs_mode(setup):
     model, stream = setup
     cfg = method_config("flatquant", "w4a4", epochs=1, batch_size=2, block_inputs="quantized")
-    res = pipeline.calibrate_model(model, stream, cfg)
+    res = pipeline.quantize_decoder(model, stream, cfg)
     assert all(np.isfinite(r.final_loss) for r in res.reports)
     fp_cfg = cfg.replace(block_inputs="fp")
-    res_fp = pipeline.calibrate_model(model, stream, fp_cfg)
+    res_fp = pipeline.quantize_decoder(model, stream, fp_cfg)
     # block 0 sees the same input either way; block 1 does not
     assert res.reports[0].init_loss == pytest.approx(res_fp.reports[0].init_loss)
     assert res.reports[1].init_loss != pytest.approx(res_fp.reports[1].init_loss)

@@ -215,7 +215,7 @@ def test_export_refuses_nonfinite_trees(tiny, tmp_path):
     """The last line of defence: neither a block nor a checkpoint with a NaN is ever written."""
     handle, _, stream = tiny["qwen2_5_vl"]
     cfg = tiny_cfg("rtn")
-    result = pipeline.calibrate_model(handle.model, stream, cfg)
+    result = pipeline.quantize_decoder(handle.model, stream, cfg)
     blocks = [jax.tree_util.tree_map(lambda a: a, b) for b in result.folded_blocks]
     first = blocks[0]["norms"] if "norms" in blocks[0] else blocks[0]
     leaf_path, leaf = next((p, v) for p, v in jax.tree_util.tree_flatten_with_path(first)[0]

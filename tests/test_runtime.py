@@ -69,7 +69,7 @@ def group_inputs(data):
 
 
 def _init(data, stats, cfg):
-    """Calibration state straight from initialisation (``calibrate_block(epochs=0)`` without the loss)."""
+    """Calibration state straight from initialisation (``fit_block(epochs=0)`` without the loss)."""
     return cal.init_qblock(jax.random.PRNGKey(2), data[0], stats[cfg.split], cfg, BCFG)
 
 

@@ -109,7 +109,7 @@ def test_vision_blocks_identity_with_quantizers_off_and_calibration(family, qwen
     valid = np.asarray(stream.modality != cal.PAD)
     scale = float(jnp.max(jnp.abs(data.y)))
     off = cfg.replace(w_bits=None, a_bits=None)
-    res = cal.calibrate_block(params, data, off.replace(epochs=1), bcfg)
+    res = cal.fit_block(params, data, off.replace(epochs=1), bcfg)
     assert all(len(s.vision_idx) > 0 and len(s.text_idx) == 0 for g, s in res.stats.items() if g != "attn_out")
     y = cal.qblock_forward(res.qparams, res.qconsts, data.x, data.cos, data.sin, data.mask, data.modality, off, bcfg)
     folded = fold.fold_block(res.qparams, res.qconsts, off, bcfg=bcfg)
@@ -121,7 +121,7 @@ def test_vision_blocks_identity_with_quantizers_off_and_calibration(family, qwen
     assert not np.allclose(np.asarray(folded["norms"][norm]["scale"]), np.asarray(params[norm]["scale"]))
     if family == "llava":
         assert not np.allclose(np.asarray(folded["norms"][norm]["bias"]), np.asarray(params[norm]["bias"]))
-    res4 = cal.calibrate_block(params, data, cfg, bcfg)
+    res4 = cal.fit_block(params, data, cfg, bcfg)
     assert np.isfinite(res4.final_loss) and res4.final_loss < res4.init_loss
 
 
@@ -131,7 +131,7 @@ def test_calibrate_blocks_vision_part(qwen, tmp_path):
     bcfg = vb.block_config(model, "qwen2_5_vl")
     cfg = vb.vision_method_config(method_config("rtn", "w4a4"))
     blocks = vb.quantized_blocks(model, "qwen2_5_vl")
-    res = pipeline.calibrate_blocks([lambda b=b: vb.block_params(b, "qwen2_5_vl") for b in blocks], bcfg, stream,
+    res = pipeline.quantize_blocks([lambda b=b: vb.block_params(b, "qwen2_5_vl") for b in blocks], bcfg, stream,
                                     cfg, part="vision")
     assert [r.part for r in res.reports] == ["vision"] * len(blocks)
     assert all(np.isfinite(r.final_loss) for r in res.reports)

@@ -12,9 +12,11 @@ Every field of a method's ``Config`` is a command-line flag of the same name (``
 and a key of a ``--config`` JSON file; ``scripts/calibrate.py --method NAME --help`` lists exactly
 that method's fields. Bit widths are given together as ``bits`` (``"w4a4"``).
 
-Today every method runs on the one calibration engine of :mod:`splitq_jax.calibrate`, which reads
-an engine setting (:class:`~splitq_jax.config.MethodConfig`, built by ``Config.engine_config()``);
-the per-method logic moves behind :class:`Method` step by step (issue 12).
+The pipeline calls a method only through :class:`Method`'s two steps (calibrate a block, fold
+it). RTN, SmoothQuant, FlatQuant and SplitQ share one implementation of them, the transform engine
+(:mod:`splitq_jax.methods.transform`), which reads an engine setting
+(:class:`~splitq_jax.config.MethodConfig`, built by ``Config.engine_config()``). A method that is
+no transform (GPTQ's column updates, AWQ's search) subclasses :class:`Method` instead.
 """
 
 from __future__ import annotations
@@ -23,7 +25,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from splitq_jax.config import MethodConfig, method_config, parse_bits
+import numpy as np
+
+from splitq_jax.config import ConfigError, check_number, parse_bits
+from splitq_jax.inference import InferenceSpec
+from splitq_jax.quant import check_bits
 
 # Fields every method shares: set from ``bits`` (w_bits, a_bits) or flags of their own.
 SHARED_FIELDS = ("w_bits", "a_bits", "w_symmetric", "a_symmetric", "w_group_size", "seed")
@@ -46,15 +52,23 @@ class QuantSpec:
     method: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
-        self.engine_config()  # validates every field (messages name the flags)
+        check_bits(self.w_bits)
+        check_bits(self.a_bits)
+        for name in ("w_symmetric", "a_symmetric"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ConfigError(f"{name} (--{name.replace('_', '-')}) must be true or false, "
+                                  f"got {getattr(self, name)!r}")
+        check_number("seed", self.seed, lo=0, hi=2**31 - 1, integer=True)
+        if self.w_group_size is not None:
+            check_number("w_group_size", self.w_group_size, lo=1, integer=True)
+        self.validate()
+
+    def validate(self) -> None:
+        """The method's own checks of its fields (a :class:`ConfigError` naming the flag)."""
 
     @property
     def bits(self) -> str:
         return f"w{self.w_bits or 16}a{self.a_bits or 16}"
-
-    def engine_config(self) -> MethodConfig:
-        """The engine setting that runs this method (:func:`splitq_jax.config.method_config`)."""
-        raise NotImplementedError
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}
@@ -62,23 +76,40 @@ class QuantSpec:
     def replace(self, **changes: Any) -> "QuantSpec":
         return dataclasses.replace(self, **changes)
 
-    def _engine(self, preset: str, **extra: Any) -> MethodConfig:
-        """The engine preset ``preset`` at this config's bit widths with every field applied."""
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        w, a = fields.pop("w_bits"), fields.pop("a_bits")
-        cfg = method_config(preset, "w4a4", **fields, **extra)
-        return cfg.replace(w_bits=w, a_bits=a)
-
 
 @dataclass(frozen=True)
 class Method:
-    """A registered method: its name, its ``Config`` class and the presets of named variants
-    (``flatquant+mocd`` = ``splitq`` without CWS and MAC)."""
+    """A registered method: its name, its ``Config`` class, bit-dependent defaults, and the two
+    steps every method performs on one block, which the whole-model pipeline calls in turn:
+
+    * :meth:`calibrate_block` ``(block_params, data, cfg, bcfg, *, key, on_step) -> CalibResult``:
+      whatever the method does with the block and its calibration data (statistics it collects
+      with :mod:`splitq_jax.calib`, closed-form scales, training, searches, column updates).
+      The result carries the method's own state (``qparams``, ``qconsts``) and, for the report,
+      the block loss before and after and the per-group statistics.
+    * :meth:`fold_block` ``(result, cfg, bcfg) -> folded block``: the stored, method-agnostic
+      format (packed weights, online transforms, norms; see :mod:`splitq_jax.fold`) that the
+      runtime executes from :meth:`inference_spec` alone.
+
+    Subclasses implement the two steps; :class:`splitq_jax.methods.transform.TransformMethod`
+    is the learned / closed-form transform engine that RTN, SmoothQuant, FlatQuant and SplitQ
+    share."""
 
     name: str
     config_class: type[QuantSpec]
     summary: str
     bit_defaults: dict[tuple[int | None, int | None], dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+    def calibrate_block(self, block_params: Any, data: Any, cfg: Any, bcfg: Any, *, key: Any = None,
+                        on_step: Any = None) -> Any:
+        raise NotImplementedError(f"method {self.name} does not implement calibrate_block")
+
+    def fold_block(self, result: Any, cfg: Any, bcfg: Any = None) -> Any:
+        raise NotImplementedError(f"method {self.name} does not implement fold_block")
+
+    def inference_spec(self, cfg: Any) -> InferenceSpec:
+        """What the runtime needs of ``cfg`` (bit widths, symmetry, main path, text tokens)."""
+        return InferenceSpec.of(cfg)
 
     def config(self, bits: str = "w4a4", **options: Any) -> QuantSpec:
         """This method's config at ``bits`` (``"w4a4"``), with bit-dependent defaults (e.g.

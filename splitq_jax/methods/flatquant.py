@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from splitq_jax.config import MethodConfig
-from splitq_jax.methods.base import Method, QuantSpec
+from splitq_jax.methods.transform import TransformMethod, TransformSpec
 
 
 @dataclass(frozen=True, kw_only=True)
-class FlatQuantConfig(QuantSpec):
+class FlatQuantConfig(TransformSpec):
     """The transform, its start and what is learned, and the per-block training recipe."""
 
     # transform (spec Eq. 2, 15)
@@ -43,4 +43,4 @@ class FlatQuantConfig(QuantSpec):
         return self._engine("flatquant")
 
 
-METHOD = Method("flatquant", FlatQuantConfig, "learned Kronecker transform + clipping")
+METHOD = TransformMethod("flatquant", FlatQuantConfig, "learned Kronecker transform + clipping")

@@ -35,6 +35,34 @@ def get_method(name: str) -> Method:
     raise ConfigError(f"unknown method {name!r}: choose one of {', '.join(names())}")
 
 
+def method_of(cfg: Any) -> Method:
+    """The method that runs ``cfg``: a method's config or an engine setting (both name it)."""
+    name = getattr(cfg, "method", None)
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"expected a method config (splitq_jax.get_config), got {type(cfg).__name__}")
+    return get_method(name)
+
+
+def calibrate_block(block_params: Any, data: Any, cfg: Any, bcfg: Any, *, key: Any = None, on_step: Any = None):
+    """Calibrate one block with ``cfg``'s method (:meth:`Method.calibrate_block`).
+
+    Args:
+      block_params: the block's weights (``splitq_jax.block`` layout); data: its
+        :class:`~splitq_jax.calibrate.BlockData` (inputs ``(S, N, d)``, FP targets, rotary tables,
+        mask, modality, optional per-token weights); cfg: a method config (:func:`get_config`)
+        or an engine setting; bcfg: the block's :class:`~splitq_jax.block.BlockConfig`;
+      key: PRNG key (default ``PRNGKey(cfg.seed)``); on_step: ``(step, loss)`` after each step.
+    Returns:
+      A :class:`~splitq_jax.calibrate.CalibResult` for :func:`fold_block`.
+    """
+    return method_of(cfg).calibrate_block(block_params, data, cfg, bcfg, key=key, on_step=on_step)
+
+
+def fold_block(result: Any, cfg: Any, bcfg: Any = None):
+    """The stored (packed, method-agnostic) form of a calibrated block (:meth:`Method.fold_block`)."""
+    return method_of(cfg).fold_block(result, cfg, bcfg)
+
+
 def option_owners(option: str) -> list[str]:
     """The methods that have ``option`` (a field name, ``lr``)."""
     return [m for m, meth in METHODS.items() if option in option_names(meth.config_class)]

@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from splitq_jax.config import MethodConfig
-from splitq_jax.methods.base import Method, QuantSpec
+from splitq_jax.methods.transform import TransformMethod, TransformSpec
 
 
 @dataclass(frozen=True, kw_only=True)
-class RtnConfig(QuantSpec):
+class RtnConfig(TransformSpec):
     """RTN has no knobs of its own: the shared quantization spec is all of it."""
 
     method = "rtn"
@@ -22,4 +22,4 @@ class RtnConfig(QuantSpec):
         return self._engine("rtn")
 
 
-METHOD = Method("rtn", RtnConfig, "round-to-nearest, nothing calibrated")
+METHOD = TransformMethod("rtn", RtnConfig, "round-to-nearest, nothing calibrated")

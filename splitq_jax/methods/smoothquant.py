@@ -14,11 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from splitq_jax.config import MethodConfig
-from splitq_jax.methods.base import Method, QuantSpec
+from splitq_jax.methods.transform import TransformMethod, TransformSpec
 
 
 @dataclass(frozen=True, kw_only=True)
-class SmoothQuantConfig(QuantSpec):
+class SmoothQuantConfig(TransformSpec):
     """``smooth_alpha``: migration strength (0: scales from the weights only, 1: from the
     activations only). ``block_inputs``: statistics from the full-precision (``"fp"``) or the
     already-quantized (``"quantized"``) outputs of the previous block."""
@@ -32,4 +32,4 @@ class SmoothQuantConfig(QuantSpec):
         return self._engine("smoothquant")
 
 
-METHOD = Method("smoothquant", SmoothQuantConfig, "closed-form channel scales, alpha 0.5")
+METHOD = TransformMethod("smoothquant", SmoothQuantConfig, "closed-form channel scales, alpha 0.5")

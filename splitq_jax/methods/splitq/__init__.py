@@ -6,9 +6,9 @@ The numeric parts live in :mod:`splitq_jax.mocd` (channel selection) and
 configuration and its named component variants.
 """
 
-from splitq_jax.methods.base import Method
+from splitq_jax.methods.transform import TransformMethod
 from splitq_jax.methods.splitq.config import BIT_DEFAULTS, VARIANTS, SplitqConfig
 
-METHOD = Method("splitq", SplitqConfig, "FlatQuant + MOCD channel split + CWS/MAC branches", bit_defaults=BIT_DEFAULTS)
+METHOD = TransformMethod("splitq", SplitqConfig, "FlatQuant + MOCD channel split + CWS/MAC branches", bit_defaults=BIT_DEFAULTS)
 
 __all__ = ["METHOD", "SplitqConfig", "VARIANTS"]
