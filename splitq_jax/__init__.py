@@ -23,8 +23,8 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "CheckpointError": "splitq_jax.export", "save_quantized": "splitq_jax.export",
-    "verify_checkpoint": "splitq_jax.export",
+    "CheckpointError": "splitq_jax.quantized.export", "save_quantized": "splitq_jax.quantized.export",
+    "verify_checkpoint": "splitq_jax.quantized.export",
     "MethodConfig": "splitq_jax.config", "method_config": "splitq_jax.config",
     "METHODS": "splitq_jax.methods", "get_config": "splitq_jax.methods", "get_method": "splitq_jax.methods",
     "calibrate_block": "splitq_jax.methods", "fold_block": "splitq_jax.methods",

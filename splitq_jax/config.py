@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from splitq_jax.errors import SplitqError
-from splitq_jax.inference import MAIN_PATHS
+from splitq_jax.quantized.schema import MAIN_PATHS
 from splitq_jax.modality import TEXT_TOKENS
 from splitq_jax.quant import check_bits
 

@@ -352,7 +352,7 @@ def _plain(obj: Any) -> Any:
 def check_reference(qmodel: Any, fp_model: Any) -> None:
     """Raise :class:`EvaluateError` unless ``fp_model``'s config and unquantized parameters are
     the checkpoint's (then the quantized blocks were calibrated from this model)."""
-    from splitq_jax import export
+    from splitq_jax.quantized import export
 
     if _plain(dataclasses.asdict(fp_model.config)) != _plain(dataclasses.asdict(qmodel.config)):
         raise EvaluateError("the reference model's config differs from the checkpoint's; evaluate against the "
@@ -429,7 +429,7 @@ def result_records(result: Mapping[str, Any], manifest: Mapping[str, Any], **ext
 def run_record(command: Sequence[str] | None = None, **extra: Any) -> dict[str, Any]:
     """The record that says how the numbers were made: command line (default ``sys.argv``),
     device, package versions."""
-    from splitq_jax import export
+    from splitq_jax.quantized import export
 
     command = sys.argv if command is None else command
     rec = {"metric": "run", "command": " ".join(shlex.quote(a) for a in command), "device": str(jax.devices()[0]),

@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from splitq_jax import calibrate as cal
-from splitq_jax import fold
+from splitq_jax.quantized import fold
 from splitq_jax.block import BlockConfig
-from splitq_jax.inference import InferenceSpec
+from splitq_jax.quantized.schema import InferenceSpec, validate_folded_block
 from splitq_jax.methods.registry import method_of
 from splitq_jax.errors import NonFiniteError
 from splitq_jax.finite import check_finite
@@ -220,6 +220,7 @@ def quantize_blocks(
             except NonFiniteError as e:
                 raise NonFiniteError(f"{label}: {e}") from None
             folded = method.fold_block(result, cfg, bcfg)
+            validate_folded_block(folded, spec, label)  # every method stores the one format
             check_finite(folded, f"{label}: the folded (packed) block",
                          "the calibrated state was finite, so its folding overflowed; nothing was saved")
             y_fp = data.y

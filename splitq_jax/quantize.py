@@ -5,7 +5,7 @@
 
 Work in progress is kept in ``<out>.work/`` (one folded block per finished block plus ``run.json``
 with the options); ``--resume`` continues from there and refuses if the options differ. The final
-checkpoint is written atomically by :func:`splitq_jax.export.save_quantized` and the work directory
+checkpoint is written atomically by :func:`splitq_jax.quantized.export.save_quantized` and the work directory
 is removed only after it is complete.
 """
 
@@ -288,7 +288,7 @@ def _quantize_and_export(handle: ModelHandle, stream: pipeline.Stream, cfg: Meth
                           work: Path, *, data_record: dict[str, Any], overwrite: bool, resume: bool,
                           fail_after_block: int | None, on_step, on_block, vision: VisionJob | None,
                           on_vision_step) -> tuple[Path, pipeline.ModelResult]:
-    from splitq_jax import export
+    from splitq_jax.quantized import export
 
     vision_result = None
     if vision is not None:

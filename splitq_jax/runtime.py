@@ -9,7 +9,7 @@
 The NNX model held here is the family's module with a decoder of 0 layers: it owns the token
 embedding, the vision tower (+ projector), the final norm and the head, rebuilt from the saved fp
 parameters. Each decoder block is a folded tree run by :func:`splitq_jax.block.block_forward` with
-:func:`splitq_jax.qlinear.quantized_group_apply` as its linear, compiled once per block shape (all
+:func:`splitq_jax.quantized.qlinear.quantized_group_apply` as its linear, compiled once per block shape (all
 blocks of a model share one compiled program).
 
 With a quantized vision tower (``--quantize-vision``) the module's tower has no blocks: its patch
@@ -35,14 +35,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from splitq_jax import export
+from splitq_jax.quantized import export
 from splitq_jax.block import BlockConfig
 from splitq_jax.modality import ANSWER, PAD, VISION, text_mask
 from splitq_jax.config import MethodConfig
-from splitq_jax.inference import InferenceSpec
-from splitq_jax.export import CheckpointError
+from splitq_jax.quantized.schema import InferenceSpec
+from splitq_jax.quantized.export import CheckpointError
 from splitq_jax.models.layers import Decoder, KVCache, make_attention_mask
-from splitq_jax.qlinear import quantized_group_apply
+from splitq_jax.quantized.qlinear import quantized_group_apply
 
 Tree = dict[str, Any]
 
@@ -134,7 +134,7 @@ class QuantizedModel:
                    vision_blocks: Sequence[Tree] | None = None,
                    vision_method_config: MethodConfig | None = None, spec: InferenceSpec | None = None,
                    vision_spec: InferenceSpec | None = None) -> "QuantizedModel":
-        """Assemble from in-memory pieces (the arguments of :func:`splitq_jax.export.save_quantized`).
+        """Assemble from in-memory pieces (the arguments of :func:`splitq_jax.quantized.export.save_quantized`).
         ``spec`` / ``vision_spec`` default to those of the method configs."""
         if spec is None:
             if method_config is None:
@@ -310,10 +310,10 @@ class QuantizedModel:
 
 
 def load_quantized(ckpt_dir: str | os.PathLike, *, verify: bool = True) -> QuantizedModel:
-    """Load a checkpoint written by :func:`splitq_jax.export.save_quantized`.
+    """Load a checkpoint written by :func:`splitq_jax.quantized.export.save_quantized`.
 
     ``verify`` recomputes every file's sha256 first. A missing manifest (an interrupted export), an
-    unknown format version or a corrupted file raises :class:`~splitq_jax.export.CheckpointError`.
+    unknown format version or a corrupted file raises :class:`~splitq_jax.quantized.export.CheckpointError`.
     """
     manifest, fp, blocks, vision_blocks = export.load_quantized_parts(ckpt_dir, verify=verify)
     family = manifest["model"]["family"]

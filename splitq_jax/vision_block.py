@@ -2,7 +2,7 @@
 
 Each config here implements the block *architecture protocol* of :mod:`splitq_jax.block`
 (``groups``, ``group_norm``, ``norm_keys``, ``forward``), so :mod:`splitq_jax.calibrate`,
-:mod:`splitq_jax.fold` and the runtime treat a vision block exactly like a decoder block:
+:mod:`splitq_jax.quantized.fold` and the runtime treat a vision block exactly like a decoder block:
 
 * :class:`QwenVisionBlockConfig` -- Qwen2.5-VL's ViT block: RMSNorm, one fused biased ``qkv``
   projection, 2-D rotary, windowed or full attention (the mask is an input), biased ``proj``,

@@ -66,7 +66,7 @@ def _leaves(prefix: str, tree) -> dict[str, np.ndarray]:
 
 def digest(path: Path, batch: dict) -> dict:
     """``{"structure": {array: "dtype shape"}, "hashes": {array: sha256}, "logits": array}``."""
-    from splitq_jax import export
+    from splitq_jax.quantized import export
     from splitq_jax.runtime import load_quantized
 
     _, fp, blocks, vision = export.load_quantized_parts(path)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from splitq_jax import calibrate as cal
-from splitq_jax import fold, mocd
+from splitq_jax import mocd
+from splitq_jax.quantized import fold
 from splitq_jax.block import BlockConfig, causal_mask, fp_block, init_block_params, rope_1d
 from splitq_jax.config import ConfigError, method_config, parse_bits
 from splitq_jax.quant import QuantError

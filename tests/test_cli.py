@@ -27,10 +27,11 @@ import pytest
 from flax import nnx
 
 from splitq_jax import calib_data as cd
-from splitq_jax import export, fold, pipeline
+from splitq_jax import pipeline
+from splitq_jax.quantized import export, fold
 from splitq_jax import quantize as qz
 from splitq_jax.config import method_config, variant_config
-from splitq_jax.export import CheckpointError
+from splitq_jax.quantized.export import CheckpointError
 from splitq_jax.models import llava, qwen2_5_vl
 from splitq_jax.runtime import QuantizedModel, load_quantized
 import golden_checkpoints as golden  # noqa: E402

@@ -11,9 +11,10 @@ import pytest
 from flax import nnx
 
 from splitq_jax import calibrate as cal
-from splitq_jax import export, fold, runtime
+from splitq_jax import runtime
+from splitq_jax.quantized import export, fold
 from splitq_jax.config import MethodConfig, method_config
-from splitq_jax.export import CheckpointError
+from splitq_jax.quantized.export import CheckpointError
 from splitq_jax.models import qwen2_5_vl as qv
 from splitq_jax.packing import PackedTensor, pack_quantized
 from splitq_jax.pipeline import block_config_of
@@ -246,3 +247,39 @@ def test_corrupted_block_is_detected(qwen, tmp_path):
     (path / victim).write_bytes(b"\0" * header["files"][victim]["bytes"])
     with pytest.raises(CheckpointError, match=victim):
         export.load_block(path)
+
+
+def test_folded_block_schema_names_what_is_wrong(tmp_path):
+    """Every folded block follows one schema, checked when a block is made, saved and loaded; a
+    block that breaks it is refused with the path of the offending entry."""
+    from splitq_jax.quantized.schema import InferenceSpec, validate_folded_block
+
+    model, folded, _ = tiny_quantized_qwen(QWEN_CFG)
+    spec = InferenceSpec.of(QWEN_CFG)
+    for b in folded:
+        validate_folded_block(b, spec)
+    g = folded[0]["groups"]["attn_in"]
+    d = g["split"]["main_mask"].shape[0]
+
+    def broken(edit):
+        b = jax.tree_util.tree_map(lambda x: x, folded[0], is_leaf=lambda x: x is None)
+        edit(b["groups"]["attn_in"])
+        return b
+
+    cases = [
+        (lambda f: f["weights"]["q_proj"].pop("main"), "weights/q_proj: has keys .*missing \\['main'\\]"),
+        (lambda f: f["acts"].__setitem__("transform", {"p1": jnp.eye(2), "p2": jnp.eye(3)}),
+         f"acts on 2 x 3 = 6 channels, the main width is {d}"),
+        (lambda f: f["biases"].__setitem__("q_proj", jnp.zeros(5)), "biases/q_proj: has shape \\(5,\\)"),
+        (lambda f: f["split"].__setitem__("text_idx", jnp.asarray([d + 1], jnp.int32)), "text_idx: must be"),
+        (lambda f: f["acts"].__setitem__("text", None), "acts/text: is absent but the group has"),
+        (lambda f: f["weights"]["k_proj"].__setitem__("extra", jnp.zeros(1)), "unknown \\['extra'\\]"),
+    ]
+    for edit, msg in cases:
+        with pytest.raises(CheckpointError, match=msg):
+            validate_folded_block(broken(edit), spec, "block 0")
+    bad = broken(cases[2][0])
+    with pytest.raises(CheckpointError, match="block 0: groups/attn_in/biases/q_proj"):
+        export.save_quantized(tmp_path / "ck", family="qwen2_5_vl", model_config=model.config, fp_params=model,
+                              folded_blocks=[bad] + folded[1:], method_config=QWEN_CFG)
+    assert not (tmp_path / "ck").exists() and not list(tmp_path.iterdir())

@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 
 from splitq_jax import calibrate as cal
-from splitq_jax import export, pipeline, preflight
+from splitq_jax import pipeline, preflight
+from splitq_jax.quantized import export
 from splitq_jax import quantize as qz
 from splitq_jax.config import ConfigError, MethodConfig, method_config
 from splitq_jax.errors import NonFiniteError, SplitqError

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from splitq_jax import calibrate as cal
-from splitq_jax import fold, qlinear, runtime
+from splitq_jax import runtime
+from splitq_jax.quantized import fold, qlinear
 from splitq_jax.block import GROUPS, BlockConfig, block_forward, causal_mask, dense_linear, init_block_params, rope_1d
 from splitq_jax.config import method_config
 from splitq_jax.models.layers import KVCache, make_attention_mask

@@ -6,7 +6,8 @@ import pytest
 from flax import nnx
 
 from splitq_jax import calibrate as cal
-from splitq_jax import fold, pipeline
+from splitq_jax import pipeline
+from splitq_jax.quantized import fold
 from splitq_jax import vision_block as vb
 from splitq_jax.block import fp_block
 from splitq_jax.config import method_config

@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from splitq_jax.config import ConfigError, check_number, parse_bits
-from splitq_jax.inference import InferenceSpec
+from splitq_jax.quantized.schema import InferenceSpec
 from splitq_jax.quant import check_bits
 
 # Fields every method shares: set from ``bits`` (w_bits, a_bits) or flags of their own.
@@ -88,7 +88,7 @@ class Method:
       The result carries the method's own state (``qparams``, ``qconsts``) and, for the report,
       the block loss before and after and the per-group statistics.
     * :meth:`fold_block` ``(result, cfg, bcfg) -> folded block``: the stored, method-agnostic
-      format (packed weights, online transforms, norms; see :mod:`splitq_jax.fold`) that the
+      format (packed weights, online transforms, norms; see :mod:`splitq_jax.quantized.fold`) that the
       runtime executes from :meth:`inference_spec` alone.
 
     Subclasses implement the two steps; :class:`splitq_jax.methods.transform.TransformMethod`

@@ -8,7 +8,7 @@ only in their engine setting (``Config.engine_config()``):
 * calibrate: :func:`splitq_jax.calibrate.fit_block` collects the statistics the setting reads
   (:func:`splitq_jax.calibrate.engine_statistics`), initialises every group
   (:func:`splitq_jax.split_linear.init_group`) and trains what the setting learns;
-* fold: :func:`splitq_jax.fold.fold_block` packs the weights, moves diagonals into norms and
+* fold: :func:`splitq_jax.quantized.fold.fold_block` packs the weights, moves diagonals into norms and
   drops identity transforms.
 """
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from splitq_jax import calibrate as cal
-from splitq_jax import fold
+from splitq_jax.quantized import fold
 from splitq_jax.config import MethodConfig, as_engine, method_config
 from splitq_jax.methods.base import Method, QuantSpec
 

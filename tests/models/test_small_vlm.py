@@ -20,7 +20,8 @@ import pytest
 from flax import nnx
 
 from splitq_jax import calib_data as cd
-from splitq_jax import export, pipeline
+from splitq_jax import pipeline
+from splitq_jax.quantized import export
 from splitq_jax import preprocess as pp
 from splitq_jax import quantize as qz
 from splitq_jax import vqa_eval
@@ -233,7 +234,7 @@ def test_calibrate_export_load_logits(model, tiny_batches, tmp_path):
 
 
 def test_quantize_vision_dinov2_tower(model, tiny_batches, tmp_path):
-    from splitq_jax import fold
+    from splitq_jax.quantized import fold
     from splitq_jax import vision_block as vb
 
     bcfg = vb.block_config(model, "llava")

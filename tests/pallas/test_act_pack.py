@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from splitq_jax import fold, packing
+from splitq_jax import packing
+from splitq_jax.quantized import fold
 from splitq_jax import split_linear as sl
 from splitq_jax import transforms as tf
 from splitq_jax.config import method_config
@@ -335,7 +336,7 @@ def test_reference_equals_former_runtime_path(bits, a_symmetric, main_path):
     assert_packed_equal(act_pack(x, **kw, implementation="pallas"), want)
 
     # the whole quantized linear (one act_pack, one split_gemm per linear) == fake quant
-    from splitq_jax import qlinear
+    from splitq_jax.quantized import qlinear
     fake = fold.folded_group_forward(folded, x, text_mask, cfg)
     for impl in ("xla", "pallas"):
         got = qlinear.quantized_group_apply(folded, x, text_mask, cfg, implementation=impl)

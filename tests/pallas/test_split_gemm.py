@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from splitq_jax import fold, packing, quant
+from splitq_jax import packing, quant
+from splitq_jax.quantized import fold
 from splitq_jax import split_linear as sl
 from splitq_jax import transforms as tf
 from splitq_jax.config import method_config

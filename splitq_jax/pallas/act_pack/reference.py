@@ -1,6 +1,6 @@
 """Plain XLA reference of the activation stage of one split linear group (spec Eq. 6, 13-21).
 
-Op for op what :func:`splitq_jax.qlinear.quantized_group_apply` computed before its GEMMs (until
+Op for op what :func:`splitq_jax.quantized.qlinear.quantized_group_apply` computed before its GEMMs (until
 this op replaced that code), so the runtime's results are unchanged:
 
 * main path: ``x * main_mask`` (masked) or ``x[..., main_idx]`` (gathered), the online transform

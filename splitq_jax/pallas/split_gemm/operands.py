@@ -175,7 +175,7 @@ jax.tree_util.register_dataclass(
 
 
 def gemm_weight(t: packing.PackedTensor) -> GemmWeight:
-    """Prepare a stored weight (as :func:`splitq_jax.fold.pack_weight` makes it) for the GEMM.
+    """Prepare a stored weight (as :func:`splitq_jax.quantized.fold.pack_weight` makes it) for the GEMM.
 
     Raises for what the split GEMM does not take: asymmetric weights (a weight zero point would
     need per-token sums of the activations), per-group scales (``group_size``; the epilogue

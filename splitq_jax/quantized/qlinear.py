@@ -1,6 +1,6 @@
 """The real low-bit linear: integer matmuls over packed weights (the XLA reference path).
 
-:func:`quantized_group_apply` computes what :func:`splitq_jax.fold.folded_group_forward` computes in
+:func:`quantized_group_apply` computes what :func:`splitq_jax.quantized.fold.folded_group_forward` computes in
 fake-quant, but every weight matmul runs on integers::
 
     x ~= s_x (q_x - z_x)    per token   (activations, quantized on the fly)
@@ -207,7 +207,7 @@ def _split_gemm_linear(packed, name: str, w: Tree, bias, text_mask, implementati
 
 def quantized_group_apply(folded: Tree, x: jax.Array, text_mask: jax.Array | None,
                           cfg: MethodConfig, *, implementation: str | None = None) -> dict[str, jax.Array]:
-    """A folded group (:func:`splitq_jax.fold.fold_group`) with integer matmuls.
+    """A folded group (:func:`splitq_jax.quantized.fold.fold_group`) with integer matmuls.
 
     Linears whose weights are all symmetric per-channel (the default) run through the Pallas ops
     (``implementation``: None = Pallas on GPU, their XLA references elsewhere): one

@@ -31,10 +31,8 @@ never a complete checkpoint. A failed save removes its temporary directory and l
 ``<out>`` untouched. Replacing (``overwrite=True``) moves the old directory aside, renames the new
 one in, then deletes the old one.
 
-The structure encoding (``kind``: ``dict`` | ``list`` | ``tuple`` | ``packed`` | ``array`` |
-``value`` | ``null``) keeps dict key types (NNX list indices are ints) and order, array shapes and
-dtypes, so loading rebuilds the exact pytree: same treedef (including PackedTensor metadata), same
-dtypes, bit-identical values.
+The tree encoding is :mod:`splitq_jax.quantized.codec`'s: loading rebuilds the exact pytree (same
+treedef including PackedTensor metadata, same dtypes, bit-identical values).
 """
 
 from __future__ import annotations
@@ -55,11 +53,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from splitq_jax.config import MethodConfig
-from splitq_jax.errors import SplitqError
 from splitq_jax.finite import check_finite
 from splitq_jax.fsutil import OCDBT_FILE_BYTES, sha256_file  # noqa: F401  (sha256_file: re-exported)
-from splitq_jax.inference import InferenceSpec
 from splitq_jax.packing import PackedTensor
+from splitq_jax.quantized.codec import decode_tree, encode_tree  # noqa: F401  (re-exported)
+from splitq_jax.quantized.codec import restore_arrays, save_arrays
+from splitq_jax.quantized.schema import CheckpointError, InferenceSpec, validate_folded_block
 
 Tree = Any
 
@@ -76,178 +75,6 @@ _RESERVED = frozenset({"format", "format_version", "created", "model", "method",
                        "storage", "versions", "files", "vision"})
 # Where each family keeps its vision-tower blocks (dropped from "fp" when they are quantized).
 VISION_LAYERS = {"qwen2_5_vl": ("visual", "blocks"), "llava": ("vision_tower", "layers")}
-
-
-class CheckpointError(SplitqError):
-    """A checkpoint directory that is missing, incomplete, corrupted or of another format."""
-
-
-# --------------------------------------------------------------------------------------------
-# Tree encoding: JSON structure + a nested dict of arrays for orbax
-# --------------------------------------------------------------------------------------------
-
-
-def _is_array(x: Any) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, np.generic))
-
-
-def encode_tree(tree: Tree) -> tuple[dict, dict[tuple[str, ...], Any]]:
-    """``(structure, arrays)``: a JSON-able description of ``tree`` and its non-empty arrays keyed
-    by path (the path of a PackedTensor leaf ends in ``qvalue`` / ``scale`` / ``zero_point``)."""
-    arrays: dict[tuple[str, ...], Any] = {}
-
-    def enc(node: Any, path: tuple[str, ...]) -> dict:
-        if node is None:
-            return {"kind": "null"}
-        if isinstance(node, PackedTensor):
-            meta = {"bits": int(node.bits), "shape": [int(s) for s in node.shape], "symmetric": bool(node.symmetric),
-                    "group_size": None if node.group_size is None else int(node.group_size),
-                    "word_dtype": str(node.word_dtype)}
-            return {"kind": "packed", "meta": meta,
-                    **{f: enc(getattr(node, f), path + (f,)) for f in ("qvalue", "scale", "zero_point")}}
-        if isinstance(node, Mapping):
-            items, seen = [], set()
-            for k, v in node.items():
-                if isinstance(k, bool) or not isinstance(k, (str, int)):
-                    raise TypeError(f"cannot save key {k!r} at {'/'.join(path) or '<root>'}: keys must be str or int")
-                if str(k) in seen:
-                    raise TypeError(f"keys {k!r} and {str(k)!r} collide at {'/'.join(path) or '<root>'}")
-                seen.add(str(k))
-                items.append([k, enc(v, path + (str(k),))])
-            return {"kind": "dict", "items": items}
-        if isinstance(node, (list, tuple)):
-            if type(node) not in (list, tuple):  # NamedTuples and other subclasses would come back plain
-                _unsupported(node, path)
-            return {"kind": type(node).__name__, "items": [enc(v, path + (str(i),)) for i, v in enumerate(node)]}
-        if _is_array(node):
-            shape, dtype = tuple(int(s) for s in np.shape(node)), jnp.dtype(node.dtype)
-            if dtype == np.dtype(object):
-                _unsupported(node, path)
-            if int(np.prod(shape)):  # orbax refuses zero-size arrays; shape and dtype say it all
-                arrays[path] = np.asarray(node) if isinstance(node, np.generic) else node
-            return {"kind": "array", "shape": list(shape), "dtype": dtype.name}
-        if isinstance(node, (bool, int, float, str)):
-            return {"kind": "value", "value": node}
-        return _unsupported(node, path)
-
-    return enc(tree, ()), arrays
-
-
-def _unsupported(node: Any, path: tuple[str, ...]):
-    raise TypeError(f"cannot save a {type(node).__name__} at {'/'.join(path) or '<root>'}")
-
-
-def decode_tree(structure: dict, arrays: Mapping[tuple[str, ...], Any]) -> Tree:
-    """Inverse of :func:`encode_tree`."""
-
-    def dec(node: dict, path: tuple[str, ...]) -> Any:
-        kind = node["kind"]
-        if kind == "null":
-            return None
-        if kind == "packed":
-            m = node["meta"]
-            return PackedTensor(
-                *(dec(node[f], path + (f,)) for f in ("qvalue", "scale", "zero_point")),
-                bits=m["bits"], shape=tuple(m["shape"]), symmetric=m["symmetric"],
-                group_size=m["group_size"], word_dtype=m["word_dtype"])
-        if kind == "dict":
-            return {k: dec(v, path + (str(k),)) for k, v in node["items"]}
-        if kind in ("list", "tuple"):
-            items = [dec(v, path + (str(i),)) for i, v in enumerate(node["items"])]
-            return items if kind == "list" else tuple(items)
-        if kind == "array":
-            shape, dtype = tuple(node["shape"]), jnp.dtype(node["dtype"])
-            if not int(np.prod(shape)):
-                return jnp.zeros(shape, dtype)
-            a = arrays[path]
-            if tuple(a.shape) != shape or jnp.dtype(a.dtype) != dtype:
-                raise CheckpointError(f"array {'.'.join(path)} is {a.dtype}{list(a.shape)}, "
-                                      f"the structure says {dtype.name}{list(shape)}")
-            return a
-        if kind == "value":
-            return node["value"]
-        raise CheckpointError(f"unknown node kind {kind!r} at {'.'.join(path)}")
-
-    return dec(structure, ())
-
-
-def _nest(flat: Mapping[tuple[str, ...], Any]) -> dict:
-    out: dict = {}
-    for path, v in flat.items():
-        d = out
-        for k in path[:-1]:
-            d = d.setdefault(k, {})
-        d[path[-1]] = v
-    return out
-
-
-def _flatten(nested: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    out = {}
-    for k, v in nested.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
-
-
-def _abstract(structure: dict) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
-    """The restore target of every non-empty array in ``structure``."""
-    out = {}
-
-    def walk(node: dict, path: tuple[str, ...]) -> None:
-        kind = node["kind"]
-        if kind == "array" and int(np.prod(node["shape"])):
-            out[path] = jax.ShapeDtypeStruct(tuple(node["shape"]), jnp.dtype(node["dtype"]))
-        elif kind == "packed":
-            for f in ("qvalue", "scale", "zero_point"):
-                walk(node[f], path + (f,))
-        elif kind == "dict":
-            for k, v in node["items"]:
-                walk(v, path + (str(k),))
-        elif kind in ("list", "tuple"):
-            for i, v in enumerate(node["items"]):
-                walk(v, path + (str(i),))
-
-    walk(structure, ())
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# Files: orbax arrays, JSON, checksums, fsync, atomic rename
-# --------------------------------------------------------------------------------------------
-
-
-
-def _save_arrays(path: Path, arrays: Mapping[tuple[str, ...], Any]) -> None:
-    import orbax.checkpoint as ocp
-
-    if not arrays:  # orbax needs at least one array; an empty state directory is still a directory
-        path.mkdir()
-        return
-    # Orbax buffers each OCDBT data file in memory up to its target size (2 GiB by default, i.e. the
-    # whole model); small data files keep the save's extra host memory near 0.3 GB (bench/convert_memory.py).
-    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
-    try:
-        checkpointer.save(path, args=ocp.args.PyTreeSave(_nest(arrays), ocdbt_target_data_file_size=OCDBT_FILE_BYTES))
-    finally:
-        checkpointer.close()
-
-
-def _restore_arrays(path: Path, structure: dict) -> dict[tuple[str, ...], Any]:
-    import orbax.checkpoint as ocp
-
-    target = _abstract(structure)
-    if not target:
-        return {}
-    checkpointer = ocp.StandardCheckpointer()
-    try:
-        restored = checkpointer.restore(path, _nest(target))
-    except Exception as e:  # orbax raises many types; the caller wants to know which checkpoint
-        raise CheckpointError(f"cannot read the arrays in {path}: {type(e).__name__}: {e}") from e
-    finally:
-        checkpointer.close()
-    return _flatten(restored)
 
 
 def _json_default(o: Any) -> Any:
@@ -388,7 +215,7 @@ def save_block(path: str | os.PathLike, folded: Tree, *, meta: Mapping[str, Any]
     out, tmp = _prepare(path, overwrite)
     try:
         structure, arrays = encode_tree(folded)
-        _save_arrays(tmp / STATE_DIR, arrays)
+        save_arrays(tmp / STATE_DIR, arrays)
         _write_json(tmp / BLOCK_FILE, {"format": BLOCK_FORMAT, "format_version": FORMAT_VERSION,
                                        "structure": structure, "meta": dict(meta or {}),
                                        "files": _checksums(tmp)})
@@ -416,7 +243,7 @@ def load_block(path: str | os.PathLike, *, verify: bool = True) -> Tree:
     header = _block_header(path)
     if verify:
         _verify_files(path, header["files"])
-    return decode_tree(header["structure"], _restore_arrays(path / STATE_DIR, header["structure"]))
+    return decode_tree(header["structure"], restore_arrays(path / STATE_DIR, header["structure"]))
 
 
 def load_block_meta(path: str | os.PathLike) -> dict[str, Any]:
@@ -600,12 +427,15 @@ def save_quantized(out_dir: str | os.PathLike, *, family: str, model_config, fp_
                   "bits": vision_method_config.bits, "method_config": vision_method_config.to_dict(),
                   "inference": InferenceSpec.of(vision_method_config).to_dict()}
     dtype = _check_fp(fp, family, model_config, vision_quantized=vision is not None)
+    _validate_blocks(folded_blocks, InferenceSpec.of(method_config), "block")
+    if vision_blocks is not None:
+        _validate_blocks(vision_blocks, InferenceSpec.of(vision_method_config), "vision block")
     # Never publish a NaN: a checkpoint that loads and then answers garbage is worse than none.
     check_finite(tree, f"the checkpoint for {out_dir}", "nothing was written")
     out, tmp = _prepare(out_dir, overwrite)
     try:
         structure, arrays = encode_tree(tree)
-        _save_arrays(tmp / STATE_DIR, arrays)
+        save_arrays(tmp / STATE_DIR, arrays)
         _write_json(tmp / STRUCTURE_FILE, structure)
         manifest = {
             "format": FORMAT,
@@ -660,12 +490,28 @@ def load_quantized_parts(ckpt_dir: str | os.PathLike, *, verify: bool = True
     root = Path(ckpt_dir).expanduser().absolute()
     manifest = verify_checkpoint(root) if verify else read_manifest(root)
     structure = _read_json(root / STRUCTURE_FILE, "the checkpoint is incomplete")
-    tree = decode_tree(structure, _restore_arrays(root / STATE_DIR, structure))
+    tree = decode_tree(structure, restore_arrays(root / STATE_DIR, structure))
     blocks = [tree["blocks"][str(i)] for i in range(manifest["model"]["num_layers"])]
+    _validate_blocks(blocks, _spec_of(manifest, root), f"{root}: block")
     vision = None
     if manifest.get("vision") is not None:
         vision = [tree["vision_blocks"][str(i)] for i in range(manifest["vision"]["num_blocks"])]
+        _validate_blocks(vision, _spec_of(manifest["vision"], root), f"{root}: vision block")
     return manifest, tree["fp"], blocks, vision
+
+
+def _spec_of(manifest: Mapping[str, Any], root: Path) -> InferenceSpec:
+    """The inference spec a manifest (or its ``vision`` entry) stores; older checkpoints: the
+    method config's fields of the same names."""
+    try:
+        return InferenceSpec.from_dict(manifest.get("inference") or manifest["method_config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{root}: the manifest's inference spec is invalid: {e}") from e
+
+
+def _validate_blocks(blocks: Sequence[Tree], spec: InferenceSpec, what: str) -> None:
+    for i, b in enumerate(blocks):
+        validate_folded_block(b, spec, f"{what} {i}")
 
 
 def load_quantized_tree(ckpt_dir: str | os.PathLike, *, verify: bool = True) -> tuple[dict, dict, list[Tree]]:
