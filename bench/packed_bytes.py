@@ -21,8 +21,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from bench._common import block_params, machine_name, run_record, write_json_atomic  # noqa: E402
+from splitq_jax.methods import transform
 from splitq_jax import calibrate as cal  # noqa: E402
-from splitq_jax.quantized import fold  # noqa: E402
 from splitq_jax.block import GROUPS, BlockConfig  # noqa: E402
 from splitq_jax.config import method_config  # noqa: E402
 from splitq_jax.packing import PackedTensor, nbytes  # noqa: E402
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
             cfg = method_config(method, bits, epochs=0, selector="random" if method == "splitq" else "none")
             stats = cal.collect_stats(params, data, cfg, bcfg)
             qp, qc = cal.init_qblock(jax.random.PRNGKey(0), params, stats, cfg, bcfg)
-            b = stored_bytes(fold.fold_block(qp, qc, cfg))
+            b = stored_bytes(transform.fold_block(qp, qc, cfg))
             total = (b["packed"] + b["side"]) / bf16
             print(f"{method:<10}{bits:<6}{b['packed'] / bf16:>12.4f}{b['side'] / bf16:>11.4f}{total:>12.4f}")
             for metric, value in (("packed_over_bf16", b["packed"] / bf16), ("side_over_bf16", b["side"] / bf16),

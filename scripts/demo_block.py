@@ -23,6 +23,7 @@ import jax.numpy as jnp  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from bench._common import block_params, rope_and_mask, synthetic_vl_inputs  # noqa: E402
+from splitq_jax.methods import transform
 from splitq_jax import calibrate as cal  # noqa: E402
 from splitq_jax.quantized import fold  # noqa: E402
 from splitq_jax.block import BlockConfig  # noqa: E402
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
                 bar.set_postfix(loss=f"{loss:.4g}")
 
             r = cal.fit_block(params, train, cfg, bcfg, on_step=on_step)
-        folded = fold.fold_block(r.qparams, r.qconsts, cfg)
+        folded = transform.fold_block(r.qparams, r.qconsts, cfg)
         y = fold.folded_block_forward(folded, held_out.x, held_out.cos, held_out.sin, held_out.mask,
                                       held_out.modality, cfg, bcfg)
         mse = float(cal.block_mse(y, held_out.y, held_out.modality, cfg))

@@ -26,6 +26,7 @@ import numpy as np
 
 from splitq_jax import calibrate as cal
 from splitq_jax.quantized import fold
+from splitq_jax.quantized.fold import canonicalize
 from splitq_jax.block import BlockConfig
 from splitq_jax.quantized.schema import InferenceSpec, validate_folded_block
 from splitq_jax.methods.registry import method_of
@@ -219,8 +220,9 @@ def quantize_blocks(
                                                 on_step=step_cb)
             except NonFiniteError as e:
                 raise NonFiniteError(f"{label}: {e}") from None
-            folded = method.fold_block(result, cfg, bcfg)
-            validate_folded_block(folded, spec, label)  # every method stores the one format
+            # Every method's block goes through the one canonical fold and stores the one format.
+            folded = canonicalize(method.fold_block(result, cfg, bcfg), bcfg.group_norm, spec.main_path)
+            validate_folded_block(folded, spec, label)
             check_finite(folded, f"{label}: the folded (packed) block",
                          "the calibrated state was finite, so its folding overflowed; nothing was saved")
             y_fp = data.y

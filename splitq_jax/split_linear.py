@@ -25,7 +25,7 @@ transpose ``W P^-T``.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -33,24 +33,10 @@ import numpy as np
 
 from splitq_jax import transforms as tf
 from splitq_jax.config import MethodConfig
-from splitq_jax.quant import aux_bits, fake_quant, init_clip
+from splitq_jax.quant import fake_quant, init_clip
+from splitq_jax.quantized.group import Bits, WeightSpec, apply_group, is_spec  # noqa: F401  (the group's forward)
 
 Tree = dict[str, Any]
-
-
-class Bits(NamedTuple):
-    """Resolved bit widths of one forward pass; ``None`` entries are off."""
-
-    w: int | None
-    a: int | None
-    aux_w: int | None
-    aux_a: int | None
-
-    @classmethod
-    def of(cls, cfg: MethodConfig, quantize: bool = True) -> "Bits":
-        if not quantize:
-            return cls(None, None, None, None)
-        return cls(cfg.w_bits, cfg.a_bits, aux_bits(cfg.w_bits), aux_bits(cfg.a_bits))
 
 
 def rank_of(ratio: float, d_in: int, d_out: int) -> int:
@@ -232,15 +218,6 @@ def outlier_weight(consts: Tree, name: str, group: str, inv: Tree | None) -> jax
     return tf.apply_inverse(inv, w)
 
 
-class WeightSpec(NamedTuple):
-    """A weight about to be quantized: rows are output channels (per-row scales)."""
-
-    w: jax.Array  # (rows, cols)
-    bits: int | None
-    clip: Tree | None
-    group_size: int | None = None
-
-
 def prequant_weights(params: Tree, consts: Tree, cfg: MethodConfig, bits: Bits) -> dict[str, Tree]:
     """Every stored weight of the group before quantization, with its quantizer settings.
 
@@ -265,10 +242,6 @@ def prequant_weights(params: Tree, consts: Tree, cfg: MethodConfig, bits: Bits) 
     return specs
 
 
-def is_spec(x: Any) -> bool:
-    return isinstance(x, WeightSpec)
-
-
 def fake_quant_weights(specs: dict[str, Tree], cfg: MethodConfig) -> dict[str, Tree]:
     """Fake-quantized (differentiable) versions of :func:`prequant_weights`' leaves."""
     return jax.tree_util.tree_map(
@@ -284,55 +257,6 @@ def act_params(params: Tree) -> Tree:
 
 def biases_of(consts: Tree) -> dict[str, jax.Array | None]:
     return {n: wc.get("b") for n, wc in consts["weights"].items()}
-
-
-def apply_group(
-    acts: Tree,
-    split: Tree,
-    weights: dict[str, Tree],
-    biases: dict[str, jax.Array | None],
-    x: jax.Array,
-    text_mask: jax.Array | None,
-    cfg: MethodConfig,
-    bits: Bits,
-) -> dict[str, jax.Array]:
-    """The activation path of Eq. 13-19 over already (fake-)quantized weights.
-
-    Args:
-      acts: :func:`act_params`; split: channel indices/mask; weights: like :func:`prequant_weights`
-        but with plain arrays; x: ``(..., N, d)``; text_mask: ``(..., N)`` bool or None.
-    """
-    dtype = x.dtype
-    if cfg.main_path == "gathered":
-        xm = jnp.take(x, split["main_idx"], axis=-1)
-    else:
-        xm = x * split["main_mask"].astype(dtype)
-    xq = fake_quant(tf.apply_act(acts["transform"], xm), bits.a, symmetric=cfg.a_symmetric, clip=acts["act_clip"])
-    outlier_x = {}
-    for group in ("text", "vision"):
-        if acts.get(group) is not None:
-            xg = tf.apply_act(acts[group]["transform"], jnp.take(x, split[f"{group}_idx"], axis=-1))
-            outlier_x[group] = fake_quant(xg, bits.aux_a, symmetric=cfg.a_symmetric, clip=acts[group]["act_clip"])
-
-    def lowrank(f: Tree) -> jax.Array:
-        h = fake_quant(xq @ f["l_in"].T.astype(dtype), bits.aux_a, symmetric=cfg.a_symmetric)
-        return h @ f["l_out"].T.astype(dtype)
-
-    out = {}
-    for name, w in weights.items():
-        y = xq @ w["main"].T.astype(dtype)
-        if "cws" in w:
-            y = y + lowrank(w["cws"])
-        # MAC predicts the output error of *activation* quantization (Eq. 18); with activations
-        # unquantized that error is zero, so the branch is off and the exact identity holds.
-        if "mac" in w and text_mask is not None and bits.a is not None:
-            y = y + jnp.where(text_mask[..., None], lowrank(w["mac"]), 0.0).astype(dtype)
-        for group, xg in outlier_x.items():
-            y = y + xg @ w[group].T.astype(dtype)
-        if biases.get(name) is not None:
-            y = y + biases[name].astype(dtype)
-        out[name] = y
-    return out
 
 
 def group_forward(

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from splitq_jax.methods import transform
 from splitq_jax import calibrate as cal
 from splitq_jax import mocd
 from splitq_jax.quantized import fold
@@ -63,7 +64,7 @@ def test_block_identity_at_init_before_and_after_folding(data):
         qp, qc = cal.init_qblock(jax.random.PRNGKey(0), params, stats, cfg, BCFG)
         y_off = _fwd(qp, qc, d, cfg, quantize=False)
         off = cfg.replace(w_bits=None, a_bits=None)
-        y_fold = fold.folded_block_forward(fold.fold_block(qp, qc, off), d.x, d.cos, d.sin, d.mask, d.modality, off, BCFG)
+        y_fold = fold.folded_block_forward(transform.fold_block(qp, qc, off), d.x, d.cos, d.sin, d.mask, d.modality, off, BCFG)
         scale = float(jnp.max(jnp.abs(d.y)))
         assert _valid_max_err(y_off, d.y, d) < 1e-5 * scale
         assert _valid_max_err(y_fold, d.y, d) < 1e-5 * scale
@@ -78,7 +79,7 @@ def test_calibration_lowers_loss_and_identity_survives_training(data, splitq_run
     scale = float(jnp.max(jnp.abs(d.y)))
     assert _valid_max_err(_fwd(r.qparams, r.qconsts, d, cfg, quantize=False), d.y, d) < 1e-5 * scale
     off = cfg.replace(w_bits=None, a_bits=None)
-    f0 = fold.fold_block(r.qparams, r.qconsts, off)
+    f0 = transform.fold_block(r.qparams, r.qconsts, off)
     y0 = fold.folded_block_forward(f0, d.x, d.cos, d.sin, d.mask, d.modality, off, BCFG)
     assert _valid_max_err(y0, d.y, d) < 1e-5 * scale
 
@@ -87,7 +88,7 @@ def test_folded_block_reproduces_calibrated_block(data, splitq_run):
     _, d = data
     cfg, r = splitq_run
     y_cal = _fwd(r.qparams, r.qconsts, d, cfg)
-    folded = fold.fold_block(r.qparams, r.qconsts, cfg)
+    folded = transform.fold_block(r.qparams, r.qconsts, cfg)
     # c went into the norms: the online main transforms of attn_in / mlp_in carry no diagonal
     assert "c" not in folded["groups"]["attn_in"]["acts"]["transform"]
     assert "c" in folded["groups"]["mlp_out"]["acts"]["transform"]
@@ -225,7 +226,7 @@ def test_smoothquant_folds_to_no_transform(data):
     cfg = method_config("smoothquant", "w4a4")
     r = cal.fit_block(params, d, cfg, BCFG)
     assert r.qparams["attn_out"]["transform"] is None and r.qparams["mlp_out"]["transform"] is None
-    folded = fold.fold_block(r.qparams, r.qconsts, cfg)
+    folded = transform.fold_block(r.qparams, r.qconsts, cfg)
     assert all(f["acts"]["transform"] is None for f in folded["groups"].values())
     for g, norm in BCFG.group_norm.items():
         c = r.qparams[g]["transform"]["c"]

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from splitq_jax.methods import transform
 from splitq_jax import calibrate as cal
 from splitq_jax import runtime
-from splitq_jax.quantized import export, fold
+from splitq_jax.quantized import export
 from splitq_jax.config import MethodConfig, method_config
 from splitq_jax.quantized.export import CheckpointError
 from splitq_jax.models import qwen2_5_vl as qv
@@ -43,7 +44,7 @@ def tiny_quantized_qwen(cfg: MethodConfig):
     cos, sin = model.rope(emb.position_ids)
     mask = model.attention_mask(emb.modality_mask)
     bcfg = block_config_of(config.text)
-    fold_jit = jax.jit(lambda qp, qc: fold.fold_block(qp, qc, cfg))
+    fold_jit = jax.jit(lambda qp, qc: transform.fold_block(qp, qc, cfg))
     x, folded = emb.hidden, []
     for i, layer in enumerate(model.blocks):
         p = layer.block_params()

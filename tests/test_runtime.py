@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from splitq_jax.methods import transform
 from splitq_jax import calibrate as cal
 from splitq_jax import runtime
 from splitq_jax.quantized import fold, qlinear
@@ -103,7 +104,7 @@ def test_integer_group_matches_fake_quant(data, stats, group_inputs, method, bit
         return {g: qlinear.quantized_group_apply(folded[g], inputs[g], tmask, cfg) for g in TEST_GROUPS}
 
     def fold_groups(qp, qc):
-        return {g: fold.fold_group(qp[g], qc[g], cfg) for g in TEST_GROUPS}
+        return {g: transform.fold_group(qp[g], qc[g], cfg) for g in TEST_GROUPS}
 
     @jax.jit  # one program per config: folding, both paths
     def run(qp, qc, inputs):
@@ -198,7 +199,7 @@ def test_loaded_model_group_path_runs_the_pallas_split_gemm(data, stats, group_i
     cfg = method_config("splitq", "w4a4", mac_gate_init=0.7)
     qp, qc = _init(data, stats, cfg)
     tmask = cal.text_mask_of(data[5], cfg)
-    folded = fold.fold_group(qp["attn_in"], qc["attn_in"], cfg)
+    folded = transform.fold_group(qp["attn_in"], qc["attn_in"], cfg)
     x = group_inputs["attn_in"]
     ref = fold.folded_group_forward(folded, x, tmask, cfg)
     via_xla = qlinear.quantized_group_apply(folded, x, tmask, cfg, implementation="xla")

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from splitq_jax.methods import transform
 from splitq_jax import calibrate as cal
 from splitq_jax import pipeline
 from splitq_jax.quantized import fold
@@ -113,7 +114,7 @@ def test_vision_blocks_identity_with_quantizers_off_and_calibration(family, qwen
     res = cal.fit_block(params, data, off.replace(epochs=1), bcfg)
     assert all(len(s.vision_idx) > 0 and len(s.text_idx) == 0 for g, s in res.stats.items() if g != "attn_out")
     y = cal.qblock_forward(res.qparams, res.qconsts, data.x, data.cos, data.sin, data.mask, data.modality, off, bcfg)
-    folded = fold.fold_block(res.qparams, res.qconsts, off, bcfg=bcfg)
+    folded = transform.fold_block(res.qparams, res.qconsts, off, bcfg=bcfg)
     y_fold = fold.folded_block_forward(folded, data.x, data.cos, data.sin, data.mask, data.modality, off, bcfg)
     for out in (y, y_fold):
         assert float(np.max(np.abs(np.asarray(out) - np.asarray(data.y))[valid])) < 1e-5 * scale

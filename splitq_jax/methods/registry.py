@@ -12,9 +12,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from splitq_jax.block import GROUP_NORM
 from splitq_jax.config import ConfigError
 from splitq_jax.methods import flatquant, rtn, smoothquant, splitq
 from splitq_jax.methods.base import Method, QuantSpec, option_names
+from splitq_jax.quantized.fold import canonicalize
 
 METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in (rtn, smoothquant, flatquant, splitq)}
 # Named presets of a method: variant -> (method, fixed options).
@@ -59,8 +61,11 @@ def calibrate_block(block_params: Any, data: Any, cfg: Any, bcfg: Any, *, key: A
 
 
 def fold_block(result: Any, cfg: Any, bcfg: Any = None):
-    """The stored (packed, method-agnostic) form of a calibrated block (:meth:`Method.fold_block`)."""
-    return method_of(cfg).fold_block(result, cfg, bcfg)
+    """The stored (packed, method-agnostic, canonical) form of a calibrated block:
+    :meth:`Method.fold_block`, then :func:`splitq_jax.quantized.fold.canonicalize`."""
+    method = method_of(cfg)
+    group_norm = GROUP_NORM if bcfg is None else bcfg.group_norm
+    return canonicalize(method.fold_block(result, cfg, bcfg), group_norm, method.inference_spec(cfg).main_path)
 
 
 def option_owners(option: str) -> list[str]:

@@ -8,8 +8,14 @@ only in their engine setting (``Config.engine_config()``):
 * calibrate: :func:`splitq_jax.calibrate.fit_block` collects the statistics the setting reads
   (:func:`splitq_jax.calibrate.engine_statistics`), initialises every group
   (:func:`splitq_jax.split_linear.init_group`) and trains what the setting learns;
-* fold: :func:`splitq_jax.quantized.fold.fold_block` packs the weights, moves diagonals into norms and
-  drops identity transforms.
+* fold: :func:`fold_block` quantizes and packs every stored weight (the residual ``R`` of the main
+  path at ``b`` bits, outlier weights and branch factors at ``max(b, 4)``), then the canonical
+  fold (:func:`splitq_jax.quantized.fold.canonicalize`) moves diagonals into norms and drops
+  identity transforms.
+
+The folded block run in fake-quant reproduces the calibrated block, because both go through
+:func:`splitq_jax.quantized.group.apply_group` with weights from the same
+:func:`splitq_jax.split_linear.prequant_weights`.
 """
 
 from __future__ import annotations
@@ -18,10 +24,17 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+import jax
+
 from splitq_jax import calibrate as cal
-from splitq_jax.quantized import fold
+from splitq_jax import split_linear as sl
+from splitq_jax.block import GROUP_NORM
 from splitq_jax.config import MethodConfig, as_engine, method_config
 from splitq_jax.methods.base import Method, QuantSpec
+from splitq_jax.quantized.fold import canonicalize, pack_weight
+from splitq_jax.quantized.group import Bits, is_spec
+
+Tree = dict[str, Any]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,4 +64,25 @@ class TransformMethod(Method):
         return cal.fit_block(block_params, data, as_engine(cfg), bcfg, key=key, on_step=on_step)
 
     def fold_block(self, result: cal.CalibResult, cfg: Any, bcfg: Any = None) -> dict:
-        return fold.fold_block(result.qparams, result.qconsts, as_engine(cfg), bcfg=bcfg)
+        return fold_block(result.qparams, result.qconsts, cfg, bcfg=bcfg)
+
+
+def fold_group(params: Tree, consts: Tree, cfg: Any) -> Tree:
+    """``{"acts", "split", "weights", "biases"}`` of one calibrated group: every weight quantized
+    once and packed (:mod:`splitq_jax.quantized.schema` gives the layout)."""
+    cfg = as_engine(cfg)
+    specs = sl.prequant_weights(params, consts, cfg, Bits.of(cfg))
+    weights = jax.tree_util.tree_map(lambda s: pack_weight(s, cfg.w_symmetric), specs, is_leaf=is_spec)
+    return {"acts": sl.act_params(params), "split": consts["split"], "weights": weights,
+            "biases": sl.biases_of(consts)}
+
+
+def fold_block(qparams: Tree, qconsts: Tree, cfg: Any, *, fold_norms: bool = True, bcfg: Any = None) -> Tree:
+    """Fold a calibrated block: ``{"norms": {...}, "groups": {group: folded group}}``, canonical
+    (``fold_norms=False`` keeps every diagonal online). ``bcfg`` names the norm before each group
+    (default: the decoder block's)."""
+    cfg = as_engine(cfg)
+    block = {"norms": {k: dict(v) for k, v in qconsts["norms"].items()},
+             "groups": {g: fold_group(qparams[g], qconsts[g], cfg) for g in qparams}}
+    group_norm = (GROUP_NORM if bcfg is None else bcfg.group_norm) if fold_norms else {}
+    return canonicalize(block, group_norm, cfg.main_path)

@@ -2,7 +2,7 @@
 
 Two artifacts, one encoding:
 
-* :func:`save_block` / :func:`load_block`: one folded block (``fold.fold_block``), the pipeline's
+* :func:`save_block` / :func:`load_block`: one folded block (:mod:`splitq_jax.quantized.schema`), the pipeline's
   per-block resume point.
 * :func:`save_quantized`: the deliverable, a directory that :func:`splitq_jax.runtime.load_quantized`
   turns back into a model::
@@ -395,7 +395,7 @@ def save_quantized(out_dir: str | os.PathLike, *, family: str, model_config, fp_
       model_config: the model's config dataclass (``Qwen2_5_VLConfig`` / ``LlavaConfig``).
       fp_params: the full-precision model (NNX module), its state or pure dict; its decoder layers
         are dropped, everything else (embeddings, vision tower, projector, final norm, head) is saved.
-      folded_blocks: one ``fold.fold_block`` tree per decoder layer, in order.
+      folded_blocks: one folded block (:mod:`splitq_jax.quantized.schema`) per decoder layer, in order.
       method_config: the MethodConfig the blocks were calibrated with.
       manifest_extra: JSON-able entries merged into the manifest's top level (e.g.
         ``{"block_losses": [...], "calibration": {...}}``); NaN/inf become null.

@@ -1,14 +1,17 @@
-"""Folding a calibrated block into what inference stores (spec: "After calibration ...").
+"""The stored format's method-agnostic steps: packing weights, the canonical fold, and the
+fake-quant forward of a folded block.
 
-* The main transform's diagonal ``c`` is folded into the preceding RMSNorm where there is one
-  (``attn_in``, ``mlp_in``); the Kronecker factors stay online (applied to activations at run time,
-  FlatQuant's design), as do the small outlier transforms and ``c`` of ``attn_out`` / ``mlp_out``.
-* Every stored weight is quantized once and packed: the residual ``R`` of the main path at ``b`` bits,
-  the outlier weights and all branch factors at ``max(b, 4)`` bits.
+* :func:`pack_weight`: quantize a weight once and pack its integers (:mod:`splitq_jax.packing`).
+* :func:`canonicalize`: what every method's folded block goes through (the pipeline calls it):
+  a main transform's diagonal ``c`` moves into the norm that feeds its group (``attn_in``,
+  ``mlp_in``), and transforms left with identity factors only are dropped, so e.g. a SmoothQuant
+  block runs transform-free. Kronecker factors, outlier transforms and the ``c`` of groups no
+  norm feeds stay online.
+* :func:`folded_block_forward`: dequantize the packed weights, quantize activations on the fly
+  (:func:`splitq_jax.quantized.group.apply_group`), reading only an inference spec.
 
-The folded block run in fake-quant (dequantize the packed weights, quantize activations on the fly)
-reproduces the calibrated block, because both go through :func:`splitq_jax.split_linear.apply_group`
-with weights produced by the same :func:`~splitq_jax.split_linear.prequant_weights`.
+A method's own fold (what its calibrated state becomes) lives with the method, e.g.
+:func:`splitq_jax.methods.transform.fold_block`.
 """
 
 from __future__ import annotations
@@ -19,12 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from splitq_jax import split_linear as sl
-from splitq_jax.block import GROUP_NORM, BlockConfig
 from splitq_jax import modality as md
-from splitq_jax.config import MethodConfig, as_engine
 from splitq_jax.packing import PackedTensor, pack_quantized, unpack_dequantize
 from splitq_jax.quant import quantize
+from splitq_jax.quantized.group import Bits, WeightSpec, apply_group
 
 Tree = dict[str, Any]
 
@@ -37,13 +38,14 @@ def storage_bits(bits: int) -> tuple[int, Any]:
     return (bits if bits in (2, 4, 8) else 8), jnp.uint8
 
 
-def pack_weight(spec: sl.WeightSpec, cfg: MethodConfig) -> PackedTensor | jax.Array:
-    """Quantize and pack one weight; a weight whose quantizer is off stays float32."""
+def pack_weight(spec: WeightSpec, symmetric: bool) -> PackedTensor | jax.Array:
+    """Quantize and pack one weight (``symmetric``: zero-point free); a weight whose quantizer is
+    off stays float32."""
     if spec.bits is None:
         return jnp.asarray(spec.w, jnp.float32)
-    p = quantize(spec.w, spec.bits, symmetric=cfg.w_symmetric, clip=spec.clip, group_size=spec.group_size)
+    p = quantize(spec.w, spec.bits, symmetric=symmetric, clip=spec.clip, group_size=spec.group_size)
     container, word = storage_bits(spec.bits)
-    return pack_quantized(p, container, cfg.w_symmetric, spec.w.shape, spec.group_size, word_dtype=word)
+    return pack_quantized(p, container, symmetric, spec.w.shape, spec.group_size, word_dtype=word)
 
 
 def is_stored(x: Any) -> bool:
@@ -57,23 +59,16 @@ def materialize(weights: Tree) -> Tree:
     )
 
 
-def fold_group(params: Tree, consts: Tree, cfg: MethodConfig) -> Tree:
-    """``{"acts", "split", "weights", "biases"}``: everything inference needs for one group."""
-    specs = sl.prequant_weights(params, consts, cfg, sl.Bits.of(cfg))
-    weights = jax.tree_util.tree_map(lambda s: pack_weight(s, cfg), specs, is_leaf=sl.is_spec)
-    return {"acts": sl.act_params(params), "split": consts["split"], "weights": weights,
-            "biases": sl.biases_of(consts)}
-
-
-def folded_group_forward(folded: Tree, x: jax.Array, text_mask: jax.Array | None, cfg: MethodConfig,
+def folded_group_forward(folded: Tree, x: jax.Array, text_mask: jax.Array | None, cfg: Any,
                          *, quantize_acts: bool = True) -> dict[str, jax.Array]:
-    """Fake-quant forward of a folded group from its stored (packed) weights."""
-    bits = sl.Bits.of(cfg, quantize_acts)
-    return sl.apply_group(folded["acts"], folded["split"], materialize(folded["weights"]), folded["biases"],
+    """Fake-quant forward of a folded group from its stored (packed) weights; ``cfg``: an
+    :class:`~splitq_jax.quantized.schema.InferenceSpec` (or a config with its fields)."""
+    bits = Bits.of(cfg, quantize_acts)
+    return apply_group(folded["acts"], folded["split"], materialize(folded["weights"]), folded["biases"],
                           x, text_mask, cfg, bits)
 
 
-def _fold_diag_into_norm(norm: Tree, folded: Tree, cfg: MethodConfig) -> Tree:
+def _fold_diag_into_norm(norm: Tree, folded: Tree, main_path: str) -> Tree:
     """Move ``c`` of the group's main transform into the norm that produces its input: its scale,
     and its bias too for a LayerNorm (``(n(x) g + b) c = n(x) (g c) + b c``).
 
@@ -85,7 +80,7 @@ def _fold_diag_into_norm(norm: Tree, folded: Tree, cfg: MethodConfig) -> Tree:
         return norm
     split = folded["split"]
     d = norm["scale"].shape[0]
-    if cfg.main_path == "gathered":
+    if main_path == "gathered":
         c_full = jnp.ones((d,), jnp.float32).at[split["main_idx"]].set(t["c"])
     else:
         c_full = t["c"] * split["main_mask"] + (1.0 - split["main_mask"])
@@ -110,32 +105,31 @@ def drop_identity(transform: Tree | None) -> Tree | None:
     return None if all(is_identity(transform[k]) for k in transform) else transform
 
 
-def fold_block(qparams: Tree, qconsts: Tree, cfg: MethodConfig, *, fold_norms: bool = True,
-               bcfg=None) -> Tree:
-    """Fold a calibrated block: ``{"norms": {...}, "groups": {group: folded group}}``.
-
-    ``bcfg`` names the norm before each group (default: the decoder block's). Every method goes
-    through this one fold: diagonals into norms, then identity transforms dropped."""
-    cfg = as_engine(cfg)
-    groups = {g: fold_group(qparams[g], qconsts[g], cfg) for g in qparams}
-    norms = {k: dict(v) for k, v in qconsts["norms"].items()}
-    if fold_norms:
-        for g, norm in (GROUP_NORM if bcfg is None else bcfg.group_norm).items():
-            norms[norm] = _fold_diag_into_norm(norms[norm], groups[g], cfg)
+def canonicalize(block: Tree, group_norm: dict[str, str], main_path: str) -> Tree:
+    """The one canonical form of a folded block, whatever method made it (a new tree; ``block``
+    is left as it is): each main transform's diagonal ``c`` moves into the norm that feeds its
+    group (``group_norm``: group -> norm; e.g. ``BlockConfig.group_norm``), then main transforms
+    of identity factors only are dropped, so such groups run transform-free. Idempotent; exact
+    (``x (I kron I) = x``; the norm's output times ``c`` is the same product in another place)."""
+    groups = {g: {**f, "acts": dict(f["acts"])} for g, f in block["groups"].items()}
+    norms = {k: dict(v) for k, v in block["norms"].items()}
+    for g, norm in group_norm.items():
+        if g in groups and norm in norms:
+            norms[norm] = _fold_diag_into_norm(norms[norm], groups[g], main_path)
     for f in groups.values():
         f["acts"]["transform"] = drop_identity(f["acts"]["transform"])
     return {"norms": norms, "groups": groups}
 
 
-def folded_block_forward(folded: Tree, x, cos, sin, mask, modality, cfg: MethodConfig, bcfg: BlockConfig,
+def folded_block_forward(folded: Tree, x, cos, sin, mask, modality, cfg: Any, bcfg: Any,
                          *, quantize_acts: bool = True) -> jax.Array:
     """The folded block in fake-quant; same signature as the calibrated block's forward."""
     tmask = md.text_mask(modality, cfg.text_tokens)
     weights = {g: materialize(f["weights"]) for g, f in folded["groups"].items()}
-    bits = sl.Bits.of(cfg, quantize_acts)
+    bits = Bits.of(cfg, quantize_acts)
 
     def linear(group: str, inp: jax.Array) -> dict[str, jax.Array]:
         f = folded["groups"][group]
-        return sl.apply_group(f["acts"], f["split"], weights[group], f["biases"], inp, tmask, cfg, bits)
+        return apply_group(f["acts"], f["split"], weights[group], f["biases"], inp, tmask, cfg, bits)
 
     return bcfg.forward(folded["norms"], linear, x, cos, sin, mask)

@@ -207,7 +207,7 @@ def _split_gemm_linear(packed, name: str, w: Tree, bias, text_mask, implementati
 
 def quantized_group_apply(folded: Tree, x: jax.Array, text_mask: jax.Array | None,
                           cfg: MethodConfig, *, implementation: str | None = None) -> dict[str, jax.Array]:
-    """A folded group (:func:`splitq_jax.quantized.fold.fold_group`) with integer matmuls.
+    """A folded group (:mod:`splitq_jax.quantized.schema`) with integer matmuls.
 
     Linears whose weights are all symmetric per-channel (the default) run through the Pallas ops
     (``implementation``: None = Pallas on GPU, their XLA references elsewhere): one

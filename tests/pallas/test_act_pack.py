@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from splitq_jax.methods import transform
 from splitq_jax import packing
 from splitq_jax.quantized import fold
 from splitq_jax import split_linear as sl
@@ -300,7 +301,7 @@ def test_reference_equals_former_runtime_path(bits, a_symmetric, main_path):
                         mac_gate_init=0.5)
     p, c = sl.init_group(jax.random.PRNGKey(1), weights, cfg, text_idx=text_idx,
                          vision_idx=vision_idx, act_absmax=jnp.max(jnp.abs(x), axis=(0, 1)))
-    folded = fold.fold_group(p, c, cfg)
+    folded = transform.fold_group(p, c, cfg)
     b = sl.Bits.of(cfg)
     acts, split = folded["acts"], folded["split"]
 

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from splitq_jax.methods import transform
 from splitq_jax import packing, quant
 from splitq_jax.quantized import fold
 from splitq_jax import split_linear as sl
@@ -205,7 +206,7 @@ class SplitGemmTests:
         )
         p, c = sl.init_group(jax.random.PRNGKey(1), weights, cfg, text_idx=text_idx,
                              vision_idx=vision_idx, act_absmax=jnp.max(jnp.abs(x), axis=0))
-        folded = fold.fold_group(p, c, cfg)
+        folded = transform.fold_group(p, c, cfg)
         want = fold.folded_group_forward(folded, x, text_mask, cfg)
 
         # The activation side, op by op as apply_group runs it (eagerly, like `want`).
@@ -270,15 +271,14 @@ def test_operand_conversions():
                 np.asarray(quant.dequantize(p)),
             )
     t = fold.pack_weight(sl.WeightSpec(jnp.asarray(rng.normal(size=(8, 20)), jnp.float32), 4,
-                                       None), method_config("splitq", "w4a4"))
+                                       None), symmetric=True)
     g = gemm_weight(t)
     np.testing.assert_array_equal(np.asarray(g.row_sum), weight_ints(g).sum(-1))
     with pytest.raises(ValueError, match="symmetric"):
         gemm_weight(fold.pack_weight(sl.WeightSpec(jnp.ones((4, 8)), 4, None),
-                                     method_config("splitq", "w4a4", w_symmetric=False)))
+                                     symmetric=False))
     with pytest.raises(ValueError, match="groups"):
-        gemm_weight(fold.pack_weight(sl.WeightSpec(jnp.ones((4, 8)), 4, None, 4),
-                                     method_config("splitq", "w4a4")))
+        gemm_weight(fold.pack_weight(sl.WeightSpec(jnp.ones((4, 8)), 4, None, 4), symmetric=True))
 
 
 # ----------------------------------------------------------------------------- CUDA lowering

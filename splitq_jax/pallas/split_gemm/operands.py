@@ -203,7 +203,7 @@ def gemm_weight(t: packing.PackedTensor) -> GemmWeight:
 
 
 def folded_weights(weights: dict[str, Any]) -> dict[str, GemmWeight]:
-    """GEMM weights of one folded linear (``fold.fold_group(...)["weights"][name]``).
+    """GEMM weights of one folded linear (a folded group's ``["weights"][name]``, :mod:`splitq_jax.quantized.schema`).
 
     ``{"main": ..., "cws": ..., "mac": ..., "text": ..., "vision": ...}`` (present ones only); a
     branch contributes its up-projection ``l_out`` ``(d_out, r)``; its down-projection ``l_in``
