@@ -95,7 +95,7 @@ class QwenVisionBlockConfig:
         h = layers.rms_norm(x, norms["norm1"]["scale"], self.rms_eps)
         qkv = run("attn_in", h)["qkv"].reshape(b, n, 3, self.num_heads, self.head_dim)
         # Rotation in float32, as the module does.
-        q, k = (layers.apply_rotary(qkv[:, :, i].astype(jnp.float32), cos, sin).astype(x.dtype) for i in (0, 1))
+        q, k = (layers.apply_rope(qkv[:, :, i].astype(jnp.float32), cos, sin).astype(x.dtype) for i in (0, 1))
         a = layers.dot_product_attention(q, k, qkv[:, :, 2], mask, self.head_dim ** -0.5)
         x = x + run("attn_out", a.reshape(b, n, -1))["proj"]
         h = layers.rms_norm(x, norms["norm2"]["scale"], self.rms_eps)

@@ -337,8 +337,8 @@ class VisionAttention(nnx.Module):
         qkv = self.qkv(x).reshape(n, 3, self.num_heads, self.head_dim)
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
         # Rotation in float32 (the reference does the same), then back to the activation dtype.
-        q = layers.apply_rotary(q[None].astype(jnp.float32), cos[None], sin[None])[0].astype(x.dtype)
-        k = layers.apply_rotary(k[None].astype(jnp.float32), cos[None], sin[None])[0].astype(x.dtype)
+        q = layers.apply_rope(q[None].astype(jnp.float32), cos[None], sin[None])[0].astype(x.dtype)
+        k = layers.apply_rope(k[None].astype(jnp.float32), cos[None], sin[None])[0].astype(x.dtype)
         out = dot_product_attention(q[None], k[None], v[None], mask[None], self.head_dim ** -0.5)[0]
         return self.proj(out.reshape(n, -1))
 
