@@ -36,6 +36,7 @@ import numpy as np
 from flax import nnx
 
 from splitq_jax.block import GROUPS, BlockConfig, block_forward
+from splitq_jax.models.decode import cache_key_valid
 # The shared math, re-exported: the model modules and converters import it from here.
 from splitq_jax.models.ops import (ACTIVATIONS, Array, KVCache, apply_rope, dot_product_attention,  # noqa: F401
                                    get_activation, layer_norm, make_attention_mask, rms_norm, rope_cos_sin,
@@ -334,6 +335,24 @@ def decoder_decode_step(decoder: "Decoder", token, position_ids, key_valid, cach
     mask = make_attention_mask(key_valid, query_offset=caches[0].index, num_queries=1)
     x, caches = decoder(decoder.embed(token), cos, sin, mask, caches)
     return decoder.head(x)[:, 0], caches
+
+
+def decoder_decoding(decoder: "Decoder", emb, valid, max_new_tokens: int, mrope_section=None):
+    """The ``start`` of :func:`splitq_jax.models.decode.greedy_generate` for a full-precision decoder:
+    fills fresh KV caches (``prompt + max_new_tokens`` slots) with the prompt ``emb`` (hidden
+    ``(B, N, d)``, ``position_ids``) and returns its last-position logits ``(B, vocab)`` and the cached
+    ``step(token (B, 1), positions (B, 1)) -> (B, vocab)``."""
+    b, n = valid.shape
+    key_valid = cache_key_valid(valid, max_new_tokens)
+    caches = decoder.init_cache(b, n + max_new_tokens)
+    logits, caches = decoder_prefill(decoder, emb.hidden, emb.position_ids, key_valid, caches, mrope_section)
+
+    def step(token, positions):
+        nonlocal caches
+        out, caches = decoder_decode_step(decoder, token, positions, key_valid, caches, mrope_section)
+        return out
+
+    return logits, step
 
 
 def count_params(module: nnx.Module) -> int:
