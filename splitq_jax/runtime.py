@@ -42,6 +42,7 @@ from splitq_jax.modality import ANSWER, PAD, VISION, text_mask
 from splitq_jax.config import MethodConfig
 from splitq_jax.inference import InferenceSpec
 from splitq_jax.export import CheckpointError
+from splitq_jax.models.family import family_of
 from splitq_jax.models.decode import cache_key_valid, greedy_generate
 from splitq_jax.models.layers import Decoder, KVCache, make_attention_mask
 from splitq_jax.qlinear import quantized_group_apply
@@ -90,7 +91,7 @@ def quantized_vision_features(model, family: str, vision_blocks: Sequence[Tree],
 
     bcfg = vb.block_config(model, family)
     run = block or functools.partial(_block, cache=None, cfg=cfg, bcfg=bcfg)
-    if family == "qwen2_5_vl":
+    if family_of(family, model.config).vision_tower == "qwen_vit":  # window attention, then the merger
         tower = model.visual
         grid = tuple(tuple(int(v) for v in row) for row in np.asarray(image_grid_thw).reshape(-1, 3))
         inp = tower.block_inputs(jnp.asarray(pixel_values), grid)
@@ -100,8 +101,9 @@ def quantized_vision_features(model, family: str, vision_blocks: Sequence[Tree],
         for folded, kind in zip(vision_blocks, tower.block_mask_kinds(), strict=True):
             x = run(folded, x, cos, sin, masks[kind], modality)
         return tower.merge(x[0], inp.window_index)
+    # CLIP / DINOv2: patch embedding, blocks with full attention, then the projector.
     x = model.vision_tower.embed(jnp.asarray(pixel_values))
-    none = jnp.zeros((*x.shape[:2], 0), jnp.float32)  # CLIP has no rotary
+    none = jnp.zeros((*x.shape[:2], 0), jnp.float32)  # no rotary
     modality = jnp.full(x.shape[:2], VISION, jnp.int32)
     states = [x]
     for folded in vision_blocks:
@@ -176,7 +178,7 @@ class QuantizedModel:
     def embed(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None):
         """The family's ``embed`` (hidden, position_ids, modality_mask)."""
         encoder = None if self.vision_blocks is None else self.vision_features
-        if self.family == "qwen2_5_vl":
+        if family_of(self.family, self.config).takes_grid:
             return self.model.embed(input_ids, pixel_values, image_grid_thw, attention_mask, vision_encoder=encoder)
         if image_grid_thw is not None:
             raise ValueError("image_grid_thw is a Qwen2.5-VL input; LLaVA images are (n, 3, S, S) pixel_values")
