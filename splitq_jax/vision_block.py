@@ -38,7 +38,7 @@ import numpy as np
 from splitq_jax import calibrate as cal
 from splitq_jax.config import MethodConfig, parse_bits
 from splitq_jax.models import layers
-from splitq_jax.models.family import family_of
+from splitq_jax.models.family import FAMILIES, Family, UnknownFamilyError, family_of, get_family
 from splitq_jax.pipeline import Stream
 
 Tree = dict[str, Any]
@@ -198,6 +198,16 @@ VisionBlockConfig = QwenVisionBlockConfig | ClipBlockConfig | Dinov2BlockConfig
 # Models -> block configs, parameters
 
 
+def _tower(family, model_config=None) -> Family:
+    """The family (refined by ``model_config`` when given) whose vision tower is meant."""
+    try:
+        fam = get_family(family) if isinstance(family, str) else family
+    except UnknownFamilyError:
+        raise UnknownFamilyError(f"no vision tower to quantize for model family {family!r}; "
+                                 f"known: {', '.join(sorted(FAMILIES))}") from None
+    return fam if model_config is None else family_of(fam, model_config)
+
+
 def _vision_config(model_config):
     if model_config.vision is None:
         raise ValueError("this model has no vision tower; run without --quantize-vision")
@@ -217,7 +227,8 @@ _BLOCK_CONFIGS = {
 
 def block_config(model, family: str) -> VisionBlockConfig:
     """The vision block architecture of a loaded model."""
-    return _BLOCK_CONFIGS[family_of(family, model.config).vision_tower](_vision_config(model.config))
+    fam = _tower(family)  # an unknown name fails before the model is looked at
+    return _BLOCK_CONFIGS[_tower(fam, model.config).vision_tower](_vision_config(model.config))
 
 
 def _linear(m) -> Tree:
@@ -249,7 +260,7 @@ _BLOCK_PARAMS = {"qwen_vit": _qwen_block_params, "clip": _clip_block_params, "di
 
 def block_params(block, family: str) -> Tree:
     """A vision block's weights as the plain dict its config's ``forward`` reads."""
-    kind = family_of(family).vision_tower
+    kind = _tower(family).vision_tower
     if kind == "clip" and hasattr(block, "layer_scale1"):
         kind = "dinov2"  # no model config here: the block itself tells LLaVA's DINOv2 variant apart
     return _BLOCK_PARAMS[kind](block)
@@ -258,8 +269,9 @@ def block_params(block, family: str) -> Tree:
 def num_quantized_blocks(model_config, family: str) -> int:
     """How many vision blocks quantization covers: every Qwen2.5-VL block; for LLaVA the tower's
     layers up to the deepest feature layer (later layers never reach the language model)."""
+    fam = _tower(family)
     v = _vision_config(model_config)
-    if family_of(family, model_config).vision_tower == "qwen_vit":
+    if family_of(fam, model_config).vision_tower == "qwen_vit":
         return v.depth
     return model_config.used_vision_layers
 
@@ -267,7 +279,7 @@ def num_quantized_blocks(model_config, family: str) -> int:
 def quantized_blocks(model, family: str) -> list:
     """The NNX vision blocks that quantization covers (see :func:`num_quantized_blocks`)."""
     n = num_quantized_blocks(model.config, family)
-    return family_of(family, model.config).vision_blocks(model)[:n]
+    return _tower(family, model.config).vision_blocks(model)[:n]
 
 
 def vision_method_config(cfg: MethodConfig, bits: str | None = None) -> MethodConfig:
@@ -347,7 +359,7 @@ def clip_vision_stream(model, batches: Sequence[dict]) -> Stream:
 
 def vision_stream(model, family: str, batches: Sequence[dict]) -> Stream:
     """The calibration stream of the first vision block (Qwen's windowed ViT, or CLIP / DINOv2)."""
-    if family_of(family, model.config).vision_tower == "qwen_vit":
+    if _tower(family, model.config).vision_tower == "qwen_vit":
         return qwen_vision_stream(model, batches)
     return clip_vision_stream(model, batches)
 
