@@ -19,6 +19,10 @@ A block configuration is also the block's *architecture* for calibration, foldin
 ``bcfg.norm_keys`` and ``bcfg.forward(norms, linear, x, cos, sin, mask, capture=, cache=)``. The
 vision towers' blocks (:mod:`splitq_jax.vision_block`) implement the same four members, so every
 calibration and folding function works on them unchanged.
+
+This is also the Flax model's decoder layer: :class:`splitq_jax.models.layers.DecoderLayer` runs
+:func:`block_forward` with its own modules as the linears, so the model, the calibration targets and
+the quantized runtime share one block body (the pieces are :mod:`splitq_jax.models.ops`).
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from splitq_jax.models.layers import KVCache
+# The math itself (norm, rope, attention, cache) is shared with the Flax modules, which run this
+# very block body (splitq_jax.models.layers.DecoderLayer): one definition, one set of numerics.
+from splitq_jax.models.ops import KVCache, apply_rope, dot_product_attention, get_activation, rms_norm, rope_cos_sin
 
 GROUPS: dict[str, tuple[str, ...]] = {
     "attn_in": ("q_proj", "k_proj", "v_proj"),
@@ -52,6 +58,7 @@ class BlockConfig:
     head_dim: int | None = None
     rms_eps: float = 1e-6
     qkv_bias: bool = True
+    act: str = "silu"  # the MLP's gate activation (HF ``hidden_act``)
 
     # -- architecture protocol (see the module docstring) ---------------------------------------
     @property
@@ -75,7 +82,7 @@ class BlockConfig:
         return cls(hidden=text_cfg.hidden_size, intermediate=text_cfg.intermediate_size,
                    num_heads=text_cfg.num_heads, num_kv_heads=text_cfg.num_kv_heads,
                    head_dim=text_cfg.resolved_head_dim, rms_eps=text_cfg.rms_norm_eps,
-                   qkv_bias=text_cfg.qkv_bias)
+                   qkv_bias=text_cfg.qkv_bias, act=text_cfg.hidden_act)
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -86,36 +93,6 @@ class BlockConfig:
             if self.hidden % self.num_heads:
                 raise ValueError("hidden must be divisible by num_heads when head_dim is not given")
             object.__setattr__(self, "head_dim", self.hidden // self.num_heads)
-
-
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm computed in float32, cast back to ``x.dtype``."""
-    xf = x.astype(jnp.float32)
-    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return (y * scale.astype(jnp.float32)).astype(x.dtype)
-
-
-def rotate_half(x: jax.Array) -> jax.Array:
-    h = x.shape[-1] // 2
-    return jnp.concatenate([-x[..., h:], x[..., :h]], axis=-1)
-
-
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """``x: (B, N, heads, hd)``, ``cos/sin: (B, N, hd)``."""
-    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
-    return x * cos + rotate_half(x) * sin
-
-
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention. ``q: (B, N, H, hd)``, ``k, v: (B, M, KV, hd)``, ``mask: (B, N, M)`` bool."""
-    b, n, h, hd = q.shape
-    kv = k.shape[2]
-    qg = q.reshape(b, n, kv, h // kv, hd)
-    s = jnp.einsum("bnkgd,bmkd->bkgnm", qg, k).astype(jnp.float32) / jnp.sqrt(jnp.float32(hd))
-    s = jnp.where(mask[:, None, None, :, :], s, jnp.finfo(jnp.float32).min)
-    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    o = jnp.einsum("bkgnm,bmkd->bnkgd", p, v)
-    return o.reshape(b, n, h * hd)
 
 
 def dense_linear(params: dict[str, Any], groups: dict[str, tuple[str, ...]] = GROUPS) -> Linear:
@@ -152,10 +129,10 @@ def block_forward(
         work as they are).
       linear: ``linear(group, input) -> {name: output}`` (dense or quantized).
       capture: if a dict, each group's input is stored in it (for statistics).
-      cache: optional :class:`~splitq_jax.models.layers.KVCache` (``k, v: (B, S_max, KV, hd)``, rotated
+      cache: optional :class:`~splitq_jax.models.ops.KVCache` (``k, v: (B, S_max, KV, hd)``, rotated
         keys, and the write index). The new keys/values are written at slots ``[index, index + N)``,
         attention reads all ``S_max`` slots, so ``mask`` must be ``(B, N, S_max)``
-        (:func:`splitq_jax.models.layers.make_attention_mask` with ``query_offset=index``).
+        (:func:`splitq_jax.models.ops.make_attention_mask` with ``query_offset=index``).
     Returns:
       ``x`` without a cache; ``(x, updated cache)`` with one.
     """
@@ -173,15 +150,13 @@ def block_forward(
     k = apply_rope(qkv["k_proj"].reshape(b, n, cfg.num_kv_heads, hd), cos, sin)
     v = qkv["v_proj"].reshape(b, n, cfg.num_kv_heads, hd)
     if cache is not None:
-        start = (0, cache.index, 0, 0)
-        k = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)
-        v = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
-        cache = KVCache(k, v, cache.index + n)
-    a = attention(q, k, v, mask)
-    x = x + run("attn_out", a)["o_proj"]
+        cache = cache.append(k, v)
+        k, v = cache.k, cache.v
+    a = dot_product_attention(q, k, v, mask, hd ** -0.5)
+    x = x + run("attn_out", a.reshape(b, n, cfg.num_heads * hd))["o_proj"]
     h = rms_norm(x, norms["post_attention_layernorm"]["scale"], cfg.rms_eps)
     gu = run("mlp_in", h)
-    m = jax.nn.silu(gu["gate_proj"]) * gu["up_proj"]
+    m = get_activation(cfg.act)(gu["gate_proj"]) * gu["up_proj"]
     out = x + run("mlp_out", m)["down_proj"]
     return out if cache is None else (out, cache)
 
@@ -204,10 +179,7 @@ def causal_mask(valid: jax.Array) -> jax.Array:
 
 def rope_1d(positions: jax.Array, head_dim: int, theta: float = 1e6) -> tuple[jax.Array, jax.Array]:
     """Plain 1-D rotary tables ``(cos, sin)`` of shape ``(B, N, head_dim)`` for ``positions: (B, N)``."""
-    inv = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    ang = positions.astype(jnp.float32)[..., None] * inv
-    emb = jnp.concatenate([ang, ang], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
+    return rope_cos_sin(positions, head_dim, theta)
 
 
 def init_block_params(key: jax.Array, cfg: BlockConfig, scale: float = 0.02) -> dict[str, Any]:

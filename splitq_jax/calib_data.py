@@ -47,10 +47,11 @@ from splitq_jax import assets
 from splitq_jax import preprocess as pp
 from splitq_jax.modality import ANSWER, PAD, TEXT, VISION  # noqa: F401  (re-exported codes)
 from splitq_jax.errors import SplitqError
+from splitq_jax.models.family import CHECKPOINT_FAMILIES, family_of
 
 # Text that is part of an answer; counts as text everywhere (splitq_jax.calibrate uses the same code).
 
-FAMILIES = ("qwen2_5_vl", "llava")
+FAMILIES = CHECKPOINT_FAMILIES  # the family names encode_samples takes (models.family has the facts)
 DEFAULT_SOURCE = "default"
 DEFAULT_NUM_SAMPLES = 128
 DEFAULT_PHOTO_FRACTION = 0.25
@@ -352,14 +353,13 @@ def encode_samples(samples: Sequence[Sample], family: str, tokenizer,
     gives their format and image config (``image_processor()``); without it both follow the
     tokenizer (:func:`llava_prompt_format`) with easyvqa-vlm-0.5b's image config.
     """
-    if family not in FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; expected one of {FAMILIES}")
+    fam = family_of(family, model_config)  # unknown names raise here, before anything else
     if not samples:
         raise CalibDataError("no samples to encode")
-    want = pp.QwenImageConfig if family == "qwen2_5_vl" else pp.LlavaImageConfig
-    fmt = "qwen" if family == "qwen2_5_vl" else llava_prompt_format(tokenizer, model_config)
+    want = getattr(pp, fam.image_config)
+    fmt = fam.prompt_format or llava_prompt_format(tokenizer, model_config)
     if image_cfg is None:
-        if family == "qwen2_5_vl":
+        if fam.takes_grid:
             image_cfg = DEFAULT_QWEN_IMAGE_CFG
         elif model_config is not None and hasattr(model_config, "image_processor"):
             image_cfg = model_config.image_processor()
@@ -367,20 +367,20 @@ def encode_samples(samples: Sequence[Sample], family: str, tokenizer,
             image_cfg = _default_dinov2_llava_image_cfg() if fmt == "qwen" else pp.LlavaImageConfig()
     if not isinstance(image_cfg, want):
         raise ValueError(f"family {family!r} needs a {want.__name__}, got {type(image_cfg).__name__}")
-    if family == "llava" and fmt == "qwen":
-        family = "llava_qwen"
-    return [_encode_one(s, family, tokenizer, image_cfg, system) for s in samples]
+    return [_encode_one(s, fmt, fam.takes_grid, tokenizer, image_cfg, system) for s in samples]
 
 
-def _encode_one(sample: Sample, family: str, tokenizer, cfg, system: str | None) -> EncodedSample:
+def _encode_one(sample: Sample, fmt: str, grid: bool, tokenizer, cfg, system: str | None) -> EncodedSample:
+    """One sample in chat format ``fmt`` ("qwen" / "llava"); ``grid``: Qwen2.5-VL's image input
+    (patches + ``image_grid_thw``, a token count per image size) rather than fixed-size pixels."""
     answer = sample.answer
-    if family == "qwen2_5_vl":
+    if grid:
         prompt = pp.qwen_chat_prompt(sample.prompt, 1, system=system)
         full = pp.qwen_chat_prompt(sample.prompt, 1, system=system, answer=answer)
         enc = pp.qwen_encode(tokenizer, full, [sample.image], cfg)
         image_token, add_special = pp.QWEN_IMAGE_TOKEN, False
         counts = [pp.qwen_num_image_tokens(g, cfg) for g in enc.image_grid_thw]
-    elif family == "llava_qwen":  # LLaVA-family model (DINOv2 variant) with Qwen chat prompts
+    elif fmt == "qwen":  # LLaVA-family model (DINOv2 variant) with Qwen chat prompts
         prompt = pp.qwen_chat_prompt(sample.prompt, 1, system=system)
         full = pp.qwen_chat_prompt(sample.prompt, 1, system=system, answer=answer)
         image_token, add_special = pp.QWEN_IMAGE_TOKEN, False

@@ -52,6 +52,7 @@ import numpy as np
 
 from splitq_jax import calib_data as cd
 from splitq_jax.modality import ANSWER, PAD, TEXT, VISION
+from splitq_jax.models.family import get_family
 from splitq_jax.errors import SplitqError
 
 Batch = Mapping[str, Any]
@@ -93,20 +94,16 @@ def model_logits(model: Any, batch: Batch, family: str) -> jax.Array:
     """Logits ``(B, N, vocab)`` of a full-precision family model or a ``QuantizedModel``."""
     if _is_quantized(model):
         return model.logits(batch)
-    if family == "qwen2_5_vl":
-        return model(batch["input_ids"], batch.get("pixel_values"), batch.get("image_grid_thw"),
-                     batch.get("attention_mask"))
-    return model(batch["input_ids"], batch.get("pixel_values"), batch.get("attention_mask"))
+    return model(*get_family(family).model_args(batch))
 
 
 def model_generate(model: Any, batch: Batch, family: str, *, max_new_tokens: int,
                    eos_token_id: int | Sequence[int] | None, pad_token_id: int | None) -> np.ndarray:
     """Greedy tokens ``(B, max_new_tokens)`` for a left-padded prompt batch, either kind of model."""
-    kw = dict(max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
-    if _is_quantized(model) or family == "qwen2_5_vl":
-        return np.asarray(model.generate(batch["input_ids"], batch.get("pixel_values"), batch.get("image_grid_thw"),
-                                         batch.get("attention_mask"), **kw))
-    return np.asarray(model.generate(batch["input_ids"], batch.get("pixel_values"), batch.get("attention_mask"), **kw))
+    # A QuantizedModel's generate takes image_grid_thw whatever its family (None for LLaVA).
+    args = get_family(family).model_args(batch, with_grid=True if _is_quantized(model) else None)
+    return np.asarray(model.generate(*args, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                                     pad_token_id=pad_token_id))
 
 
 def decode_generated(tokens: np.ndarray, tokenizer, eos_token_id: int | Sequence[int] | None) -> list[str]:

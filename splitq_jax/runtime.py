@@ -16,7 +16,8 @@ With a quantized vision tower (``--quantize-vision``) the module's tower has no 
 embedding (+ rotary tables and attention segments for Qwen2.5-VL) feeds the folded vision blocks,
 run the same way, and the tower's merger / LLaVA's projector finish the features.
 
-Generation is greedy with a fixed-size KV cache per block (``(B, prompt + max_new_tokens, KV, hd)``
+Generation is greedy (:func:`splitq_jax.models.decode.greedy_generate`, the loop the fp models'
+``generate`` use too) with a fixed-size KV cache per block (``(B, prompt + max_new_tokens, KV, hd)``
 plus a write index). Activations are quantized per token, so a cached decode step computes the
 same integers as recomputing the whole sequence; ``use_cache=False`` does the latter (the check).
 Generated tokens carry modality code ``ANSWER`` (3): they count as text for MAC under both
@@ -41,6 +42,8 @@ from splitq_jax.modality import ANSWER, PAD, VISION, text_mask
 from splitq_jax.config import MethodConfig
 from splitq_jax.quantized.schema import InferenceSpec
 from splitq_jax.quantized.export import CheckpointError
+from splitq_jax.models.family import family_of
+from splitq_jax.models.decode import cache_key_valid, greedy_generate
 from splitq_jax.models.layers import Decoder, KVCache, make_attention_mask
 from splitq_jax.quantized.qlinear import quantized_group_apply
 
@@ -88,7 +91,7 @@ def quantized_vision_features(model, family: str, vision_blocks: Sequence[Tree],
 
     bcfg = vb.block_config(model, family)
     run = block or functools.partial(_block, cache=None, cfg=cfg, bcfg=bcfg)
-    if family == "qwen2_5_vl":
+    if family_of(family, model.config).vision_tower == "qwen_vit":  # window attention, then the merger
         tower = model.visual
         grid = tuple(tuple(int(v) for v in row) for row in np.asarray(image_grid_thw).reshape(-1, 3))
         inp = tower.block_inputs(jnp.asarray(pixel_values), grid)
@@ -98,8 +101,9 @@ def quantized_vision_features(model, family: str, vision_blocks: Sequence[Tree],
         for folded, kind in zip(vision_blocks, tower.block_mask_kinds(), strict=True):
             x = run(folded, x, cos, sin, masks[kind], modality)
         return tower.merge(x[0], inp.window_index)
+    # CLIP / DINOv2: patch embedding, blocks with full attention, then the projector.
     x = model.vision_tower.embed(jnp.asarray(pixel_values))
-    none = jnp.zeros((*x.shape[:2], 0), jnp.float32)  # CLIP has no rotary
+    none = jnp.zeros((*x.shape[:2], 0), jnp.float32)  # no rotary
     modality = jnp.full(x.shape[:2], VISION, jnp.int32)
     states = [x]
     for folded in vision_blocks:
@@ -174,7 +178,7 @@ class QuantizedModel:
     def embed(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None):
         """The family's ``embed`` (hidden, position_ids, modality_mask)."""
         encoder = None if self.vision_blocks is None else self.vision_features
-        if self.family == "qwen2_5_vl":
+        if family_of(self.family, self.config).takes_grid:
             return self.model.embed(input_ids, pixel_values, image_grid_thw, attention_mask, vision_encoder=encoder)
         if image_grid_thw is not None:
             raise ValueError("image_grid_thw is a Qwen2.5-VL input; LLaVA images are (n, 3, S, S) pixel_values")
@@ -235,61 +239,37 @@ class QuantizedModel:
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        ids = np.asarray(input_ids)
-        b, n = ids.shape
-        emb = self.embed(ids, pixel_values, image_grid_thw, attention_mask)
-        valid = np.asarray(emb.modality_mask) != PAD
-        if not valid[:, -1].all():
-            raise ValueError("generate() needs left padding: the last prompt token of every row must be real")
-        eos = () if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist())
-        if eos and pad_token_id is None:
-            pad_token_id = self.config.pad_token_id if self.config.pad_token_id is not None else eos[0]
-        pos = emb.position_ids
-        # Generated tokens continue after the largest position used so far (HF's rule, both families).
-        next_pos = jnp.max(pos, axis=(0, 2) if pos.ndim == 3 else 1) + 1  # (B,)
-        decoder = self.model.language_model
-        step_fn = (self._cached_steps(emb, valid, max_new_tokens) if use_cache
-                   else self._recompute_steps(emb, max_new_tokens))
-        out = np.zeros((b, max_new_tokens), np.int64)
-        all_logits = []
-        done = np.zeros((b,), bool)
-        logits = next(step_fn)
-        for step in range(max_new_tokens):
-            all_logits.append(logits)
-            token = np.asarray(jnp.argmax(logits, axis=-1))
-            if eos:
-                token = np.where(done, pad_token_id, token)
-                done |= np.isin(token, eos)
-            out[:, step] = token
-            if step + 1 == max_new_tokens or (eos and done.all()):
-                out[:, step + 1:] = pad_token_id if eos else 0
-                break
-            x = _embed_tokens(decoder, jnp.asarray(token)[:, None])
-            logits = step_fn.send((x, (next_pos + step)[:, None]))
-        step_fn.close()
-        if return_logits:
-            return out, np.stack([np.asarray(l) for l in all_logits], axis=1)
-        return out
+        emb = self.embed(np.asarray(input_ids), pixel_values, image_grid_thw, attention_mask)
+        start = self._cached_decoding if use_cache else self._recomputed_decoding
+        return greedy_generate(emb, lambda valid: start(emb, valid, max_new_tokens),
+                               max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                               default_pad_token_id=self.config.pad_token_id, return_logits=return_logits)
 
-    def _cached_steps(self, emb, valid: np.ndarray, max_new_tokens: int):
-        """Coroutine: yields last-position logits; receives ``(x (B, 1, d), positions (B, 1))``."""
+    def _cached_decoding(self, emb, valid: np.ndarray, max_new_tokens: int):
+        """``start`` of :func:`~splitq_jax.models.decode.greedy_generate`: the prompt through every
+        block into fresh KV caches; the step feeds one token through them."""
         b, n = valid.shape
         t, bcfg = self.config.text, self.block_config
-        key_valid = jnp.asarray(np.concatenate([valid, np.ones((b, max_new_tokens), bool)], axis=1))
+        key_valid = cache_key_valid(valid, max_new_tokens)
         caches = [KVCache.init(b, n + max_new_tokens, bcfg.num_kv_heads, bcfg.head_dim, self.model.dtype)
                   for _ in range(t.num_layers)]
         cos, sin = self.model.rope(emb.position_ids)
         mask = make_attention_mask(key_valid, num_queries=n)
         x, caches = self.run_blocks(emb.hidden, cos, sin, mask, emb.modality_mask, caches)
         answer = jnp.full((b, 1), ANSWER, jnp.int32)
-        while True:
-            x, pos = yield self.head(x[:, -1:])[:, 0]
+
+        def step(token, pos):
+            nonlocal caches
             cos, sin = self.model.rope(pos)
             mask = make_attention_mask(key_valid, query_offset=caches[0].index, num_queries=1)
-            x, caches = self.run_blocks(x, cos, sin, mask, answer, caches)
+            x, caches = self.run_blocks(_embed_tokens(self.model.language_model, token), cos, sin, mask,
+                                        answer, caches)
+            return self.head(x)[:, 0]
 
-    def _recompute_steps(self, emb, max_new_tokens: int):
-        """Like :meth:`_cached_steps`, recomputing every position at every step. The sequence lives
+        return self.head(x[:, -1:])[:, 0], step
+
+    def _recomputed_decoding(self, emb, valid: np.ndarray, max_new_tokens: int):
+        """Like :meth:`_cached_decoding`, recomputing every position at every step. The sequence lives
         in a fixed buffer of ``prompt + max_new_tokens`` slots whose unused tail is padding (causal
         attention never reads it), so every step reuses one compiled program."""
         hidden, pos, modality = emb.hidden, emb.position_ids, emb.modality_mask
@@ -298,15 +278,23 @@ class QuantizedModel:
         pos = jnp.pad(pos, [(0, 0)] * (pos.ndim - 1) + [(0, max_new_tokens)])
         modality = jnp.pad(modality, ((0, 0), (0, max_new_tokens)), constant_values=PAD)
         last = n - 1
-        while True:
+
+        def forward():
             cos, sin = self.model.rope(pos)
             x = self.run_blocks(hidden, cos, sin, self.model.attention_mask(modality), modality)
-            x_new, p_new = yield self.head(jax.lax.dynamic_slice_in_dim(x, last, 1, axis=1))[:, 0]
+            return self.head(jax.lax.dynamic_slice_in_dim(x, last, 1, axis=1))[:, 0]
+
+        def step(token, p_new):
+            nonlocal hidden, pos, modality, last
+            x_new = _embed_tokens(self.model.language_model, token)
             last += 1
             hidden = hidden.at[:, last].set(x_new[:, 0].astype(hidden.dtype))
             # M-RoPE positions (3, B, N): text advances on all three axes together.
             pos = pos.at[..., last].set(p_new[:, 0].astype(pos.dtype))
             modality = modality.at[:, last].set(ANSWER)
+            return forward()
+
+        return forward(), step
 
 
 def load_quantized(ckpt_dir: str | os.PathLike, *, verify: bool = True) -> QuantizedModel:

@@ -38,6 +38,7 @@ import numpy as np
 from splitq_jax import calibrate as cal
 from splitq_jax.config import MethodConfig, parse_bits
 from splitq_jax.models import layers
+from splitq_jax.models.family import FAMILIES, Family, UnknownFamilyError, family_of, get_family
 from splitq_jax.pipeline import Stream
 
 Tree = dict[str, Any]
@@ -95,7 +96,7 @@ class QwenVisionBlockConfig:
         h = layers.rms_norm(x, norms["norm1"]["scale"], self.rms_eps)
         qkv = run("attn_in", h)["qkv"].reshape(b, n, 3, self.num_heads, self.head_dim)
         # Rotation in float32, as the module does.
-        q, k = (layers.apply_rotary(qkv[:, :, i].astype(jnp.float32), cos, sin).astype(x.dtype) for i in (0, 1))
+        q, k = (layers.apply_rope(qkv[:, :, i].astype(jnp.float32), cos, sin).astype(x.dtype) for i in (0, 1))
         a = layers.dot_product_attention(q, k, qkv[:, :, 2], mask, self.head_dim ** -0.5)
         x = x + run("attn_out", a.reshape(b, n, -1))["proj"]
         h = layers.rms_norm(x, norms["norm2"]["scale"], self.rms_eps)
@@ -197,69 +198,88 @@ VisionBlockConfig = QwenVisionBlockConfig | ClipBlockConfig | Dinov2BlockConfig
 # Models -> block configs, parameters
 
 
+def _tower(family, model_config=None) -> Family:
+    """The family (refined by ``model_config`` when given) whose vision tower is meant."""
+    try:
+        fam = get_family(family) if isinstance(family, str) else family
+    except UnknownFamilyError:
+        raise UnknownFamilyError(f"no vision tower to quantize for model family {family!r}; "
+                                 f"known: {', '.join(sorted(FAMILIES))}") from None
+    return fam if model_config is None else family_of(fam, model_config)
+
+
+def _vision_config(model_config):
+    if model_config.vision is None:
+        raise ValueError("this model has no vision tower; run without --quantize-vision")
+    return model_config.vision
+
+
+# Per vision-tower kind (models.family.Family.vision_tower): its block config from the tower config.
+_BLOCK_CONFIGS = {
+    "qwen_vit": lambda v: QwenVisionBlockConfig(hidden=v.hidden_size, intermediate=v.intermediate_size,
+                                                num_heads=v.num_heads, rms_eps=v.rms_norm_eps, act=v.hidden_act),
+    "clip": lambda v: ClipBlockConfig(hidden=v.hidden_size, intermediate=v.intermediate_size, num_heads=v.num_heads,
+                                      ln_eps=v.layer_norm_eps, act=v.hidden_act),
+    "dinov2": lambda v: Dinov2BlockConfig(hidden=v.hidden_size, intermediate=v.intermediate_size,
+                                          num_heads=v.num_heads, ln_eps=v.layer_norm_eps, act=v.hidden_act),
+}
+
+
 def block_config(model, family: str) -> VisionBlockConfig:
     """The vision block architecture of a loaded model."""
-    if family == "qwen2_5_vl":
-        v = _qwen_vision_config(model)
-        return QwenVisionBlockConfig(hidden=v.hidden_size, intermediate=v.intermediate_size, num_heads=v.num_heads,
-                                     rms_eps=v.rms_norm_eps, act=v.hidden_act)
-    if family == "llava" and getattr(model.config, "vision_tower", "clip") == "dinov2":
-        v = model.config.vision
-        return Dinov2BlockConfig(hidden=v.hidden_size, intermediate=v.intermediate_size, num_heads=v.num_heads,
-                                 ln_eps=v.layer_norm_eps, act=v.hidden_act)
-    if family == "llava":
-        v = model.config.vision
-        return ClipBlockConfig(hidden=v.hidden_size, intermediate=v.intermediate_size, num_heads=v.num_heads,
-                               ln_eps=v.layer_norm_eps, act=v.hidden_act)
-    raise ValueError(f"no vision tower to quantize for model family {family!r}")
-
-
-def _qwen_vision_config(model):
-    v = model.config.vision
-    if v is None:
-        raise ValueError("this model has no vision tower; run without --quantize-vision")
-    return v
+    fam = _tower(family)  # an unknown name fails before the model is looked at
+    return _BLOCK_CONFIGS[_tower(fam, model.config).vision_tower](_vision_config(model.config))
 
 
 def _linear(m) -> Tree:
     return m.params()
 
 
+def _qwen_block_params(block) -> Tree:
+    return {"norm1": {"scale": block.norm1.scale[...]}, "qkv": _linear(block.attn.qkv),
+            "proj": _linear(block.attn.proj), "norm2": {"scale": block.norm2.scale[...]},
+            "gate_proj": _linear(block.mlp.gate_proj), "up_proj": _linear(block.mlp.up_proj),
+            "down_proj": _linear(block.mlp.down_proj)}
+
+
+def _clip_block_params(block) -> Tree:
+    ln = lambda m: {"scale": m.scale[...], "bias": m.bias[...]}  # noqa: E731
+    a = block.self_attn
+    return {"layer_norm1": ln(block.layer_norm1), "q_proj": _linear(a.q_proj), "k_proj": _linear(a.k_proj),
+            "v_proj": _linear(a.v_proj), "out_proj": _linear(a.out_proj), "layer_norm2": ln(block.layer_norm2),
+            "fc1": _linear(block.mlp.fc1), "fc2": _linear(block.mlp.fc2)}
+
+
+def _dinov2_block_params(block) -> Tree:
+    params = block.block_params(fold_layer_scale=True)  # LayerScale folded in
+    return {k: params[k] for k in ("norm1", "q_proj", "k_proj", "v_proj", "o_proj", "norm2", "fc1", "fc2")}
+
+
+_BLOCK_PARAMS = {"qwen_vit": _qwen_block_params, "clip": _clip_block_params, "dinov2": _dinov2_block_params}
+
+
 def block_params(block, family: str) -> Tree:
     """A vision block's weights as the plain dict its config's ``forward`` reads."""
-    if family == "qwen2_5_vl":
-        return {"norm1": {"scale": block.norm1.scale[...]}, "qkv": _linear(block.attn.qkv),
-                "proj": _linear(block.attn.proj), "norm2": {"scale": block.norm2.scale[...]},
-                "gate_proj": _linear(block.mlp.gate_proj), "up_proj": _linear(block.mlp.up_proj),
-                "down_proj": _linear(block.mlp.down_proj)}
-    if family == "llava" and hasattr(block, "layer_scale1"):  # DINOv2 block: LayerScale folded in
-        params = block.block_params(fold_layer_scale=True)
-        return {k: params[k] for k in ("norm1", "q_proj", "k_proj", "v_proj", "o_proj", "norm2", "fc1", "fc2")}
-    if family == "llava":
-        ln = lambda m: {"scale": m.scale[...], "bias": m.bias[...]}  # noqa: E731
-        a = block.self_attn
-        return {"layer_norm1": ln(block.layer_norm1), "q_proj": _linear(a.q_proj), "k_proj": _linear(a.k_proj),
-                "v_proj": _linear(a.v_proj), "out_proj": _linear(a.out_proj), "layer_norm2": ln(block.layer_norm2),
-                "fc1": _linear(block.mlp.fc1), "fc2": _linear(block.mlp.fc2)}
-    raise ValueError(f"no vision tower to quantize for model family {family!r}")
+    kind = _tower(family).vision_tower
+    if kind == "clip" and hasattr(block, "layer_scale1"):
+        kind = "dinov2"  # no model config here: the block itself tells LLaVA's DINOv2 variant apart
+    return _BLOCK_PARAMS[kind](block)
 
 
 def num_quantized_blocks(model_config, family: str) -> int:
-    """How many vision blocks quantization covers: every Qwen2.5-VL block; for LLaVA the CLIP
+    """How many vision blocks quantization covers: every Qwen2.5-VL block; for LLaVA the tower's
     layers up to the deepest feature layer (later layers never reach the language model)."""
-    if family == "qwen2_5_vl":
-        if model_config.vision is None:
-            raise ValueError("this model has no vision tower; run without --quantize-vision")
-        return model_config.vision.depth
-    if family == "llava":
-        return model_config.used_vision_layers
-    raise ValueError(f"no vision tower to quantize for model family {family!r}")
+    fam = _tower(family)
+    v = _vision_config(model_config)
+    if family_of(fam, model_config).vision_tower == "qwen_vit":
+        return v.depth
+    return model_config.used_vision_layers
 
 
 def quantized_blocks(model, family: str) -> list:
     """The NNX vision blocks that quantization covers (see :func:`num_quantized_blocks`)."""
     n = num_quantized_blocks(model.config, family)
-    return list(model.visual.blocks if family == "qwen2_5_vl" else model.vision_tower.layers)[:n]
+    return _tower(family, model.config).vision_blocks(model)[:n]
 
 
 def vision_method_config(cfg: MethodConfig, bits: str | None = None) -> MethodConfig:
@@ -338,11 +358,10 @@ def clip_vision_stream(model, batches: Sequence[dict]) -> Stream:
 
 
 def vision_stream(model, family: str, batches: Sequence[dict]) -> Stream:
-    if family == "qwen2_5_vl":
+    """The calibration stream of the first vision block (Qwen's windowed ViT, or CLIP / DINOv2)."""
+    if _tower(family, model.config).vision_tower == "qwen_vit":
         return qwen_vision_stream(model, batches)
-    if family == "llava":
-        return clip_vision_stream(model, batches)
-    raise ValueError(f"no vision tower to quantize for model family {family!r}")
+    return clip_vision_stream(model, batches)
 
 
 __all__ = ["ClipBlockConfig", "Dinov2BlockConfig", "QwenVisionBlockConfig", "block_config", "block_params", "quantized_blocks",

@@ -1,4 +1,6 @@
 """Flax NNX ports of the vision-language models the project quantizes.
 
-``layers`` holds the shared decoder building blocks; one module per model family.
+``ops`` holds the shared transformer math, ``layers`` the NNX decoder modules (whose block body is
+``splitq_jax.block``'s), ``decode`` the one greedy decode loop and ``family`` the registry of what
+differs between the families; then one module per model family.
 """

@@ -19,41 +19,31 @@ calibration engine (``splitq_jax.block``) can consume the weights directly:
   ``layer(x, cos, sin, mask, cache)`` -> ``(x, cache)``.
 
 Numerics follow the HF reference: RMSNorm and softmax are computed in float32 and cast back to the
-activation dtype; parameters are created in the model ``dtype`` (float32 or bfloat16).
+activation dtype; parameters are created in the model ``dtype`` (float32 or bfloat16). The math
+(norms, rope, attention, KV cache) is :mod:`splitq_jax.models.ops`; the decoder block's body is
+:func:`splitq_jax.block.block_forward`, shared with calibration and the quantized runtime.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, NamedTuple, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-Array = jax.Array
+from splitq_jax.block import GROUPS, BlockConfig, block_forward
+from splitq_jax.models.decode import cache_key_valid
+# The shared math, re-exported: the model modules and converters import it from here.
+from splitq_jax.models.ops import (ACTIVATIONS, Array, KVCache, apply_rope, dot_product_attention,  # noqa: F401
+                                   get_activation, layer_norm, make_attention_mask, rms_norm, rope_cos_sin,
+                                   rope_inv_freq, rotate_half)
 
 # Initialisation only matters for random (test) models; real weights are always loaded.
 _INIT_STD = 0.02
-
-ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "silu": jax.nn.silu,
-    # HF's "gelu" is the exact erf form; "gelu_pytorch_tanh"/"quick_gelu" are the approximations.
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-}
-
-
-def get_activation(name: str) -> Callable[[Array], Array]:
-    """The activation function for an HF ``hidden_act`` name."""
-    try:
-        return ACTIVATIONS[name]
-    except KeyError:
-        raise ValueError(f"unsupported activation {name!r}; known: {sorted(ACTIVATIONS)}") from None
-
 
 # --------------------------------------------------------------------------------------------
 # Basic modules
@@ -99,22 +89,6 @@ class Embedding(nnx.Module):
         return jnp.einsum("...d,vd->...v", x, self.weight[...])
 
 
-def rms_norm(x: Array, scale: Array, eps: float) -> Array:
-    """RMSNorm in float32, cast back to ``x.dtype`` before the scale (HF order of operations)."""
-    xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return scale * xf.astype(x.dtype)
-
-
-def layer_norm(x: Array, scale: Array, bias: Array, eps: float) -> Array:
-    """LayerNorm over the last axis: statistics and affine in float32, output in ``x.dtype``."""
-    xf = x.astype(jnp.float32)
-    mean = jnp.mean(xf, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
-    y = (xf - mean) * jax.lax.rsqrt(var + eps)
-    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
-
-
 class LayerNorm(nnx.Module):
     """LayerNorm with ``scale``/``bias`` ``(d,)``; statistics in float32, output in ``x.dtype``."""
 
@@ -153,110 +127,10 @@ class GatedMLP(nnx.Module):
         return self.down_proj(act(self.gate_proj(x)) * self.up_proj(x))
 
 
-# --------------------------------------------------------------------------------------------
-# Rotary embeddings (rotate-half convention)
-# --------------------------------------------------------------------------------------------
-
-
-def rope_inv_freq(rotary_dim: int, theta: float) -> Array:
-    """Inverse frequencies ``theta ** (-2i / rotary_dim)`` for i < rotary_dim/2; shape ``(rotary_dim/2,)``."""
-    exponents = jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim
-    return 1.0 / (theta ** exponents)
-
-
-def rope_cos_sin(position_ids: Array, head_dim: int, theta: float,
-                 dtype=jnp.float32) -> tuple[Array, Array]:
-    """1-D rotary tables for integer ``position_ids (B, N)``: ``(cos, sin)`` each ``(B, N, head_dim)``.
-
-    Angles are computed in float32 (positions can be large) and cast to ``dtype`` at the end.
-    """
-    freqs = position_ids.astype(jnp.float32)[..., None] * rope_inv_freq(head_dim, theta)
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
-
-
-def rotate_half(x: Array) -> Array:
-    """``[x1, x2] -> [-x2, x1]`` over the last axis."""
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    return jnp.concatenate([-x2, x1], axis=-1)
-
-
-def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
-    """Rotate ``x (B, N, heads, head_dim)`` by ``cos``/``sin (B, N, head_dim)`` (broadcast over heads)."""
-    return x * cos[:, :, None, :] + rotate_half(x) * sin[:, :, None, :]
-
-
-# --------------------------------------------------------------------------------------------
-# Masks and attention
-# --------------------------------------------------------------------------------------------
-
-
-@functools.partial(jax.jit, static_argnames="num_queries")
-def make_attention_mask(key_valid: Array, *, query_offset: Array | int = 0,
-                        num_queries: int | None = None) -> Array:
-    """Causal + padding mask, ``True`` = may attend.
-
-    Args:
-      key_valid: ``(B, S)`` bool, False at padding slots (and at unused KV-cache slots).
-      query_offset: slot index of the first query (0 for a full forward; the number of tokens
-        already in the cache when decoding). A scalar, may be traced.
-      num_queries: number of queries N; defaults to ``S`` (full forward).
-    Returns:
-      ``(B, N, S)`` bool: query i (at slot ``query_offset + i``) sees key slot j iff
-      ``j <= query_offset + i`` and ``key_valid[:, j]``.
-    """
-    s = key_valid.shape[1]
-    n = s if num_queries is None else num_queries
-    q_slot = query_offset + jnp.arange(n)[:, None]
-    causal = jnp.arange(s)[None, :] <= q_slot
-    return causal[None] & key_valid[:, None, :].astype(bool)
-
-
-def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, scale: float) -> Array:
-    """Grouped-query attention.
-
-    Args:
-      q: ``(B, N, H, hd)``; k, v: ``(B, S, KV, hd)`` with ``H % KV == 0`` (query head h reads KV
-        head ``h // (H // KV)``, the HF ``repeat_kv`` grouping).
-      mask: ``(B, N, S)`` bool (True = may attend) or None for full attention.
-    Returns:
-      ``(B, N, H, hd)`` in ``q.dtype``.
-
-    Scores and softmax are float32. Masked scores get the most negative finite float rather than
-    -inf so that a fully masked row (a padding query) yields a uniform, finite distribution instead
-    of NaN; such rows are never read.
-    """
-    b, n, h, hd = q.shape
-    kv = k.shape[2]
-    g = h // kv
-    qg = q.reshape(b, n, kv, g, hd)
-    scores = jnp.einsum("bnkgd,bskd->bkgns", qg, k, preferred_element_type=jnp.float32) * scale
-    if mask is not None:
-        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgns,bskd->bnkgd", probs, v)
-    return out.reshape(b, n, h, hd)
-
-
-class KVCache(NamedTuple):
-    """Per-layer KV cache. ``k``/``v``: ``(B, S_max, KV, hd)`` (keys already rotated);
-    ``index``: int32 scalar, number of filled slots (the slot the next token is written to)."""
-
-    k: Array
-    v: Array
-    index: Array
-
-    @classmethod
-    def init(cls, batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype=jnp.float32) -> "KVCache":
-        z = jnp.zeros((batch, max_len, num_kv_heads, head_dim), dtype)
-        return cls(z, z, jnp.zeros((), jnp.int32))
-
-
 class Attention(nnx.Module):
-    """Multi-head self-attention with GQA, optional q/k/v biases and an optional KV cache.
-
-    ``o_proj`` never has a bias (true for Qwen2 and Llama).
-    """
+    """The q/k/v/o projections of a grouped-query self-attention (optional q/k/v biases; ``o_proj``
+    never has one, true for Qwen2 and Llama). The attention itself is the shared block body's
+    (:func:`splitq_jax.block.block_forward`), which :class:`DecoderLayer` runs."""
 
     def __init__(self, d: int, num_heads: int, num_kv_heads: int, head_dim: int, *, qkv_bias: bool,
                  dtype=jnp.float32, rngs: nnx.Rngs):
@@ -267,28 +141,6 @@ class Attention(nnx.Module):
         self.k_proj = Linear(d, num_kv_heads * head_dim, bias=qkv_bias, dtype=dtype, rngs=rngs)
         self.v_proj = Linear(d, num_kv_heads * head_dim, bias=qkv_bias, dtype=dtype, rngs=rngs)
         self.o_proj = Linear(num_heads * head_dim, d, bias=False, dtype=dtype, rngs=rngs)
-
-    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array | None,
-                 cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
-        """``x (B, N, d)``, ``cos/sin (B, N, hd)``, ``mask (B, N, S)`` -> ``((B, N, d), cache)``.
-
-        With a cache the new keys/values are written at slots ``[index, index + N)`` and the mask
-        must span the whole cache (``S = S_max``).
-        """
-        b, n, _ = x.shape
-        q = self.q_proj(x).reshape(b, n, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(b, n, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(b, n, self.num_kv_heads, self.head_dim)
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
-        if cache is not None:
-            start = (0, cache.index, 0, 0)
-            k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)
-            v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
-            cache = KVCache(k_all, v_all, cache.index + n)
-            k, v = k_all, v_all
-        out = dot_product_attention(q, k, v, mask, self.head_dim ** -0.5)
-        return self.o_proj(out.reshape(b, n, self.num_heads * self.head_dim)), cache
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,10 +178,14 @@ class DecoderLayer(nnx.Module):
 
     ``__call__(x (B, N, d), cos (B, N, hd), sin (B, N, hd), mask (B, N, S)[, cache])``
     returns ``x`` without a cache and ``(x, cache)`` with one.
+
+    The forward is :func:`splitq_jax.block.block_forward` (the block the calibration engine and the
+    quantized runtime run) with this layer's modules as its linears: the math exists once.
     """
 
     def __init__(self, cfg: DecoderConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         d = cfg.hidden_size
+        self.block_config = BlockConfig.from_decoder(cfg)  # static: a frozen dataclass
         self.input_layernorm = RMSNorm(d, eps=cfg.rms_norm_eps, dtype=dtype)
         self.self_attn = Attention(d, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim,
                                    qkv_bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
@@ -338,10 +194,14 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x: Array, cos: Array, sin: Array, mask: Array | None,
                  cache: KVCache | None = None):
-        h, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        x = x + h
-        x = x + self.mlp(self.post_attention_layernorm(x))
-        return x if cache is None else (x, new_cache)
+        norms = {"input_layernorm": {"scale": self.input_layernorm.scale[...]},
+                 "post_attention_layernorm": {"scale": self.post_attention_layernorm.scale[...]}}
+        return block_forward(norms, self._linear, x, cos, sin, mask, self.block_config, cache=cache)
+
+    def _linear(self, group: str, x: Array) -> dict[str, Array]:
+        """The block body's ``linear(group, x) -> {name: output}``, by this layer's modules."""
+        owner = self.self_attn if group.startswith("attn") else self.mlp
+        return {name: getattr(owner, name)(x) for name in GROUPS[group]}
 
     def block_params(self) -> dict[str, dict[str, Array]]:
         """Plain dict of this block's weights in the layout ``splitq_jax.block`` consumes::
@@ -475,6 +335,24 @@ def decoder_decode_step(decoder: "Decoder", token, position_ids, key_valid, cach
     mask = make_attention_mask(key_valid, query_offset=caches[0].index, num_queries=1)
     x, caches = decoder(decoder.embed(token), cos, sin, mask, caches)
     return decoder.head(x)[:, 0], caches
+
+
+def decoder_decoding(decoder: "Decoder", emb, valid, max_new_tokens: int, mrope_section=None):
+    """The ``start`` of :func:`splitq_jax.models.decode.greedy_generate` for a full-precision decoder:
+    fills fresh KV caches (``prompt + max_new_tokens`` slots) with the prompt ``emb`` (hidden
+    ``(B, N, d)``, ``position_ids``) and returns its last-position logits ``(B, vocab)`` and the cached
+    ``step(token (B, 1), positions (B, 1)) -> (B, vocab)``."""
+    b, n = valid.shape
+    key_valid = cache_key_valid(valid, max_new_tokens)
+    caches = decoder.init_cache(b, n + max_new_tokens)
+    logits, caches = decoder_prefill(decoder, emb.hidden, emb.position_ids, key_valid, caches, mrope_section)
+
+    def step(token, positions):
+        nonlocal caches
+        out, caches = decoder_decode_step(decoder, token, positions, key_valid, caches, mrope_section)
+        return out
+
+    return logits, step
 
 
 def count_params(module: nnx.Module) -> int:

@@ -41,8 +41,9 @@ import numpy as np
 from flax import nnx
 
 from splitq_jax import preprocess as pp
+from splitq_jax.models.decode import greedy_generate
 from splitq_jax.models.layers import (
-    decoder_decode_step, decoder_forward, decoder_prefill,
+    decoder_decoding, decoder_forward,
     Array,
     Decoder,
     DecoderConfig,
@@ -579,33 +580,11 @@ class Llava(nnx.Module):
         Batched prompts must be left-padded (the last column must be a real token). After a row
         emits an EOS token it is filled with ``pad_token_id`` (HF ``generate`` behaviour).
         """
-        ids = np.asarray(input_ids)
-        b, n = ids.shape
-        emb = self.embed(ids, pixel_values, attention_mask)
-        valid = np.asarray(emb.modality_mask) != PAD
-        if not valid[:, -1].all():
-            raise ValueError("generate() needs left padding: the last prompt token of every row must be real")
-        eos = () if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist())
-        if eos and pad_token_id is None:
-            pad_token_id = self.config.pad_token_id if self.config.pad_token_id is not None else eos[0]
-        key_valid = jnp.asarray(np.concatenate([valid, np.ones((b, max_new_tokens), bool)], axis=1))
-        caches = self.language_model.init_cache(b, n + max_new_tokens)
-        logits, caches = decoder_prefill(self.language_model, emb.hidden, emb.position_ids, key_valid, caches)
-        next_pos = valid.sum(axis=1).astype(np.int32)  # (B,) first position after the prompt
-        out = np.zeros((b, max_new_tokens), np.int64)
-        done = np.zeros((b,), bool)
-        for step in range(max_new_tokens):
-            token = np.asarray(jnp.argmax(logits, axis=-1))
-            if eos:
-                token = np.where(done, pad_token_id, token)
-                done |= np.isin(token, eos)
-            out[:, step] = token
-            if step + 1 == max_new_tokens or (eos and done.all()):
-                out[:, step + 1:] = pad_token_id if eos else 0
-                break
-            logits, caches = decoder_decode_step(self.language_model, jnp.asarray(token)[:, None],
-                                          jnp.asarray(next_pos + step)[:, None], key_valid, caches)
-        return out
+        emb = self.embed(np.asarray(input_ids), pixel_values, attention_mask)
+        return greedy_generate(
+            emb, lambda valid: decoder_decoding(self.language_model, emb, valid, max_new_tokens),
+            max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+            default_pad_token_id=self.config.pad_token_id)
 
     def num_params(self) -> int:
         return count_params(self)

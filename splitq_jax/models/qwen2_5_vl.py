@@ -37,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 from splitq_jax.models import layers
+from splitq_jax.models.decode import greedy_generate
 from splitq_jax.models.layers import mrope_cos_sin
 from splitq_jax.models.layers import (Array, Decoder, DecoderConfig, GatedMLP, KVCache, Linear, RMSNorm,
                                       count_params, dot_product_attention, make_attention_mask)
@@ -337,8 +338,8 @@ class VisionAttention(nnx.Module):
         qkv = self.qkv(x).reshape(n, 3, self.num_heads, self.head_dim)
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
         # Rotation in float32 (the reference does the same), then back to the activation dtype.
-        q = layers.apply_rotary(q[None].astype(jnp.float32), cos[None], sin[None])[0].astype(x.dtype)
-        k = layers.apply_rotary(k[None].astype(jnp.float32), cos[None], sin[None])[0].astype(x.dtype)
+        q = layers.apply_rope(q[None].astype(jnp.float32), cos[None], sin[None])[0].astype(x.dtype)
+        k = layers.apply_rope(k[None].astype(jnp.float32), cos[None], sin[None])[0].astype(x.dtype)
         out = dot_product_attention(q[None], k[None], v[None], mask[None], self.head_dim ** -0.5)[0]
         return self.proj(out.reshape(n, -1))
 
@@ -587,37 +588,12 @@ class Qwen2_5_VL(nnx.Module):
         Batched prompts must be left-padded (the last column must be a real token). After a row
         emits an EOS token it is filled with ``pad_token_id`` (HF ``generate`` behaviour).
         """
-        ids = np.asarray(input_ids)
-        b, n = ids.shape
-        emb = self.embed(ids, pixel_values, image_grid_thw, attention_mask, **vision_kw)
-        valid = np.asarray(emb.modality_mask) != PAD
-        if not valid[:, -1].all():
-            raise ValueError("generate() needs left padding: the last prompt token of every row must be real")
-        eos = () if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist())
-        if eos and pad_token_id is None:
-            pad_token_id = self.config.pad_token_id if self.config.pad_token_id is not None else eos[0]
-        total = n + max_new_tokens
-        key_valid = jnp.asarray(np.concatenate([valid, np.ones((b, max_new_tokens), bool)], axis=1))
-        caches = self.language_model.init_cache(b, total)
+        emb = self.embed(np.asarray(input_ids), pixel_values, image_grid_thw, attention_mask, **vision_kw)
         section = tuple(self.config.mrope_section)
-        logits, caches = layers.decoder_prefill(self.language_model, emb.hidden, emb.position_ids, key_valid, caches, section)
-        # Generated tokens continue after the largest position used so far (HF's rope_deltas rule).
-        next_pos = jnp.max(emb.position_ids, axis=(0, 2)) + 1  # (B,)
-        out = np.zeros((b, max_new_tokens), np.int64)
-        done = np.zeros((b,), bool)
-        for step in range(max_new_tokens):
-            token = np.asarray(jnp.argmax(logits, axis=-1))
-            if eos:
-                token = np.where(done, pad_token_id, token)
-                done |= np.isin(token, eos)
-            out[:, step] = token
-            if step + 1 == max_new_tokens or (eos and done.all()):
-                out[:, step + 1:] = pad_token_id if eos else 0
-                break
-            pos = (next_pos + step)[:, None]
-            logits, caches = layers.decoder_decode_step(self.language_model, jnp.asarray(token)[:, None], pos,
-                                          key_valid, caches, section)
-        return out
+        return greedy_generate(
+            emb, lambda valid: layers.decoder_decoding(self.language_model, emb, valid, max_new_tokens, section),
+            max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+            default_pad_token_id=self.config.pad_token_id)
 
     def num_params(self) -> int:
         return count_params(self)

@@ -13,6 +13,7 @@ inputs; it is the only function here that imports torch, and only when called.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 from pathlib import Path
@@ -24,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from splitq_jax.models.converters.hf import ConversionError, read_config, resolve_model_dir
+from splitq_jax.models.family import family_of, get_family
 # The checkpoint format itself lives in splitq_jax.models.converters.store (which the GGUF and assembled-model
 # converters use without importing this module); re-exported here for callers of this module.
 from splitq_jax.models.converters.store import (CONFIG_FILE, DTYPES, META_FILE, STATE_DIR, is_checkpoint, load_checkpoint,  # noqa: F401
@@ -34,7 +36,6 @@ _FAMILY_BY_ARCH = {"LlavaForConditionalGeneration": "llava",
                    "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
                    "Qwen2ForCausalLM": "qwen2_5_vl"}  # text-only: our Qwen2.5-VL without a vision tower
 _FAMILY_BY_TYPE = {"llava": "llava", "qwen2_5_vl": "qwen2_5_vl", "qwen2": "qwen2_5_vl"}
-_HF_CLASS = {"llava": "LlavaForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
 
 
 
@@ -103,11 +104,8 @@ def load_model(name_or_path: str | os.PathLike, dtype=jnp.float32):
         model, config, family = load_checkpoint(model_dir, dtype=dtype)
         return model, config, family, model_dir
     family = detect_family(read_config(model_dir))
-    if family == "llava":
-        from splitq_jax.models.converters.llava import load_llava as load
-    else:
-        from splitq_jax.models.converters.qwen2_5_vl import load_qwen2_5_vl as load
-    model, config = load(model_dir, dtype=dtype)
+    module, _, name = get_family(family).converter.partition(":")
+    model, config = getattr(importlib.import_module(module), name)(model_dir, dtype=dtype)
     return model, config, family, model_dir
 
 
@@ -123,15 +121,12 @@ def _check_inputs(config, family: str, seed: int) -> dict[str, np.ndarray]:
     if getattr(config, "vision", True) is None:
         high = min(1000, config.text.vocab_size)
         return {"input_ids": np.asarray([rng.integers(3, high, 12).tolist()])}
-    if family == "llava":
-        specials = [config.image_token_id]
-    else:
-        specials = [config.image_token_id, config.video_token_id, config.vision_start_token_id,
-                    config.vision_end_token_id]
+    fam = family_of(family, config)
+    specials = [getattr(config, attr) for attr in fam.special_token_attrs]
     # ids below every special token (and below 1000, ordinary BPE pieces in the real vocabularies)
     high = min(min(specials), 1000, config.text.vocab_size)
     text = lambda n: rng.integers(3, high, n).tolist()  # noqa: E731
-    if family == "llava":
+    if not fam.takes_grid:  # fixed-size images, a fixed number of placeholders each
         v = config.vision
         ids = text(5) + [config.image_token_id] * config.num_image_tokens + text(7)
         pixels = rng.standard_normal((1, v.num_channels, v.image_size, v.image_size)).astype(np.float32)
@@ -162,7 +157,8 @@ def check_against_hf(model: nnx.Module, config, family: str, model_dir: str | os
         raise RuntimeError("--check needs torch and transformers installed (pip install '.[test]')") from e
 
     text_only = getattr(config, "vision", True) is None
-    hf_cls = transformers.AutoModelForCausalLM if text_only else getattr(transformers, _HF_CLASS[family])
+    fam = family_of(family, config)
+    hf_cls = transformers.AutoModelForCausalLM if text_only else getattr(transformers, fam.hf_class)
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     hf = hf_cls.from_pretrained(str(model_dir), dtype=torch.float32, **extra).eval()
     eos = tuple(config.eos_token_id)
@@ -170,11 +166,12 @@ def check_against_hf(model: nnx.Module, config, family: str, model_dir: str | os
     inputs = _check_inputs(config, family, seed)
     ids = inputs["input_ids"]
     kw = {k: torch.tensor(v) for k, v in inputs.items()}
-    if family == "qwen2_5_vl" and not text_only:  # without it HF silently falls back to 1-D positions
+    mrope = fam.rope == "mrope" and not text_only
+    if mrope:  # without it HF silently falls back to 1-D positions
         kw["mm_token_type_ids"] = torch.tensor((ids == config.image_token_id).astype(np.int64))
     with torch.no_grad():
         ref_logits = hf(**kw).logits.float().numpy()
-        if family == "qwen2_5_vl" and not text_only:
+        if mrope:
             hf.model.rope_deltas = None  # state left by the forward above
         ref_tokens = hf.generate(**kw, max_new_tokens=max_new_tokens, do_sample=False,
                                  eos_token_id=list(eos) or None, pad_token_id=pad)[:, ids.shape[1]:].numpy()
@@ -182,10 +179,8 @@ def check_against_hf(model: nnx.Module, config, family: str, model_dir: str | os
     ref_tokens = np.pad(ref_tokens, ((0, 0), (0, max_new_tokens - ref_tokens.shape[1])), constant_values=pad)
     if text_only:
         args = (ids,)
-    elif family == "llava":
-        args = (ids, inputs["pixel_values"])
     else:
-        args = (ids, inputs["pixel_values"], inputs["image_grid_thw"])
+        args = fam.model_args(inputs)[:-1]  # no attention mask: one unpadded row
     ours_logits = np.asarray(model(*args), np.float32)
     ours_tokens = model.generate(*args, max_new_tokens=max_new_tokens, eos_token_id=eos or None, pad_token_id=pad)
     return {
