@@ -29,7 +29,7 @@ from splitq_jax import methods  # noqa: E402
 from splitq_jax.config import ConfigError  # noqa: E402
 from splitq_jax.methods import option_names  # noqa: E402
 from splitq_jax.errors import SplitqError  # noqa: E402
-from splitq_jax.vision_block import vision_method_config  # noqa: E402
+from splitq_jax.calib.vision import vision_method_config  # noqa: E402
 
 
 def build_parser(method_name: str) -> argparse.ArgumentParser:

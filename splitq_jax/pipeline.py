@@ -33,6 +33,7 @@ from splitq_jax.methods.registry import method_of
 from splitq_jax.errors import NonFiniteError
 from splitq_jax.finite import check_finite
 from splitq_jax.fsutil import write_json
+from splitq_jax.models.family import get_family
 
 Tree = dict[str, Any]
 
@@ -80,16 +81,10 @@ def embed_batches(model, batches: Sequence[dict], family: str, *, vision_encoder
     """
     if not batches:
         raise ValueError("no calibration batches: give at least one sample")
+    fam = get_family(family)
     parts = []
     for b in batches:
-        if family == "qwen2_5_vl":
-            emb = model.embed(b["input_ids"], b.get("pixel_values"), b.get("image_grid_thw"), b.get("attention_mask"),
-                              vision_encoder=vision_encoder)
-        elif family == "llava":
-            emb = model.embed(b["input_ids"], b.get("pixel_values"), b.get("attention_mask"),
-                              vision_encoder=vision_encoder)
-        else:
-            raise ValueError(f"unknown model family {family!r}")
+        emb = model.embed(*fam.model_args(b), vision_encoder=vision_encoder)
         cos, sin = model.rope(emb.position_ids)
         modality = np.asarray(emb.modality_mask)
         if "modality" in b:

@@ -119,7 +119,7 @@ def calibration_stream(handle: ModelHandle, *, source: str = cd.DEFAULT_SOURCE, 
 @dataclass
 class VisionJob:
     """What ``--quantize-vision`` adds to a run: the tower's calibration stream (one image per
-    sample, :func:`splitq_jax.vision_block.vision_stream`) and the method for its blocks."""
+    sample, :func:`splitq_jax.calib.vision.vision_stream`) and the method for its blocks."""
 
     stream: pipeline.Stream
     cfg: MethodConfig
@@ -130,16 +130,17 @@ def vision_job(handle: ModelHandle, batches: list[dict], cfg: MethodConfig, bits
     """The vision-tower part of a run, calibrated on the images of ``batches`` at ``bits``
     (default: the language model's)."""
     from splitq_jax import vision_block as vb
+    from splitq_jax.calib import vision as cv
 
     try:
         vb.num_quantized_blocks(handle.model.config, handle.family)
     except ValueError as e:
         raise QuantizeError(str(e)) from None
     try:
-        stream = vb.vision_stream(handle.model, handle.family, batches)
+        stream = cv.vision_stream(handle.model, handle.family, batches)
     except ValueError as e:
         raise QuantizeError(f"{e}; give a --calib-data file whose samples have images") from None
-    return VisionJob(stream, vb.vision_method_config(cfg, bits), list(batches))
+    return VisionJob(stream, cv.vision_method_config(cfg, bits), list(batches))
 
 
 def preflight_config(model_ref: str | None, cfg: MethodConfig) -> None:

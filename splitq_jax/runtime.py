@@ -39,7 +39,6 @@ from flax import nnx
 from splitq_jax.quantized import export
 from splitq_jax.block import BlockConfig
 from splitq_jax.modality import ANSWER, PAD, VISION, text_mask
-from splitq_jax.config import MethodConfig
 from splitq_jax.quantized.schema import InferenceSpec
 from splitq_jax.quantized.export import CheckpointError
 from splitq_jax.models.family import family_of
@@ -50,10 +49,11 @@ from splitq_jax.quantized.qlinear import quantized_group_apply
 Tree = dict[str, Any]
 
 
-def quantized_block_forward(folded: Tree, x, cos, sin, mask, modality, cfg: MethodConfig, bcfg: BlockConfig,
+def quantized_block_forward(folded: Tree, x, cos, sin, mask, modality, cfg: InferenceSpec, bcfg: BlockConfig,
                             *, cache: KVCache | None = None):
     """A folded block with integer matmuls; the signature of ``fold.folded_block_forward`` plus an
-    optional KV cache (then returns ``(x, cache)``, see :func:`splitq_jax.block.block_forward`)."""
+    optional KV cache (then returns ``(x, cache)``, see :func:`splitq_jax.block.block_forward`).
+    ``cfg``: the checkpoint's inference spec (any config with its fields works)."""
     tmask = text_mask(modality, cfg.text_tokens)
 
     def linear(group: str, inp: jax.Array) -> dict[str, jax.Array]:
@@ -77,7 +77,7 @@ def _embed_tokens(decoder: Decoder, ids):
     return decoder.embed(ids)
 
 
-def quantized_vision_features(model, family: str, vision_blocks: Sequence[Tree], cfg: MethodConfig,
+def quantized_vision_features(model, family: str, vision_blocks: Sequence[Tree], cfg: InferenceSpec,
                               pixel_values, image_grid_thw=None, *, block=None) -> jax.Array:
     """Image features through folded vision blocks: Qwen2.5-VL ``(patches, C*T*P*P)`` +
     ``grid_thw`` -> merged tokens; LLaVA ``(n, 3, S, S)`` -> projected ``(n, tokens, d_text)``.
@@ -128,15 +128,17 @@ class QuantizedModel:
     manifest: dict = dataclasses.field(default_factory=dict)
     vision_blocks: list[Tree] | None = None  # folded vision-tower blocks (None: the fp tower runs)
     vision_spec: InferenceSpec | None = None
-    # Provenance: the engine setting the blocks were calibrated with; None when the checkpoint's
-    # method is unknown to this version (it still loads and runs from ``spec``).
-    method_config: MethodConfig | None = None
+    # Provenance only (inference reads ``spec``): the method's name and its options as saved.
+    # Loading never builds a method config from them, so a method this version does not know
+    # loads and runs all the same.
+    method: str | None = None
+    provenance: dict | None = None
 
     @classmethod
     def from_parts(cls, *, family: str, model_config, fp_params: Any, folded_blocks: Sequence[Tree],
-                   method_config: MethodConfig | None = None, manifest: Mapping[str, Any] | None = None,
+                   method_config: Any = None, manifest: Mapping[str, Any] | None = None,
                    vision_blocks: Sequence[Tree] | None = None,
-                   vision_method_config: MethodConfig | None = None, spec: InferenceSpec | None = None,
+                   vision_method_config: Any = None, spec: InferenceSpec | None = None,
                    vision_spec: InferenceSpec | None = None) -> "QuantizedModel":
         """Assemble from in-memory pieces (the arguments of :func:`splitq_jax.quantized.export.save_quantized`).
         ``spec`` / ``vision_spec`` default to those of the method configs."""
@@ -171,7 +173,10 @@ class QuantizedModel:
             raise CheckpointError(f"{len(folded_blocks)} blocks for {model_config.text.num_layers} decoder layers")
         return cls(nnx.merge(graphdef, state), list(folded_blocks), model_config, family, spec,
                    BlockConfig.from_decoder(model_config.text), dict(manifest or {}),
-                   None if vision_blocks is None else list(vision_blocks), vision_spec, method_config)
+                   None if vision_blocks is None else list(vision_blocks), vision_spec,
+                   (manifest or {}).get("method", getattr(method_config, "method", None)),
+                   (manifest or {}).get("method_config",
+                                        None if method_config is None else method_config.to_dict()))
 
     # -- pieces -------------------------------------------------------------------------------
 
@@ -316,13 +321,8 @@ def load_quantized(ckpt_dir: str | os.PathLike, *, verify: bool = True) -> Quant
             vspec = InferenceSpec.from_dict(vision.get("inference") or vision["method_config"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{ckpt_dir}: the manifest's model config or inference spec is invalid: {e}") from e
-    try:
-        cfg = export.method_config_from_dict(manifest["method_config"])
-    except (KeyError, TypeError, ValueError):
-        cfg = None  # a method this version does not know: it runs from the spec all the same
     return QuantizedModel.from_parts(family=family, model_config=model_config, fp_params=fp, folded_blocks=blocks,
-                                     method_config=cfg, manifest=manifest, vision_blocks=vision_blocks,
-                                     spec=spec, vision_spec=vspec)
+                                     manifest=manifest, vision_blocks=vision_blocks, spec=spec, vision_spec=vspec)
 
 
 __all__ = ["QuantizedModel", "load_quantized", "quantized_block_forward", "quantized_vision_features"]

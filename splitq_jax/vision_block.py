@@ -17,29 +17,25 @@ Block parameters use the modules' own names (``norm1``, ``qkv``, ... / ``layer_n
 ...); :func:`block_params` reads them from the NNX blocks.
 
 A vision tower only sees vision tokens, so the text side of SplitQ has nothing to act on:
-:func:`vision_method_config` sets the text-outlier group to size 0 and turns MAC (a text-token
+:func:`splitq_jax.calib.vision.vision_method_config` sets the text-outlier group to size 0 and turns MAC (a text-token
 branch) off. With ``k_t = 0`` MOCD reduces to Eq. 8 -- the ``vision_ratio`` channels with the largest
 vision-token magnitude form the outlier group -- and CWS, the transforms and clipping are unchanged.
 This is the toolkit's reading of A.4, which gives no details [choice].
 
-Calibration samples are images: one image per row of the stream, its patches padded to the longest
-image (padding never attends to or from real patches).
+Calibration samples are images (:mod:`splitq_jax.calib.vision`): one image per row of the stream,
+its patches padded to the longest image (padding never attends to or from real patches).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from splitq_jax import calibrate as cal
-from splitq_jax.config import MethodConfig, parse_bits
 from splitq_jax.models import layers
 from splitq_jax.models.family import FAMILIES, Family, UnknownFamilyError, family_of, get_family
-from splitq_jax.pipeline import Stream
 
 Tree = dict[str, Any]
 
@@ -282,87 +278,5 @@ def quantized_blocks(model, family: str) -> list:
     return _tower(family, model.config).vision_blocks(model)[:n]
 
 
-def vision_method_config(cfg: MethodConfig, bits: str | None = None) -> MethodConfig:
-    """The method applied to vision blocks: ``cfg`` at ``bits`` (default: the same bits), with no
-    text-outlier group and no MAC (there are no text tokens in a vision tower; see the module doc)."""
-    changes: dict[str, Any] = {"text_ratio": 0.0, "mac": False}
-    if bits is not None:
-        changes["w_bits"], changes["a_bits"] = parse_bits(bits)
-    return cfg.replace(**changes)
-
-
-# ---------------------------------------------------------------------------------------------
-# Calibration streams: one image per sample
-
-
-def _pad_rows(arrays: Sequence[np.ndarray], n: int, value) -> np.ndarray:
-    return np.stack([np.pad(a, [(0, n - a.shape[0])] + [(0, 0)] * (a.ndim - 1), constant_values=value)
-                     for a in arrays])
-
-
-def _segment_mask(segments: Sequence[np.ndarray], n: int) -> np.ndarray:
-    """``(S, n, n)`` bool: tokens attend within their segment; padding (segment -1) only to padding."""
-    seg = _pad_rows([np.asarray(s, np.int64) for s in segments], n, -1)
-    return seg[:, :, None] == seg[:, None, :]
-
-
-def qwen_images(batches: Sequence[dict]) -> list[tuple[np.ndarray, tuple[int, int, int]]]:
-    """Split calibration batches into ``(patches, (t, h, w))`` per image."""
-    out = []
-    for b in batches:
-        if b.get("pixel_values") is None:
-            continue
-        pix, grids = np.asarray(b["pixel_values"]), np.asarray(b["image_grid_thw"]).reshape(-1, 3)
-        start = 0
-        for t, h, w in grids.tolist():
-            out.append((pix[start:start + t * h * w], (t, h, w)))
-            start += t * h * w
-    return out
-
-
-def qwen_vision_stream(model, batches: Sequence[dict]) -> Stream:
-    """The inputs of the first Qwen2.5-VL vision block for every calibration image, with the window
-    and full-attention masks (``Stream.masks``, chosen per block by ``Stream.block_masks``)."""
-    images = qwen_images(batches)
-    if not images:
-        raise ValueError("--quantize-vision needs calibration samples with images; none of them has one")
-    tower = model.visual
-    xs, coss, sins, wins, fulls = [], [], [], [], []
-    for pix, grid in images:
-        inp = tower.block_inputs(jnp.asarray(pix), (grid,))
-        xs.append(np.asarray(inp.x, np.float32))
-        coss.append(np.asarray(inp.cos, np.float32))
-        sins.append(np.asarray(inp.sin, np.float32))
-        wins.append(inp.window_segments)
-        fulls.append(inp.full_segments)
-    n = max(a.shape[0] for a in xs)
-    lengths = np.array([a.shape[0] for a in xs])
-    modality = np.where(np.arange(n)[None] < lengths[:, None], cal.VISION, cal.PAD).astype(np.int32)
-    masks = {"window": jnp.asarray(_segment_mask(wins, n)), "full": jnp.asarray(_segment_mask(fulls, n))}
-    kinds = tower.block_mask_kinds()
-    return Stream(jnp.asarray(_pad_rows(xs, n, 0.0)), jnp.asarray(_pad_rows(coss, n, 1.0)),
-                  jnp.asarray(_pad_rows(sins, n, 0.0)), masks["full"], jnp.asarray(modality),
-                  masks=masks, block_masks=kinds)
-
-
-def clip_vision_stream(model, batches: Sequence[dict]) -> Stream:
-    """The inputs of the first CLIP layer (pre-LN'd embeddings) for every calibration image."""
-    pix = [np.asarray(b["pixel_values"]) for b in batches if b.get("pixel_values") is not None]
-    if not pix:
-        raise ValueError("--quantize-vision needs calibration samples with images; none of them has one")
-    x = model.vision_tower.embed(jnp.asarray(np.concatenate(pix)))
-    s, n, _ = x.shape
-    empty = jnp.zeros((s, n, 0), jnp.float32)  # no rotary in CLIP
-    return Stream(x.astype(jnp.float32), empty, empty, jnp.ones((s, n, n), bool),
-                  jnp.full((s, n), cal.VISION, jnp.int32))
-
-
-def vision_stream(model, family: str, batches: Sequence[dict]) -> Stream:
-    """The calibration stream of the first vision block (Qwen's windowed ViT, or CLIP / DINOv2)."""
-    if _tower(family, model.config).vision_tower == "qwen_vit":
-        return qwen_vision_stream(model, batches)
-    return clip_vision_stream(model, batches)
-
-
-__all__ = ["ClipBlockConfig", "Dinov2BlockConfig", "QwenVisionBlockConfig", "block_config", "block_params", "quantized_blocks",
-           "vision_method_config", "vision_stream"]
+__all__ = ["ClipBlockConfig", "Dinov2BlockConfig", "QwenVisionBlockConfig", "block_config", "block_params",
+           "quantized_blocks"]

@@ -180,7 +180,7 @@ def test_default_run_offline_checkpoint_loads_and_matches_fake_quant(default_run
         assert np.isfinite(b["init_loss"]) and np.isfinite(b["final_loss"]) and not b["resumed"]
 
     qm = load_quantized(out)
-    assert qm.method_config.method == "splitq" and len(qm.blocks) == len(blocks)
+    assert qm.method == "splitq" and len(qm.blocks) == len(blocks)
     # two held-out samples of the bundled set, through the embedded model's own processor
     samples = cd.load_samples("default", n=2, split="eval", seed=0)
     enc = cd.encode_samples(samples, handle.family, handle.tokenizer, handle.image_cfg)
@@ -357,7 +357,8 @@ def test_checkpoint_of_an_unknown_method_loads_and_runs(tiny, tiny_runs, tmp_pat
     (ck / "manifest.json").write_text(json.dumps(manifest))
     batch = tiny["qwen2_5_vl"][1][0]
     qm, ref = load_quantized(ck), load_quantized(src)
-    assert qm.method_config is None and ref.method_config.method == "splitq" and qm.spec == ref.spec
+    assert qm.method == "a-method-from-the-future" and ref.method == "splitq" and qm.spec == ref.spec
+    assert qm.provenance["a_new_option"] == 3  # kept as saved, never parsed into a config
     assert np.array_equal(np.asarray(qm.logits(batch)), np.asarray(ref.logits(batch)))
 
 
@@ -453,7 +454,7 @@ def test_existing_output_refused_unless_overwrite(default_run, cached_model, tmp
     assert rc == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     assert not (target / "keep.txt").exists()
-    assert load_quantized(target).method_config.method == "rtn"
+    assert load_quantized(target).method == "rtn"
 
 
 def test_resume_without_interrupted_run_fails_cleanly(cached_model, tmp_path, capsys):
@@ -486,7 +487,9 @@ def test_quantize_vision_checkpoint(tiny, family, tmp_path):
     assert manifest["bits"] == "w3a3" and len(manifest["vision_block_reports"]) == n_vision
 
     qm = load_quantized(path)
-    top, key = export.VISION_LAYERS[family]
+    from splitq_jax.models.family import get_family
+
+    top, key = get_family(family).vision_attr, get_family(family).vision_blocks_attr
     assert key not in export.fp_state_dict(qm.model)[top]  # the fp tower blocks are not stored
     vbcfg = vb.block_config(handle.model, family)
 

@@ -152,7 +152,8 @@ def test_quantized_checkpoint_round_trip(qwen, saved):
     assert {"embed_tokens", "lm_head", "norm"} == set(tree["fp"]["language_model"])
 
     qm = runtime.load_quantized(saved)
-    assert qm.config == model.config and qm.method_config == QWEN_CFG and qm.family == "qwen2_5_vl"
+    assert qm.config == model.config and qm.method == "splitq" and qm.family == "qwen2_5_vl"
+    assert qm.provenance == json.loads(json.dumps(QWEN_CFG.to_dict()))
     for got, want in zip(qm.blocks, folded, strict=True):
         assert_trees_identical(got, want)
     fp = export.fp_state_dict(model)

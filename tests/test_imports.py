@@ -110,5 +110,21 @@ def test_inference_imports_no_calibration_engine():
                          cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}).stdout.split()
     assert "splitq_jax.runtime" in out
     engine = {"splitq_jax.calibrate", "splitq_jax.pipeline", "splitq_jax.quantize", "splitq_jax.mocd",
-              "splitq_jax.parallel", "splitq_jax.methods", "splitq_jax.preflight"}
+              "splitq_jax.parallel", "splitq_jax.methods", "splitq_jax.preflight", "splitq_jax.calib",
+              "splitq_jax.config", "splitq_jax.split_linear"}
     assert not engine & set(out), sorted(engine & set(out))
+
+
+def test_stored_format_knows_no_method():
+    """Nothing the quantized package imports, even inside functions, reaches a method, the
+    calibration engine or a method's configuration."""
+    g = import_graph()
+    seen, todo = set(), [m for m in g if m.startswith("splitq_jax.quantized")]
+    while todo:
+        for w in g[todo.pop()] - seen:
+            seen.add(w)
+            todo.append(w)
+    banned = {m for m in seen if m.startswith(("splitq_jax.methods", "splitq_jax.calib"))} | (
+        seen & {"splitq_jax.calibrate", "splitq_jax.pipeline", "splitq_jax.quantize", "splitq_jax.config",
+                "splitq_jax.split_linear", "splitq_jax.mocd", "splitq_jax.parallel"})
+    assert not banned, sorted(banned)

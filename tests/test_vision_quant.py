@@ -10,6 +10,7 @@ from splitq_jax import calibrate as cal
 from splitq_jax import pipeline
 from splitq_jax.quantized import fold
 from splitq_jax import vision_block as vb
+from splitq_jax.calib import vision as cv
 from splitq_jax.block import fp_block
 from splitq_jax.config import method_config
 from splitq_jax.models import llava
@@ -70,8 +71,8 @@ def test_qwen_vision_stream_reproduces_tower(qwen):
     """Running the stream through the FP blocks (with the per-block masks) gives the tower's
     output for every image: padding and window masks are right."""
     model, batches = qwen
-    stream = vb.vision_stream(model, "qwen2_5_vl", batches)
-    images = vb.qwen_images(batches)
+    stream = cv.vision_stream(model, "qwen2_5_vl", batches)
+    images = cv.qwen_images(batches)
     assert stream.x.shape[0] == len(images) == 4
     bcfg = vb.block_config(model, "qwen2_5_vl")
     x = stream.x
@@ -88,10 +89,10 @@ def test_qwen_vision_stream_reproduces_tower(qwen):
 
 def test_vision_method_config():
     cfg = method_config("splitq", "w3a3")
-    v = vb.vision_method_config(cfg, "w4a4")
+    v = cv.vision_method_config(cfg, "w4a4")
     assert (v.w_bits, v.a_bits, v.text_ratio, v.mac, v.cws) == (4, 4, 0.0, False, True)
     assert v.vision_ratio == cfg.vision_ratio and v.selector == "mocd"
-    assert vb.vision_method_config(cfg).bits == "w3a3"
+    assert cv.vision_method_config(cfg).bits == "w3a3"
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
@@ -99,14 +100,14 @@ def test_vision_blocks_identity_with_quantizers_off_and_calibration(family, qwen
     """Exact identity (every quantizer off) through calibration and folding -- incl. the diagonal
     folded into LayerNorm scale *and* bias for CLIP -- then a real W4A4 calibration lowers the loss."""
     model, batches = qwen if family == "qwen2_5_vl" else clip
-    stream = vb.vision_stream(model, family, batches)
+    stream = cv.vision_stream(model, family, batches)
     bcfg = vb.block_config(model, family)
     blocks = vb.quantized_blocks(model, family)
     params = vb.block_params(blocks[0], family)
     rng = np.random.default_rng(1)  # non-trivial norms (the random modules start at scale 1, bias 0)
     params = {k: ({n: jnp.asarray(v + 0.2 * rng.normal(size=v.shape), jnp.float32) for n, v in p.items()}
                   if k in bcfg.norm_keys else p) for k, p in params.items()}
-    cfg = vb.vision_method_config(method_config("splitq", "w4a4", epochs=6, batch_size=2, vision_ratio=0.1))
+    cfg = cv.vision_method_config(method_config("splitq", "w4a4", epochs=6, batch_size=2, vision_ratio=0.1))
     data = cal.make_block_data(params, stream.x, stream.cos, stream.sin, stream.mask_for(0), stream.modality, bcfg)
     valid = np.asarray(stream.modality != cal.PAD)
     scale = float(jnp.max(jnp.abs(data.y)))
@@ -129,9 +130,9 @@ def test_vision_blocks_identity_with_quantizers_off_and_calibration(family, qwen
 
 def test_calibrate_blocks_vision_part(qwen, tmp_path):
     model, batches = qwen
-    stream = vb.vision_stream(model, "qwen2_5_vl", batches)
+    stream = cv.vision_stream(model, "qwen2_5_vl", batches)
     bcfg = vb.block_config(model, "qwen2_5_vl")
-    cfg = vb.vision_method_config(method_config("rtn", "w4a4"))
+    cfg = cv.vision_method_config(method_config("rtn", "w4a4"))
     blocks = vb.quantized_blocks(model, "qwen2_5_vl")
     res = pipeline.quantize_blocks([lambda b=b: vb.block_params(b, "qwen2_5_vl") for b in blocks], bcfg, stream,
                                     cfg, part="vision")

@@ -18,7 +18,9 @@ an LM head (tied or not, from the config); those are common and not recorded per
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
+from typing import Any
 
 from splitq_jax.errors import SplitqError
 
@@ -59,8 +61,23 @@ class Family:
     # Where the tower and its blocks live on the model: ``getattr(getattr(model, vision_attr), blocks_attr)``.
     vision_attr: str
     vision_blocks_attr: str
+    # The model config class and its vision part, as ``module:name`` (rebuilt from a manifest).
+    config_class: str
+    vision_config_class: str
     # ``config.vision_tower`` value -> the registry name of the variant it selects.
     variants: tuple[tuple[str, str], ...] = ()
+
+    @staticmethod
+    def resolve(ref: str) -> Any:
+        """The object a ``module:name`` reference names (imported on use: no model module is
+        imported before a family is needed)."""
+        module, _, name = ref.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    def abstract_model(self, config, dtype=None):
+        """The family's abstract NNX model of ``config`` (its module's ``abstract_model``)."""
+        fn = getattr(importlib.import_module(self.module), "abstract_model")
+        return fn(config) if dtype is None else fn(config, dtype)
 
     @property
     def takes_grid(self) -> bool:
@@ -83,7 +100,8 @@ _LLAVA_COMMON = dict(checkpoint_name="llava", module="splitq_jax.models.llava",
                      hf_class="LlavaForConditionalGeneration",
                      converter="splitq_jax.models.converters.llava:load_llava", image_input="pixels", rope="1d",
                      image_config="LlavaImageConfig", special_token_attrs=("image_token_id",),
-                     vision_attr="vision_tower", vision_blocks_attr="layers")
+                     vision_attr="vision_tower", vision_blocks_attr="layers",
+                     config_class="splitq_jax.models.llava:LlavaConfig")
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family(name="qwen2_5_vl", checkpoint_name="qwen2_5_vl", module="splitq_jax.models.qwen2_5_vl",
@@ -91,11 +109,14 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            converter="splitq_jax.models.converters.qwen2_5_vl:load_qwen2_5_vl", image_input="patches_grid", rope="mrope",
            prompt_format="qwen", image_config="QwenImageConfig",
            special_token_attrs=("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"),
-           vision_tower="qwen_vit", vision_attr="visual", vision_blocks_attr="blocks"),
+           vision_tower="qwen_vit", vision_attr="visual", vision_blocks_attr="blocks",
+           config_class="splitq_jax.models.qwen2_5_vl:Qwen2_5_VLConfig",
+           vision_config_class="splitq_jax.models.qwen2_5_vl:VisionConfig"),
     Family(name="llava", prompt_format=None, vision_tower="clip", variants=(("dinov2", "llava_dinov2"),),
-           **_LLAVA_COMMON),
+           vision_config_class="splitq_jax.models.llava:CLIPVisionConfig", **_LLAVA_COMMON),
     # easyvqa-vlm-0.5b: DINOv2 tower, Qwen2 decoder, Qwen chat prompts with <|image_pad|> placeholders.
-    Family(name="llava_dinov2", prompt_format=None, vision_tower="dinov2", **_LLAVA_COMMON),
+    Family(name="llava_dinov2", prompt_format=None, vision_tower="dinov2",
+           vision_config_class="splitq_jax.models.dinov2:Dinov2Config", **_LLAVA_COMMON),
 )}
 
 # The family names a checkpoint or a model loader may carry.

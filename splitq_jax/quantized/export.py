@@ -18,7 +18,7 @@ Two artifacts, one encoding:
                             blocks.3.groups.attn_in.weights.q_proj.main.{qvalue,scale,zero_point}
         structure.json    what orbax cannot hold: the tree layout, PackedTensor metadata (bits,
                           shape, symmetric, group_size, word_dtype), None leaves, empty arrays
-        manifest.json     model (name, family, config), method, bits, every MethodConfig option,
+        manifest.json     model (name, family, config), method, bits, every option of the method config,
                           manifest_extra (e.g. per-block losses), package versions, sha256 and size
                           of every other file; written last
 
@@ -46,15 +46,16 @@ import os
 import platform
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from splitq_jax.config import MethodConfig
 from splitq_jax.finite import check_finite
 from splitq_jax.fsutil import OCDBT_FILE_BYTES, sha256_file  # noqa: F401  (sha256_file: re-exported)
+from splitq_jax.models.family import CHECKPOINT_FAMILIES, Family, UnknownFamilyError, family_of, get_family
 from splitq_jax.packing import PackedTensor
 from splitq_jax.quantized.codec import decode_tree, encode_tree  # noqa: F401  (re-exported)
 from splitq_jax.quantized.codec import restore_arrays, save_arrays
@@ -69,12 +70,9 @@ STATE_DIR = "state"
 STRUCTURE_FILE = "structure.json"
 MANIFEST_FILE = "manifest.json"
 BLOCK_FILE = "block.json"
-FAMILIES = ("qwen2_5_vl", "llava")
 _PACKAGES = ("splitq-jax", "jax", "jaxlib", "flax", "orbax-checkpoint", "numpy", "ml_dtypes")
 _RESERVED = frozenset({"format", "format_version", "created", "model", "method", "bits", "method_config", "inference",
                        "storage", "versions", "files", "vision"})
-# Where each family keeps its vision-tower blocks (dropped from "fp" when they are quantized).
-VISION_LAYERS = {"qwen2_5_vl": ("visual", "blocks"), "llava": ("vision_tower", "layers")}
 
 
 def _json_default(o: Any) -> Any:
@@ -207,7 +205,7 @@ def save_block(path: str | os.PathLike, folded: Tree, *, meta: Mapping[str, Any]
                overwrite: bool = True) -> Path:
     """Write one folded block to the directory ``path`` atomically; returns it.
 
-    ``meta`` (JSON-able: e.g. the block's losses, the MethodConfig dict) is stored beside it and
+    ``meta`` (JSON-able: e.g. the block's losses, the method config dict) is stored beside it and
     read back by :func:`load_block_meta`. An existing ``path`` is replaced (a re-run recalibrates);
     ``overwrite=False`` refuses instead.
     """
@@ -291,25 +289,15 @@ def model_config_from_dict(family: str, d: Mapping[str, Any]):
     def tuples(v: Any) -> Any:
         return tuple(tuples(x) for x in v) if isinstance(v, list) else v
 
-    if family == "qwen2_5_vl":
-        from splitq_jax.models.qwen2_5_vl import Qwen2_5_VLConfig as Cls, VisionConfig as VCls
-    elif family == "llava":
-        from splitq_jax.models.llava import CLIPVisionConfig as VCls, LlavaConfig as Cls
-    else:
-        raise CheckpointError(f"unknown model family {family!r}; known: {FAMILIES}")
+    try:
+        fam = family_of(family, SimpleNamespace(vision_tower=d.get("vision_tower")))
+    except UnknownFamilyError as e:
+        raise CheckpointError(str(e)) from None
     top = {k: tuples(v) for k, v in d.items() if k not in ("text", "vision")}
     text = DecoderConfig(**{k: tuples(v) for k, v in d["text"].items()})
-    if family == "llava" and d.get("vision_tower", "clip") == "dinov2":  # LLaVA with a DINOv2 tower
-        from splitq_jax.models.dinov2 import Dinov2Config as VCls
-    vision = None if d.get("vision") is None else VCls(**{k: tuples(v) for k, v in d["vision"].items()})
-    return Cls(text=text, vision=vision, **top)
-
-
-def method_config_from_dict(d: Mapping[str, Any]) -> MethodConfig:
-    """MethodConfig from ``to_dict()`` output; options unknown to this version are ignored (they
-    cannot change inference), options it added since take their defaults."""
-    known = {f.name for f in dataclasses.fields(MethodConfig)}
-    return MethodConfig(**{k: v for k, v in d.items() if k in known})
+    vcls = Family.resolve(fam.vision_config_class)
+    vision = None if d.get("vision") is None else vcls(**{k: tuples(v) for k, v in d["vision"].items()})
+    return Family.resolve(fam.config_class)(text=text, vision=vision, **top)
 
 
 def without_layers(model_config):
@@ -319,18 +307,13 @@ def without_layers(model_config):
 
 def abstract_fp_model(family: str, model_config, dtype=jnp.float32):
     """The fp part (no decoder layers) of a model as an abstract NNX module."""
-    if family == "qwen2_5_vl":
-        from splitq_jax.models.qwen2_5_vl import abstract_model
-    elif family == "llava":
-        from splitq_jax.models.llava import abstract_model
-    else:
-        raise ValueError(f"unknown model family {family!r}; known: {FAMILIES}")
-    return abstract_model(without_layers(model_config), dtype)
+    return get_family(family).abstract_model(without_layers(model_config), dtype)
 
 
 def strip_vision_layers(fp: dict, family: str) -> dict:
     """``fp`` without the vision tower's blocks (they are stored quantized instead)."""
-    top, key = VISION_LAYERS[family]
+    fam = get_family(family)  # where the family keeps its tower's blocks (left out of "fp" when quantized)
+    top, key = fam.vision_attr, fam.vision_blocks_attr
     if top not in fp:
         raise ValueError(f"the {family} fp parameters have no {top!r}: there is no vision tower to quantize")
     return {**fp, top: {k: v for k, v in fp[top].items() if k != key}}
@@ -341,7 +324,8 @@ def drop_vision_layers(module, family: str):
     quantized tower: its blocks run from the folded trees)."""
     from flax import nnx
 
-    top, key = VISION_LAYERS[family]
+    fam = get_family(family)  # where the family keeps its tower's blocks (left out of "fp" when quantized)
+    top, key = fam.vision_attr, fam.vision_blocks_attr
     setattr(getattr(module, top), key, nnx.List([]))
     return module
 
@@ -384,10 +368,10 @@ def _storage(folded_blocks: Sequence[Tree], fp: dict) -> dict[str, int]:
 
 
 def save_quantized(out_dir: str | os.PathLike, *, family: str, model_config, fp_params: Any,
-                   folded_blocks: Sequence[Tree], method_config: MethodConfig,
+                   folded_blocks: Sequence[Tree], method_config: Any,
                    manifest_extra: Mapping[str, Any] | None = None, model_name: str | None = None,
                    overwrite: bool = False, vision_blocks: Sequence[Tree] | None = None,
-                   vision_method_config: MethodConfig | None = None) -> Path:
+                   vision_method_config: Any = None) -> Path:
     """Write a quantized model to ``out_dir`` atomically (layout in the module docstring).
 
     Args:
@@ -396,7 +380,8 @@ def save_quantized(out_dir: str | os.PathLike, *, family: str, model_config, fp_
       fp_params: the full-precision model (NNX module), its state or pure dict; its decoder layers
         are dropped, everything else (embeddings, vision tower, projector, final norm, head) is saved.
       folded_blocks: one folded block (:mod:`splitq_jax.quantized.schema`) per decoder layer, in order.
-      method_config: the MethodConfig the blocks were calibrated with.
+      method_config: the method config the blocks were calibrated with (a method's config or an
+        engine setting): its name, bits and options are provenance, its inference spec what loading reads.
       manifest_extra: JSON-able entries merged into the manifest's top level (e.g.
         ``{"block_losses": [...], "calibration": {...}}``); NaN/inf become null.
       model_name: recorded in the manifest; defaults to ``model_config.hf_id``.
@@ -406,8 +391,8 @@ def save_quantized(out_dir: str | os.PathLike, *, family: str, model_config, fp_
     Returns:
       the absolute path of the checkpoint.
     """
-    if family not in FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; known: {FAMILIES}")
+    if family not in CHECKPOINT_FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; known: {', '.join(CHECKPOINT_FAMILIES)}")
     extra = dict(manifest_extra or {})
     clash = sorted(_RESERVED & set(extra))
     if clash:
@@ -520,6 +505,6 @@ def load_quantized_tree(ckpt_dir: str | os.PathLike, *, verify: bool = True) -> 
 
 
 __all__ = ["CheckpointError", "FORMAT", "FORMAT_VERSION", "decode_tree", "encode_tree", "fp_state_dict",
-           "load_block", "load_block_meta", "load_quantized_parts", "load_quantized_tree", "method_config_from_dict",
+           "load_block", "load_block_meta", "load_quantized_parts", "load_quantized_tree",
            "model_config_from_dict", "package_versions", "read_manifest", "save_block", "save_quantized",
            "verify_checkpoint"]

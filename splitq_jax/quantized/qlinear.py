@@ -22,7 +22,7 @@ Paths that cannot be integer fall back to float, exactly as the fake-quant refer
 activations off (weight-only ``w4a16``) multiply the dequantized weight; a weight whose quantizer is
 off (a float leaf) multiplies the dequantized activations.
 
-Everything else is :func:`splitq_jax.split_linear.apply_group`'s activation path: the main
+Everything else is :func:`splitq_jax.quantized.group.apply_group`'s activation path: the main
 transform, per-token activation quantization with its clipping, outlier groups at aux bits, the
 CWS branch for every token and MAC for text tokens (only when activations are quantized), whose
 rank-``r`` intermediate is re-quantized per token at aux bits, then bias. Results equal the
@@ -40,10 +40,10 @@ import jax
 import jax.numpy as jnp
 
 from splitq_jax import transforms as tf
-from splitq_jax.config import MethodConfig
 from splitq_jax.packing import PackedTensor, unpack, unpack_dequantize
 from splitq_jax.quant import quantize, saturate
-from splitq_jax.split_linear import Bits
+from splitq_jax.quantized.group import Bits
+from splitq_jax.quantized.schema import InferenceSpec
 
 Tree = dict[str, Any]
 
@@ -163,11 +163,11 @@ def _kernel_ready(w: Tree) -> bool:
     return all(isinstance(t, PackedTensor) and t.symmetric and t.group_size is None for t in leaves)
 
 
-def _act_pack_group(folded: Tree, x: jax.Array, names: list[str], text_mask, cfg: MethodConfig, bits: Bits,
+def _act_pack_group(folded: Tree, x: jax.Array, names: list[str], text_mask, cfg: InferenceSpec, bits: Bits,
                     implementation: str | None):
     """Every activation operand of the group's split GEMMs in one :func:`splitq_jax.pallas.act_pack.act_pack`
     call: main path, outlier groups and the down-projected branch intermediates of the linears ``names``
-    (CWS for every token; MAC only when text tokens are given, as :func:`splitq_jax.split_linear.apply_group`).
+    (CWS for every token; MAC only when text tokens are given, as :func:`splitq_jax.quantized.group.apply_group`).
 
     The operands come packed (``packed=True``: two 4-bit lanes per byte for activations of at most 4 bits, int8
     above; :class:`splitq_jax.pallas.split_gemm.QuantizedActs`), which halves the activation bytes between the two
@@ -206,7 +206,7 @@ def _split_gemm_linear(packed, name: str, w: Tree, bias, text_mask, implementati
 
 
 def quantized_group_apply(folded: Tree, x: jax.Array, text_mask: jax.Array | None,
-                          cfg: MethodConfig, *, implementation: str | None = None) -> dict[str, jax.Array]:
+                          cfg: InferenceSpec, *, implementation: str | None = None) -> dict[str, jax.Array]:
     """A folded group (:mod:`splitq_jax.quantized.schema`) with integer matmuls.
 
     Linears whose weights are all symmetric per-channel (the default) run through the Pallas ops

@@ -56,7 +56,7 @@ class ActPacked(NamedTuple):
 
 
 def main_input(x: jax.Array, main_path: str, main_mask, main_idx) -> jax.Array:
-    """The main path's input channels, as :func:`splitq_jax.split_linear.apply_group` takes them."""
+    """The main path's input channels, as :func:`splitq_jax.quantized.group.apply_group` takes them."""
     if main_path == "gathered":
         if main_idx is None:
             raise ValueError("the gathered main path needs main_idx")

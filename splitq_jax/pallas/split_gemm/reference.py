@@ -1,6 +1,6 @@
 """Plain XLA reference of the split GEMM: the kernel's integer dots and epilogue, in ``jnp``.
 
-Per term ``t`` (main, then cws, mac, text, vision, as :func:`splitq_jax.split_linear.apply_group`
+Per term ``t`` (main, then cws, mac, text, vision, as :func:`splitq_jax.quantized.group.apply_group`
 adds them)::
 
     acc_t = q_x . q_w^T  (int8 x int8 -> int32)  -  z_x * row_sum_w      (zero point: if any)
