@@ -116,10 +116,10 @@ def test_inference_imports_no_calibration_engine():
 
 
 def test_stored_format_knows_no_method():
-    """Nothing the quantized package imports, even inside functions, reaches a method, the
-    calibration engine or a method's configuration."""
+    """Nothing the quantized package or the runtime imports, even inside functions, reaches a
+    method, the calibration engine or a method's configuration."""
     g = import_graph()
-    seen, todo = set(), [m for m in g if m.startswith("splitq_jax.quantized")]
+    seen, todo = set(), [m for m in g if m.startswith("splitq_jax.quantized")] + ["splitq_jax.runtime"]
     while todo:
         for w in g[todo.pop()] - seen:
             seen.add(w)
