@@ -9,7 +9,9 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[test,plot]"
+	# --no-compile: byte-compiling every installed module (torch alone has thousands) took half of
+	# the install; Python compiles what is actually imported on first use.
+	$(BIN)/pip install --quiet --no-compile -e ".[test,plot]"
 	touch $(STAMP)
 
 # Two worker processes, whole test modules each (compile-bound tests scale with processes, not threads).

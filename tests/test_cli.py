@@ -468,23 +468,23 @@ def test_resume_without_interrupted_run_fails_cleanly(cached_model, tmp_path, ca
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", pytest.param("llava", marks=pytest.mark.slow)])
 def test_quantize_vision_checkpoint(tiny, family, tmp_path):
-    """--quantize-vision: vision blocks calibrated (W4A4 here while the LLM is W3A3), exported
+    """--quantize-vision: vision blocks calibrated (W3A3 here while the LLM is W4A4), exported
     without the tower's fp blocks, reloaded bit-identically; the integer vision tower matches the
     fake-quant folded blocks, and the logits use it."""
     from splitq_jax import vision_block as vb
 
     handle, batches, stream = tiny[family]
-    cfg = method_config("splitq", "w3a3", epochs=1, batch_size=2)
-    job = qz.vision_job(handle, batches, cfg, "w4a4")
-    assert job.cfg.bits == "w4a4" and job.cfg.text_ratio == 0 and not job.cfg.mac
+    cfg = tiny_cfg("splitq")  # the LLM's recipe of tiny_runs: its compiled programs are shared
+    job = qz.vision_job(handle, batches, cfg, "w3a3")
+    assert job.cfg.bits == "w3a3" and job.cfg.text_ratio == 0 and not job.cfg.mac
     reports = []
     path, result = qz.quantize_model(handle, stream, cfg, tmp_path / "ckpt", data_record={"source": "synthetic"},
                                      vision=job, on_block=reports.append)
     n_vision = vb.num_quantized_blocks(handle.model.config, family)
     assert [r.part for r in reports] == ["vision"] * n_vision + ["language"] * 2
     manifest = json.loads((path / "manifest.json").read_text())
-    assert manifest["vision"]["bits"] == "w4a4" and manifest["vision"]["num_blocks"] == n_vision
-    assert manifest["bits"] == "w3a3" and len(manifest["vision_block_reports"]) == n_vision
+    assert manifest["vision"]["bits"] == "w3a3" and manifest["vision"]["num_blocks"] == n_vision
+    assert manifest["bits"] == "w4a4" and len(manifest["vision_block_reports"]) == n_vision
 
     qm = load_quantized(path)
     from splitq_jax.models.family import get_family
