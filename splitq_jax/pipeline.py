@@ -33,7 +33,7 @@ from splitq_jax.methods.registry import method_of
 from splitq_jax.errors import NonFiniteError
 from splitq_jax.finite import check_finite
 from splitq_jax.fsutil import write_json
-from splitq_jax.models.family import get_family
+from splitq_jax.models import forward
 
 Tree = dict[str, Any]
 
@@ -81,21 +81,11 @@ def embed_batches(model, batches: Sequence[dict], family: str, *, vision_encoder
     """
     if not batches:
         raise ValueError("no calibration batches: give at least one sample")
-    fam = get_family(family)
     parts = []
     for b in batches:
-        emb = model.embed(*fam.model_args(b), vision_encoder=vision_encoder)
-        cos, sin = model.rope(emb.position_ids)
-        modality = np.asarray(emb.modality_mask)
-        if "modality" in b:
-            given = np.asarray(b["modality"])
-            if not np.array_equal(given != cal.PAD, modality != cal.PAD) or not np.array_equal(
-                given == cal.VISION, modality == cal.VISION
-            ):
-                raise ValueError("the batch's modality mask disagrees with the model's image placeholders")
-            modality = given
-        parts.append((np.asarray(emb.hidden, np.float32), np.asarray(cos, np.float32),
-                      np.asarray(sin, np.float32), modality.astype(np.int32)))
+        inp = forward.prepare(model, family, b, vision_encoder=vision_encoder)
+        parts.append((np.asarray(inp.hidden, np.float32), np.asarray(inp.cos, np.float32),
+                      np.asarray(inp.sin, np.float32), np.asarray(inp.modality, np.int32)))
     n = max(p[0].shape[1] for p in parts)
     x = np.concatenate([_left_pad(p[0], n, 0.0) for p in parts])
     cos = np.concatenate([_left_pad(p[1], n, 1.0) for p in parts])

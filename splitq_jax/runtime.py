@@ -41,6 +41,7 @@ from splitq_jax.block import BlockConfig
 from splitq_jax.modality import ANSWER, PAD, VISION, text_mask
 from splitq_jax.quantized.schema import InferenceSpec
 from splitq_jax.quantized.export import CheckpointError
+from splitq_jax.models import forward
 from splitq_jax.models.family import family_of
 from splitq_jax.models.decode import cache_key_valid, greedy_generate
 from splitq_jax.models.layers import Decoder, KVCache, make_attention_mask
@@ -217,20 +218,12 @@ class QuantizedModel:
     # -- whole model --------------------------------------------------------------------------
 
     def logits(self, batch: Mapping[str, Any]) -> jax.Array:
-        """Logits ``(B, N, vocab)`` for a batch dict: ``input_ids``, optional ``pixel_values``,
-        ``image_grid_thw`` (Qwen2.5-VL), ``attention_mask`` and ``modality`` (codes 0 pad, 1 text,
-        2 vision, 3 answer; overrides the model's own, so that answer tokens keep their code)."""
-        emb = self.embed(batch["input_ids"], batch.get("pixel_values"), batch.get("image_grid_thw"),
-                         batch.get("attention_mask"))
-        modality = emb.modality_mask
-        if batch.get("modality") is not None:
-            given = jnp.asarray(batch["modality"], jnp.int32)
-            if given.shape != modality.shape or bool(jnp.any((given == PAD) != (modality == PAD))):
-                raise ValueError("the batch's modality disagrees with its attention mask")
-            modality = given
-        cos, sin = self.model.rope(emb.position_ids)
-        x = self.run_blocks(emb.hidden, cos, sin, self.model.attention_mask(modality), modality)
-        return self.head(x)
+        """Logits ``(B, N, vocab)`` for a batch dict (:mod:`splitq_jax.models.forward`): the
+        family's embedding (through the quantized vision tower when there is one), every
+        quantized block, the head. ``modality`` in the batch overrides the model's own codes, so
+        that answer tokens keep their code."""
+        encoder = None if self.vision_blocks is None else self.vision_features
+        return forward.logits(self.model, self.family, batch, blocks=self.run_blocks, vision_encoder=encoder)
 
     def generate(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None, *,
                  max_new_tokens: int, eos_token_id: int | Sequence[int] | None = None,
