@@ -130,7 +130,7 @@ def prepare(name, bits, block_params, data, bcfg, total_steps=1000):
     t0 = time.perf_counter()
     stats = cal.collect_stats(block_params, data, cfg, bcfg, batch_size=data.x.shape[0])
     stats_s = time.perf_counter() - t0
-    from splitq_jax import split_linear as sl
+    from splitq_jax.methods.splitq import split_linear as sl
 
     hits0 = getattr(sl._svd_top, "hits", 0)
     t0 = time.perf_counter()
@@ -258,7 +258,7 @@ def main(argv=None) -> None:
     data = cal.make_block_data(block_params, jnp.asarray(x), cos, sin, mask, modality, bcfg)
     vision_share = float((modality == C.VISION).mean())
 
-    from splitq_jax import split_linear as sl
+    from splitq_jax.methods.splitq import split_linear as sl
 
     memo = SvdMemo(sl._svd_top)
     sl._svd_top = memo  # identical results; repeated decompositions of the same weight are reused

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from splitq_jax import calibrate as cal
-from splitq_jax import mocd
+from splitq_jax.methods.splitq import mocd
 from splitq_jax.block import GROUPS
 from splitq_jax.config import MethodConfig
 from splitq_jax.pipeline import Stream, block_config_of

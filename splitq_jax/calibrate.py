@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from splitq_jax import split_linear as sl
+from splitq_jax.methods.splitq import split_linear as sl
 from splitq_jax.block import BlockConfig, fp_block
 from splitq_jax.calib.stats import GroupStats, Selection, collect_group_stats, group_inputs_jit  # noqa: F401
 from splitq_jax.config import MethodConfig, as_engine

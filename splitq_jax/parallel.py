@@ -14,7 +14,7 @@ can be stacked on a new leading axis and trained by the *same* step as
 
 Stacking needs every block's state to have the same tree structure and leaf shapes. The MOCD
 split differs per block (other channels), but its *sizes* do not: ``k_t, k_v`` come from the
-input width and the ratios alone (:func:`splitq_jax.mocd.channel_counts`), and so do the main
+input width and the ratios alone (:func:`splitq_jax.methods.splitq.mocd.channel_counts`), and so do the main
 width and the branch ranks. Channel indices live in ``qconsts`` as arrays, so the vmapped step
 gathers each block's own channels. :func:`stack_trees` reports the first leaf that disagrees.
 

@@ -93,7 +93,7 @@ def main_widths(widths: dict[str, int], cfg: MethodConfig) -> dict[str, int]:
     """Width of each group's main weight: the full width on the masked path, the width less the
     outlier channels on the gathered path of a split group."""
     from splitq_jax.calibrate import group_is_split
-    from splitq_jax.mocd import channel_counts
+    from splitq_jax.methods.splitq.mocd import channel_counts
 
     out = {}
     for g, d in widths.items():

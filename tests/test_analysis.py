@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from splitq_jax import analysis, mocd
+from splitq_jax import analysis
+from splitq_jax.methods.splitq import mocd
 from splitq_jax import quantize as qz
 from splitq_jax.config import method_config
 from splitq_jax.modality import TEXT, VISION

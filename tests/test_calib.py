@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from splitq_jax import calibrate as cal
-from splitq_jax import mocd
+from splitq_jax.methods.splitq import mocd
 from splitq_jax.calib import collectors as col
 from splitq_jax.calib.stats import collect_group_stats, group_inputs_jit, Selection
 from splitq_jax.config import method_config

@@ -7,7 +7,7 @@ import pytest
 
 from splitq_jax.methods import transform
 from splitq_jax import calibrate as cal
-from splitq_jax import mocd
+from splitq_jax.methods.splitq import mocd
 from splitq_jax.quantized import fold
 from splitq_jax.block import BlockConfig, causal_mask, fp_block, init_block_params, rope_1d
 from splitq_jax.config import ConfigError, method_config, parse_bits

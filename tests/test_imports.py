@@ -109,9 +109,9 @@ def test_inference_imports_no_calibration_engine():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}).stdout.split()
     assert "splitq_jax.runtime" in out
-    engine = {"splitq_jax.calibrate", "splitq_jax.pipeline", "splitq_jax.quantize", "splitq_jax.mocd",
+    engine = {"splitq_jax.calibrate", "splitq_jax.pipeline", "splitq_jax.quantize", "splitq_jax.methods.splitq.mocd",
               "splitq_jax.parallel", "splitq_jax.methods", "splitq_jax.preflight", "splitq_jax.calib",
-              "splitq_jax.config", "splitq_jax.split_linear"}
+              "splitq_jax.config", "splitq_jax.methods.splitq.split_linear"}
     assert not engine & set(out), sorted(engine & set(out))
 
 
@@ -126,5 +126,5 @@ def test_stored_format_knows_no_method():
             todo.append(w)
     banned = {m for m in seen if m.startswith(("splitq_jax.methods", "splitq_jax.calib"))} | (
         seen & {"splitq_jax.calibrate", "splitq_jax.pipeline", "splitq_jax.quantize", "splitq_jax.config",
-                "splitq_jax.split_linear", "splitq_jax.mocd", "splitq_jax.parallel"})
+                "splitq_jax.methods.splitq.split_linear", "splitq_jax.methods.splitq.mocd", "splitq_jax.parallel"})
     assert not banned, sorted(banned)

@@ -1,4 +1,4 @@
-"""Tests for splitq_jax.mocd (spec section 4.2, Eq. 7-12)."""
+"""Tests for splitq_jax.methods.splitq.mocd (spec section 4.2, Eq. 7-12)."""
 
 import time
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.cluster import KMeans
 
-from splitq_jax import mocd
+from splitq_jax.methods.splitq import mocd
 
 SELECTORS = ["mocd", "none", "random", "text_max", "vision_max", "all_max", "all_mean"]
 NAIVE = ["random", "text_max", "vision_max", "all_max", "all_mean"]

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from splitq_jax import split_linear as sl
+from splitq_jax.methods.splitq import split_linear as sl
 from splitq_jax.config import method_config
 
 D = 48

@@ -3,7 +3,7 @@
 A collector turns the inputs ``x: (T, d)`` a group of linears reads (tokens of one calibration
 batch, flattened) into a running state whose size does not grow with the number of batches. Device
 collectors are pure ``jnp`` functions (jitted once per shape by :func:`run`); MOCD's text-token
-reservoir is host-side (:class:`splitq_jax.mocd.MocdStats`), fed the same batches.
+reservoir is host-side (:class:`splitq_jax.methods.splitq.mocd.MocdStats`), fed the same batches.
 
 Every collector sees, per token, the modality code (0 pad, 1 text, 2 vision, 3 answer) and a
 float32 weight ``w_t`` (0 on pads: the block data's per-token weights, which MBQ / TLQ reweight):

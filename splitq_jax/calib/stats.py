@@ -3,7 +3,7 @@
 The full-precision block runs over the calibration samples ``batch_size`` at a time; each group's
 input (what its linears read) goes to the device collectors the method asks for
 (:mod:`splitq_jax.calib.collectors`) and, for groups MOCD splits, to the host-side text-token
-reservoir of :class:`splitq_jax.mocd.MocdStats`. Nothing pools every token of the calibration
+reservoir of :class:`splitq_jax.methods.splitq.mocd.MocdStats`. Nothing pools every token of the calibration
 set: memory is one batch of captures plus the collectors' fixed-size states.
 """
 
@@ -81,7 +81,7 @@ def collect_group_stats(block_params: Tree, data, bcfg: BlockConfig, wanted: dic
     """Run the full-precision block over ``data`` (a ``BlockData``) and accumulate, per group,
     the device statistics ``wanted[group]`` (names of :data:`collectors.COLLECTORS`) and, for the
     groups in ``split``, MOCD's statistics and channel selection."""
-    from splitq_jax import mocd
+    from splitq_jax.methods.splitq import mocd
 
     split = split or {}
     weight = token_weight(data)

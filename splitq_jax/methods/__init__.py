@@ -11,11 +11,23 @@ method (``flatquant+mocd``). :mod:`~splitq_jax.methods.base` holds the shared pi
 :mod:`~splitq_jax.methods.registry` the listing and the command-line front end.
 """
 
-from splitq_jax.methods.base import Method, QuantSpec, option_names
-from splitq_jax.methods.registry import (METHODS, VARIANTS, add_method_flags, calibrate_block, config_from_args,
-                                         fold_block, get_config, get_method, method_name_from, method_of, names,
-                                         option_owners, read_config_file)
+from __future__ import annotations
 
-__all__ = ["METHODS", "VARIANTS", "Method", "QuantSpec", "add_method_flags", "calibrate_block", "config_from_args",
-           "fold_block", "get_config", "get_method", "method_name_from", "method_of", "names", "option_names",
-           "option_owners", "read_config_file"]
+import importlib
+from typing import Any
+
+_BASE = ("Method", "QuantSpec", "option_names")
+_REGISTRY = ("METHODS", "VARIANTS", "add_method_flags", "calibrate_block", "config_from_args", "fold_block",
+             "get_config", "get_method", "method_name_from", "method_of", "names", "option_owners",
+             "read_config_file")
+
+__all__ = sorted(_BASE + _REGISTRY)
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use (PEP 562): the transform engine imports modules of this package
+    # (methods.splitq.split_linear), and the registry imports the engine.
+    if name in _BASE or name in _REGISTRY:
+        module = "splitq_jax.methods." + ("base" if name in _BASE else "registry")
+        return getattr(importlib.import_module(module), name)
+    raise AttributeError(f"module 'splitq_jax.methods' has no attribute {name!r}")

@@ -14,7 +14,8 @@ from typing import Any
 
 from splitq_jax.block import GROUP_NORM
 from splitq_jax.config import ConfigError
-from splitq_jax.methods import flatquant, rtn, smoothquant, splitq
+from splitq_jax.methods import flatquant, rtn, smoothquant
+from splitq_jax.methods.splitq import method as splitq
 from splitq_jax.methods.base import Method, QuantSpec, option_names
 from splitq_jax.quantized.fold import canonicalize
 

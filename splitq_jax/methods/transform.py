@@ -7,7 +7,7 @@ only in their engine setting (``Config.engine_config()``):
 
 * calibrate: :func:`splitq_jax.calibrate.fit_block` collects the statistics the setting reads
   (:func:`splitq_jax.calibrate.engine_statistics`), initialises every group
-  (:func:`splitq_jax.split_linear.init_group`) and trains what the setting learns;
+  (:func:`splitq_jax.methods.splitq.split_linear.init_group`) and trains what the setting learns;
 * fold: :func:`fold_block` quantizes and packs every stored weight (the residual ``R`` of the main
   path at ``b`` bits, outlier weights and branch factors at ``max(b, 4)``), then the canonical
   fold (:func:`splitq_jax.quantized.fold.canonicalize`) moves diagonals into norms and drops
@@ -15,7 +15,7 @@ only in their engine setting (``Config.engine_config()``):
 
 The folded block run in fake-quant reproduces the calibrated block, because both go through
 :func:`splitq_jax.quantized.group.apply_group` with weights from the same
-:func:`splitq_jax.split_linear.prequant_weights`.
+:func:`splitq_jax.methods.splitq.split_linear.prequant_weights`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any
 import jax
 
 from splitq_jax import calibrate as cal
-from splitq_jax import split_linear as sl
+from splitq_jax.methods.splitq import split_linear as sl
 from splitq_jax.block import GROUP_NORM
 from splitq_jax.config import MethodConfig, as_engine, method_config
 from splitq_jax.methods.base import Method, QuantSpec

@@ -22,7 +22,7 @@ import pytest
 from splitq_jax.methods import transform
 from splitq_jax import packing, quant
 from splitq_jax.quantized import fold
-from splitq_jax import split_linear as sl
+from splitq_jax.methods.splitq import split_linear as sl
 from splitq_jax import transforms as tf
 from splitq_jax.config import method_config
 from splitq_jax.pallas.split_gemm import (
