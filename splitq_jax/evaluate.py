@@ -91,10 +91,13 @@ def _is_quantized(model: Any) -> bool:
 
 
 def model_logits(model: Any, batch: Batch, family: str) -> jax.Array:
-    """Logits ``(B, N, vocab)`` of a full-precision family model or a ``QuantizedModel``."""
+    """Logits ``(B, N, vocab)`` of a full-precision family model or a ``QuantizedModel``, both
+    through the one whole-model forward (:mod:`splitq_jax.models.forward`)."""
     if _is_quantized(model):
         return model.logits(batch)
-    return model(*get_family(family).model_args(batch))
+    from splitq_jax.models import forward
+
+    return forward.logits(model, family, batch)
 
 
 def model_generate(model: Any, batch: Batch, family: str, *, max_new_tokens: int,

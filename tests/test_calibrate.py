@@ -8,7 +8,7 @@ import pytest
 from splitq_jax.methods import transform
 from splitq_jax import calibrate as cal
 from splitq_jax.methods.splitq import mocd
-from splitq_jax.quantized import fold
+from splitq_jax.quantized import fold, group
 from splitq_jax.block import BlockConfig, causal_mask, fp_block, init_block_params, rope_1d
 from splitq_jax.config import ConfigError, method_config, parse_bits
 from splitq_jax.quant import QuantError
@@ -234,6 +234,23 @@ def test_smoothquant_folds_to_no_transform(data):
     y_cal = _fwd(r.qparams, r.qconsts, d, cfg)
     y_fold = fold.folded_block_forward(folded, d.x, d.cos, d.sin, d.mask, d.modality, cfg, BCFG)
     assert _valid_max_err(y_fold, y_cal, d) < 1e-4 * float(jnp.max(jnp.abs(y_cal)))
+
+
+def test_full_main_masks_are_dropped_only_when_exact():
+    """The canonical fold drops a main part's mask and index only when it is every channel in
+    order with no outlier channel; the runtime's main input is then ``x`` itself, equal to the
+    masked and the gathered forms of the same split."""
+    d, none = 6, jnp.zeros((0,), jnp.int32)
+    full = {"main_mask": jnp.ones(d, bool), "main_idx": jnp.arange(d), "text_idx": none, "vision_idx": none}
+    assert fold.is_full_main(full)
+    assert not fold.is_full_main({**full, "main_mask": jnp.ones(d, bool).at[2].set(False)})
+    assert not fold.is_full_main({**full, "main_idx": jnp.arange(d)[::-1]})
+    assert not fold.is_full_main({**full, "text_idx": jnp.asarray([1])})
+    assert not jax.jit(fold.is_full_main)(full)  # traced: unknown, kept
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, d)), jnp.float32)
+    canonical = {**full, "main_mask": None, "main_idx": None}
+    for path in ("masked", "gathered"):
+        np.testing.assert_array_equal(group.main_input(x, canonical, path), group.main_input(x, full, path))
 
 
 def test_identity_transforms_are_dropped_only_when_exact():

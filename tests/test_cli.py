@@ -322,6 +322,9 @@ def test_smoothquant_checkpoint_carries_no_transform(tiny, tiny_runs):
     for i, blk in enumerate(qm.blocks):
         assert all(f["acts"]["transform"] is None and f["acts"].get("text") is None
                    for f in blk["groups"].values()), f"block {i}"
+        # nor a channel mask: the main part is every channel, fed as it is
+        assert all(f["split"]["main_mask"] is None and f["split"]["main_idx"] is None
+                   for f in blk["groups"].values()), f"block {i}"
         fp_norm = np.asarray(list(model.blocks)[i].block_params()["input_layernorm"]["scale"])
         assert not np.array_equal(np.asarray(blk["norms"]["input_layernorm"]["scale"]), fp_norm)
 

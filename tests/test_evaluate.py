@@ -203,13 +203,14 @@ def test_more_left_padding_changes_nothing(setup, logits):
 
 
 class _Scripted:
-    """A stand-in fp model: zero logits and scripted replies per prompt (matched on its tokens)."""
+    """A stand-in fp model: the wrapped model's logits and scripted replies per prompt (matched
+    on its tokens)."""
 
-    def __init__(self, config, tokenizer, replies):
-        self.config, self.tokenizer, self.replies = config, tokenizer, replies
+    def __init__(self, model, tokenizer, replies):
+        self.model, self.tokenizer, self.replies = model, tokenizer, replies
 
-    def __call__(self, input_ids, *_):
-        return jnp.zeros(np.shape(input_ids) + (self.config.text.vocab_size,), jnp.float32)
+    def __getattr__(self, name):  # embed, rope, attention_mask, head, ...: the forward's pieces
+        return getattr(self.model, name)
 
     def generate(self, input_ids, pixel_values, image_grid_thw, attention_mask, *, max_new_tokens, eos_token_id,
                  pad_token_id):
@@ -228,8 +229,8 @@ def test_exact_match_counts_normalised_replies(setup):
     right = {key(s): f" {s.answer.capitalize()}.\nBecause." for s in answered}
     one_wrong = dict(right)
     one_wrong[key(answered[0])] = "definitely not"
-    fp = _Scripted(handle.model.config, handle.tokenizer, right)
-    q = _Scripted(handle.model.config, handle.tokenizer, one_wrong)
+    fp = _Scripted(handle.model, handle.tokenizer, right)
+    q = _Scripted(handle.model, handle.tokenizer, one_wrong)
     # Generation covers every answered sample of ``encoded`` whatever the batches; two rows per
     # generation batch check that rows map back to their samples.
     r = ev.evaluate(q, fp, batches[:1], encoded, tokenizer=handle.tokenizer, family=handle.family,

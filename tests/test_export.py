@@ -276,6 +276,8 @@ def test_folded_block_schema_names_what_is_wrong(tmp_path):
         (lambda f: f["split"].__setitem__("text_idx", jnp.asarray([d + 1], jnp.int32)), "text_idx: must be"),
         (lambda f: f["acts"].__setitem__("text", None), "acts/text: is absent but the group has"),
         (lambda f: f["weights"]["k_proj"].__setitem__("extra", jnp.zeros(1)), "unknown \\['extra'\\]"),
+        (lambda f: f["split"].__setitem__("main_mask", None), "split/main_idx: must be None with main_mask None"),
+        (lambda f: f["split"].update(main_mask=None, main_idx=None), "split: has outlier channels but no main_mask"),
     ]
     for edit, msg in cases:
         with pytest.raises(CheckpointError, match=msg):

@@ -80,7 +80,9 @@ def _fold_diag_into_norm(norm: Tree, folded: Tree, main_path: str) -> Tree:
         return norm
     split = folded["split"]
     d = norm["scale"].shape[0]
-    if main_path == "gathered":
+    if split["main_mask"] is None:  # the main part is every channel
+        c_full = t["c"]
+    elif main_path == "gathered":
         c_full = jnp.ones((d,), jnp.float32).at[split["main_idx"]].set(t["c"])
     else:
         c_full = t["c"] * split["main_mask"] + (1.0 - split["main_mask"])
@@ -105,19 +107,34 @@ def drop_identity(transform: Tree | None) -> Tree | None:
     return None if all(is_identity(transform[k]) for k in transform) else transform
 
 
+def is_full_main(split: Tree) -> bool:
+    """Whether, concretely, a group's main part is every input channel in order: an all-ones
+    ``main_mask``, ``main_idx = arange(d)`` and no outlier channel (a traced split never is)."""
+    mask, idx = split["main_mask"], split["main_idx"]
+    if mask is None or idx is None or any(isinstance(a, jax.core.Tracer) for a in (mask, idx)):
+        return False
+    mask, idx = np.asarray(mask), np.asarray(idx)
+    return (mask.ndim == 1 and bool(np.all(mask == 1)) and np.array_equal(idx, np.arange(mask.shape[0]))
+            and all(np.size(split[f"{g}_idx"]) == 0 for g in ("text", "vision")))
+
+
 def canonicalize(block: Tree, group_norm: dict[str, str], main_path: str) -> Tree:
     """The one canonical form of a folded block, whatever method made it (a new tree; ``block``
     is left as it is): each main transform's diagonal ``c`` moves into the norm that feeds its
     group (``group_norm``: group -> norm; e.g. ``BlockConfig.group_norm``), then main transforms
-    of identity factors only are dropped, so such groups run transform-free. Idempotent; exact
-    (``x (I kron I) = x``; the norm's output times ``c`` is the same product in another place)."""
-    groups = {g: {**f, "acts": dict(f["acts"])} for g, f in block["groups"].items()}
+    of identity factors only are dropped, so such groups run transform-free, and a main part that
+    is every channel drops its all-ones mask and ``arange`` index (``main_mask = main_idx = None``:
+    the runtime feeds the input as it is, no multiply, no gather). Idempotent; exact
+    (``x (I kron I) = x * 1 = x``; the norm's output times ``c`` is the same product in another place)."""
+    groups = {g: {**f, "acts": dict(f["acts"]), "split": dict(f["split"])} for g, f in block["groups"].items()}
     norms = {k: dict(v) for k, v in block["norms"].items()}
     for g, norm in group_norm.items():
         if g in groups and norm in norms:
             norms[norm] = _fold_diag_into_norm(norms[norm], groups[g], main_path)
     for f in groups.values():
         f["acts"]["transform"] = drop_identity(f["acts"]["transform"])
+        if is_full_main(f["split"]):
+            f["split"].update(main_mask=None, main_idx=None)
     return {"norms": norms, "groups": groups}
 
 

@@ -52,6 +52,17 @@ def is_spec(x: Any) -> bool:
     return isinstance(x, WeightSpec)
 
 
+def main_input(x: jax.Array, split: Tree, main_path: str) -> jax.Array:
+    """The main path's input ``(..., N, km)`` from the group input ``x (..., N, d)``: ``x`` itself
+    when the main part is every channel (``main_mask`` None, the canonical form), else the masked
+    ``x * main_mask`` or the gathered ``x[..., main_idx]``."""
+    if split["main_mask"] is None:
+        return x
+    if main_path == "gathered":
+        return jnp.take(x, split["main_idx"], axis=-1)
+    return x * split["main_mask"].astype(x.dtype)
+
+
 def apply_group(
     acts: Tree,
     split: Tree,
@@ -73,10 +84,7 @@ def apply_group(
       ``{name: (..., N, d_out)}``.
     """
     dtype = x.dtype
-    if cfg.main_path == "gathered":
-        xm = jnp.take(x, split["main_idx"], axis=-1)
-    else:
-        xm = x * split["main_mask"].astype(dtype)
+    xm = main_input(x, split, cfg.main_path)
     xq = fake_quant(tf.apply_act(acts["transform"], xm), bits.a, symmetric=cfg.a_symmetric, clip=acts["act_clip"])
     outlier_x = {}
     for group in ("text", "vision"):

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from splitq_jax import transforms as tf
 from splitq_jax.packing import PackedTensor, unpack, unpack_dequantize
 from splitq_jax.quant import quantize, saturate
-from splitq_jax.quantized.group import Bits
+from splitq_jax.quantized.group import Bits, main_input
 from splitq_jax.quantized.schema import InferenceSpec
 
 Tree = dict[str, Any]
@@ -184,7 +184,9 @@ def _act_pack_group(folded: Tree, x: jax.Array, names: list[str], text_mask, cfg
         for branch in ("cws", "mac"):
             if branch in w and (branch == "cws" or text_mask is not None):
                 branches[f"{name}/{branch}"] = gemm_weight(w[branch]["l_in"])
-    return act_pack(x, main_bits=bits.a, aux_bits=bits.aux_a, symmetric=cfg.a_symmetric, main_path=cfg.main_path,
+    # a main part of every channel (no mask, no index) is the masked path's no-mask case
+    main_path = cfg.main_path if split["main_mask"] is not None else "masked"
+    return act_pack(x, main_bits=bits.a, aux_bits=bits.aux_a, symmetric=cfg.a_symmetric, main_path=main_path,
                     main_mask=split["main_mask"], main_idx=split["main_idx"], transform=acts["transform"],
                     act_clip=acts["act_clip"], outliers=outliers, branches=branches, packed=True,
                     implementation=implementation)
@@ -236,10 +238,7 @@ def quantized_group_apply(folded: Tree, x: jax.Array, text_mask: jax.Array | Non
     if len(kernel_names) == len(folded["weights"]):
         return out
 
-    if cfg.main_path == "gathered":
-        xm = jnp.take(x, split["main_idx"], axis=-1)
-    else:
-        xm = x * split["main_mask"].astype(dtype)
+    xm = main_input(x, split, cfg.main_path)
     xq = _maybe_quantize(tf.apply_act(acts["transform"], xm), bits.a, cfg.a_symmetric, acts["act_clip"])
     outlier_x = {}
     for group in ("text", "vision"):

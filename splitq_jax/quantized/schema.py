@@ -76,12 +76,14 @@ class InferenceSpec:
 #       "acts": {"transform": None | {"p1": (n1, n1), "p2": (n2, n2), "c"?: (km,)} | {"p": (km, km)},
 #                "act_clip": None | {"max": (), "min": ()},
 #                "text" | "vision": None | {"transform": None | {"p": (k, k)}, "act_clip": ...}},
-#       "split": {"main_mask": (d,), "main_idx": (km',), "text_idx": (k_t,), "vision_idx": (k_v,)},
+#       "split": {"main_mask": None | (d,), "main_idx": None | (km',), "text_idx": (k_t,), "vision_idx": (k_v,)},
 #       "weights": {name: {"main": (d_out, km), "cws"? | "mac"?: {"l_in": (r, km), "l_out": (d_out, r)},
 #                          "text"?: (d_out, k_t), "vision"?: (d_out, k_v)}},
 #       "biases": {name: None | (d_out,)}}}}
 #
-# Weights are PackedTensors (their ``shape`` is the unpacked one) or float arrays.
+# Weights are PackedTensors (their ``shape`` is the unpacked one) or float arrays. ``main_mask``
+# and ``main_idx`` are None together when the main part is every channel in order (the canonical
+# fold's form: the runtime then feeds the group input as it is).
 
 
 def _shape(x: Any) -> tuple[int, ...] | None:
@@ -121,15 +123,29 @@ def validate_folded_block(block: Any, spec: InferenceSpec, where: str = "block")
         p = f"groups/{g}"
         keys(f, {"acts", "split", "weights", "biases"}, set(), p)
         keys(f["split"], {"main_mask", "main_idx", "text_idx", "vision_idx"}, set(), f"{p}/split")
-        (d,) = _shape(f["split"]["main_mask"]) or (None,)
-        if d is None:
-            fail(f"{p}/split/main_mask", "is not a vector")
-        widths = {k: (_shape(f["split"][f"{k}_idx"]) or (-1,))[0] for k in ("main", "text", "vision")}
+        split = f["split"]
+        if split["main_mask"] is None:  # canonical form: the main part is every channel, in order
+            if split["main_idx"] is not None:
+                fail(f"{p}/split/main_idx", "must be None with main_mask None (the main part is every channel)")
+            mains = [_shape(w.get("main")) for w in f["weights"].values() if isinstance(w, dict)]
+            d = mains[0][1] if mains and mains[0] is not None and len(mains[0]) == 2 else None
+            if d is None:
+                fail(f"{p}/weights", "has no main weight to give the input width")
+        else:
+            (d,) = _shape(split["main_mask"]) or (None,)
+            if d is None:
+                fail(f"{p}/split/main_mask", "is not a vector")
+        widths = {k: (_shape(split[f"{k}_idx"]) or (d if k == "main" else -1,))[0]
+                  for k in ("main", "text", "vision")}
+        if split["main_mask"] is None and (widths["text"] > 0 or widths["vision"] > 0):
+            fail(f"{p}/split", "has outlier channels but no main_mask")
         for k, n in widths.items():
-            idx = np.asarray(f["split"][f"{k}_idx"])
+            if split[f"{k}_idx"] is None:
+                continue
+            idx = np.asarray(split[f"{k}_idx"])
             if idx.ndim != 1 or (idx.size and (idx.min() < 0 or idx.max() >= d)):
                 fail(f"{p}/split/{k}_idx", f"must be a vector of channel indices in [0, {d})")
-        km = d if spec.main_path == "masked" else widths["main"]
+        km = d if spec.main_path == "masked" or split["main_idx"] is None else widths["main"]
         acts = f["acts"]
         keys(acts, {"transform", "act_clip"}, {"text", "vision"}, f"{p}/acts")
         t = acts["transform"]
