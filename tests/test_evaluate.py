@@ -13,7 +13,6 @@ import json
 import shutil
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
