@@ -87,7 +87,8 @@ def main(argv=None) -> int:
     try:
         args, file_options = parse_args(argv)
         spec = methods.config_from_args(args, file_options)
-        cfg = spec.engine_config()
+        # The transform engine's methods run their engine setting; any other method its own config.
+        cfg = spec.engine_config() if hasattr(spec, "engine_config") else spec
         for flag, value in (("--samples", args.samples), ("--calib-batch-size", args.calib_batch_size),
                             ("--max-tokens", args.max_tokens)):
             if value is not None and value < 1:
@@ -124,7 +125,7 @@ def main(argv=None) -> int:
         reports = []
 
         def steps_per_block(s: Stream, c) -> int:
-            return c.epochs * (s.x.shape[0] // min(c.batch_size, s.x.shape[0])) if c.trains else 0
+            return c.epochs * (s.x.shape[0] // min(c.batch_size, s.x.shape[0])) if getattr(c, "trains", False) else 0
 
         def stepper(part: str, s: Stream, c):
             label = "block" if part == "language" else "vision"

@@ -39,7 +39,9 @@ class BlockData(NamedTuple):
     x: (S, N, d) block inputs; y: (S, N, d) full-precision targets; cos, sin: (S, N, hd);
     mask: (S, N, N) bool attention mask; modality: (S, N) int codes; weight: (S, N) float32
     per-token weights of the block loss and of weighted statistics (e.g. the Hessian), or None:
-    1 on every non-pad token (methods such as MBQ and TLQ set their own).
+    1 on every non-pad token (methods such as MBQ and TLQ set their own); x_fp: (S, N, d) the
+    full-precision path's block inputs when ``x`` is the quantized path's (paired captures, e.g.
+    GPTAQ's cross term), else None (``x`` is both).
     """
 
     x: jax.Array
@@ -49,6 +51,7 @@ class BlockData(NamedTuple):
     mask: jax.Array
     modality: jax.Array
     weight: jax.Array | None = None
+    x_fp: jax.Array | None = None
 
     def batch(self, start: int, size: int) -> "BlockData":
         return BlockData(*(None if a is None else a[start:start + size] for a in self))
@@ -77,7 +80,8 @@ def make_block_data(block_params, x, cos, sin, mask, modality, bcfg: BlockConfig
         weight = jnp.asarray(weight, jnp.float32)
         if weight.shape != tuple(modality.shape) or not bool(jnp.all(jnp.isfinite(weight) & (weight >= 0))):
             raise ValueError(f"per-token weights must be finite, >= 0 and of shape {tuple(modality.shape)}")
-    return BlockData(x if x_quant is None else x_quant, y, cos, sin, mask, jnp.asarray(modality, jnp.int32), weight)
+    return BlockData(x if x_quant is None else x_quant, y, cos, sin, mask, jnp.asarray(modality, jnp.int32), weight,
+                     None if x_quant is None else x)
 
 
 def check_inputs(x: jax.Array, bcfg: BlockConfig) -> None:

@@ -245,6 +245,16 @@ def variant_config(name: str, bits: str = "w4a4", **overrides: Any) -> MethodCon
     return method_config(preset, bits, **{**fixed, **overrides})
 
 
+def run_config(cfg: Any) -> Any:
+    """What a whole-model run carries: the engine setting of a transform-engine method
+    (:func:`as_engine`), any other method's own config as it is (GPTQ's, ...)."""
+    if isinstance(cfg, MethodConfig) or hasattr(cfg, "engine_config"):
+        return as_engine(cfg)
+    if isinstance(getattr(cfg, "method", None), str):
+        return cfg
+    raise ConfigError(f"expected a method config (splitq_jax.methods.get_config), got {type(cfg).__name__}")
+
+
 def as_engine(cfg: Any) -> MethodConfig:
     """The engine setting of ``cfg``: a :class:`MethodConfig` as it is, or a method's config
     (``splitq_jax.methods``) through its ``engine_config()``."""

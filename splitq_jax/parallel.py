@@ -40,8 +40,8 @@ Tree = Any
 
 # Default batching of BlockData fields: inputs and targets differ per block; rotary tables, the
 # attention mask and the modality codes are those of the one calibration stream, shared.
-SHARED_STREAM = cal.BlockData(x=0, y=0, cos=None, sin=None, mask=None, modality=None, weight=None)
-ALL_STACKED = cal.BlockData(x=0, y=0, cos=0, sin=0, mask=0, modality=0, weight=0)
+SHARED_STREAM = cal.BlockData(x=0, y=0, cos=None, sin=None, mask=None, modality=None, weight=None, x_fp=0)
+ALL_STACKED = cal.BlockData(x=0, y=0, cos=0, sin=0, mask=0, modality=0, weight=0, x_fp=0)
 
 
 class StackError(ValueError):

@@ -97,7 +97,7 @@ def main_widths(widths: dict[str, int], cfg: MethodConfig) -> dict[str, int]:
 
     out = {}
     for g, d in widths.items():
-        if cfg.main_path == "gathered" and group_is_split(g, cfg):
+        if getattr(cfg, "main_path", "masked") == "gathered" and group_is_split(g, cfg):
             k_t, k_v = channel_counts(d, cfg.text_ratio, cfg.vision_ratio)
             d -= k_t + k_v
         out[g] = d

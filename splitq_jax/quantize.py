@@ -25,7 +25,7 @@ from splitq_jax import calib_data as cd
 from splitq_jax import fsutil
 from splitq_jax import pipeline
 from splitq_jax import preprocess as pp
-from splitq_jax.config import MethodConfig, as_engine
+from splitq_jax.config import MethodConfig, run_config
 from splitq_jax.errors import SplitqError
 
 EMBEDDED_DEFAULT = "qwen2.5-vl-mini"
@@ -152,7 +152,7 @@ def preflight_config(model_ref: str | None, cfg: MethodConfig) -> None:
     name = model_ref or EMBEDDED_DEFAULT
     for family in (qwen2_5_vl, llava):
         if name in family.CONFIGS:
-            pf.check_group_size_widths(pf.decoder_widths(family.CONFIGS[name].text), as_engine(cfg))
+            pf.check_group_size_widths(pf.decoder_widths(family.CONFIGS[name].text), run_config(cfg))
 
 
 def preflight_model(handle: ModelHandle, cfg: MethodConfig, out_dir: str | Path,
@@ -255,7 +255,7 @@ def quantize_model(
     from splitq_jax.errors import SplitqError
     from splitq_jax.preflight import nearest_existing
 
-    cfg = as_engine(cfg)
+    cfg = run_config(cfg)
     record = _run_record(handle, cfg, data_record, vision)
     existing = nearest_existing(Path(out_dir).parent)
     work = prepare_output(out_dir, overwrite=overwrite, resume=resume, record=record)

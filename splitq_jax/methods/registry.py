@@ -15,11 +15,13 @@ from typing import Any
 from splitq_jax.block import GROUP_NORM
 from splitq_jax.config import ConfigError
 from splitq_jax.methods import flatquant, rtn, smoothquant
+from splitq_jax.methods.gptq import method as gptq
 from splitq_jax.methods.splitq import method as splitq
 from splitq_jax.methods.base import Method, QuantSpec, option_names
 from splitq_jax.quantized.fold import canonicalize
 
-METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in (rtn, smoothquant, flatquant, splitq)}
+METHODS: dict[str, Method] = {m.name: m for m in (rtn.METHOD, smoothquant.METHOD, flatquant.METHOD, splitq.METHOD,
+                                                  gptq.GPTQ, gptq.GPTAQ, gptq.VLM_PTQ)}
 # Named presets of a method: variant -> (method, fixed options).
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {name: ("splitq", fixed) for name, fixed in splitq.VARIANTS.items()}
 

@@ -281,7 +281,8 @@ def solve(w: jax.Array, h: jax.Array, *, bits: int, symmetric: bool = True, grou
     if h.shape != (d, d) or (d_cross is not None and tuple(d_cross.shape) != (d, d)):
         raise SolverError(f"statistics of shape {h.shape} do not match a weight of {d} input columns")
     if group_size is not None and d % group_size:
-        raise SolverError(f"group size {group_size} does not divide the input width {d}")
+        raise SolverError(f"group size {group_size} does not divide the input width {d}; choose a --w-group-size "
+                          "that divides every linear's input width, or none (one scale per output channel)")
     if outer_update not in ("quantized", "original"):
         raise SolverError(f"outer_update must be 'quantized' or 'original', got {outer_update!r}")
     static = static_groups or grid is not None
