@@ -39,7 +39,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from splitq_jax.errors import SplitqError
 from splitq_jax.quant import qrange, scale_from_stats, scale_recip4, times_reciprocal
