@@ -36,7 +36,11 @@ def main(argv=None) -> int:
         return 2
     args = ap.parse_args(argv)
     try:
-        cfg = methods.config_from_args(args).engine_config()
+        spec = methods.config_from_args(args)
+        if not hasattr(spec, "engine_config"):  # the figure shows a transform method's channel split
+            raise ConfigError(f"plot_channels shows the channels of a transform method (rtn, smoothquant, flatquant, "
+                              f"splitq); --method {spec.method} has none")
+        cfg = spec.engine_config()
         if args.samples < 1:
             raise SplitqError(f"--samples must be at least 1, got {args.samples}")
         preflight.check_output(Path(args.out))

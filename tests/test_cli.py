@@ -398,12 +398,12 @@ def test_bad_argument_fails_cleanly(argv, message, tmp_path, capsys, monkeypatch
 
 
 def test_unknown_method_fails_cleanly(tmp_path, capsys):
-    rc, err = run_cli(["--method", "gptq", "--out", tmp_path / "ckpt"], capsys)
-    assert rc == 2 and "unknown method 'gptq': choose one of rtn, smoothquant, flatquant, splitq" in err
+    rc, err = run_cli(["--method", "nosuch", "--out", tmp_path / "ckpt"], capsys)
+    assert rc == 2 and "unknown method 'nosuch': choose one of rtn, smoothquant, flatquant, splitq, gptq" in err
     config = tmp_path / "method.json"
-    config.write_text(json.dumps({"method": "gptq"}))
+    config.write_text(json.dumps({"method": "nosuch"}))
     rc, err = run_cli(["--config", config, "--out", tmp_path / "ckpt"], capsys)
-    assert rc == 2 and "unknown method 'gptq'" in err
+    assert rc == 2 and "unknown method 'nosuch'" in err
     assert [p.name for p in tmp_path.iterdir()] == ["method.json"]
 
 

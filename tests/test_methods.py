@@ -18,13 +18,14 @@ from test_cli import cli, run_cli
 
 
 def test_registry_lists_every_method_and_variant():
-    assert tuple(methods.METHODS) == METHODS
-    assert methods.names() == METHODS + ("flatquant+mocd", "flatquant+mocd+cws")
-    assert set(methods.names()) == set(METHODS) | set(COMPONENT_VARIANTS)
-    for name in METHODS:
-        assert methods.get_method(name).config().method == name
-    with pytest.raises(ConfigError, match="unknown method 'gptq': choose one of rtn, smoothquant"):
-        methods.get_method("gptq")
+    hessian = ("gptq", "gptaq", "vlm-ptq")  # methods that are no transform-engine setting
+    assert tuple(methods.METHODS) == METHODS + hessian
+    assert methods.names() == METHODS + hessian + ("flatquant+mocd", "flatquant+mocd+cws")
+    assert set(methods.names()) == set(METHODS) | set(hessian) | set(COMPONENT_VARIANTS)
+    for name in methods.METHODS:
+        assert methods.get_method(name).config("w4a16").method == name
+    with pytest.raises(ConfigError, match="unknown method 'nosuch': choose one of rtn, smoothquant"):
+        methods.get_method("nosuch")
 
 
 @pytest.mark.parametrize("name", list(dict.fromkeys(METHODS + tuple(COMPONENT_VARIANTS))))

@@ -326,7 +326,7 @@ def test_plot_channels_refuses_bad_input_before_loading(tmp_path, capsys, monkey
     before = tree_snapshot(tmp_path)
     for argv, message in ((["--samples", "0"], "--samples must be at least 1, got 0"),
                           (["--out", str(tmp_path / "afile" / "c.png")], "is a file, not a directory"),
-                          (["--method", "gptq"], "unknown method 'gptq'")):
+                          (["--method", "nosuch"], "unknown method 'nosuch'")):
         rc = plot.main(argv)
         err = capsys.readouterr().err
         assert rc == 2 and err.startswith("error: ") and message in err, err
