@@ -74,7 +74,8 @@ from splitq_jax import pipeline  # noqa: E402
 from splitq_jax.quantized import export
 from splitq_jax import quantize as qz  # noqa: E402
 from splitq_jax import vqa_eval as vqa  # noqa: E402
-from splitq_jax.config import BIT_PRESETS, COMPONENT_VARIANTS, METHODS, method_config, variant_config  # noqa: E402
+from splitq_jax.config import (BIT_PRESETS, COMPONENT_VARIANTS, METHODS, method_config, parse_bits,  # noqa: E402
+                               variant_config)
 from splitq_jax.runtime import QuantizedModel  # noqa: E402
 
 BENCH = "real_weights"
@@ -163,6 +164,25 @@ def cell_key(r: dict) -> tuple:
     return r.get("part", "llm"), r.get("method"), r.get("bits"), r.get("metric")
 
 
+WEIGHT_ONLY = ("w4a16", "w3a16", "w2a16")
+
+
+def run_config(method: str, bits: str, args):
+    """The transform methods' engine preset with the bench's recipe; any other registered method
+    (gptq, gptaq, vlm-ptq) its own config at its defaults (seed and statistics batch as given).
+    Weight-only 2/3-bit cells use groups of 128 for every method (the GPTQ family's default), so
+    that RTN and the solvers share one grid."""
+    from splitq_jax import methods as registry
+    from splitq_jax.methods.gptq.config import BIT_DEFAULTS
+
+    if method in METHODS:
+        w, a = parse_bits(bits)
+        return method_config(method, bits, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+                             **BIT_DEFAULTS.get((w, a), {}))
+
+    return registry.get_config(method, bits, batch_size=args.batch_size, seed=args.seed)
+
+
 def llm_part(args, methods, bits_list, records, save, base) -> None:
     """Part (a): the 0.5B code model, every method x bit width."""
     t0 = time.perf_counter()
@@ -185,7 +205,7 @@ def llm_part(args, methods, bits_list, records, save, base) -> None:
             if (method, bits) in done:
                 log(f"llm {method} {bits}: done earlier, skipped")
                 continue
-            cfg = method_config(method, bits, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
+            cfg = run_config(method, bits, args)
             t1 = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="MOCD: no vision tokens")
@@ -198,7 +218,8 @@ def llm_part(args, methods, bits_list, records, save, base) -> None:
             res = ev.evaluate(qm, handle.model, eval_batches, encoded, tokenizer=handle.tokenizer,
                               family=handle.family)
             eval_s = time.perf_counter() - t2
-            row = {**base, "part": "llm", "model": LLM, "method": method, "bits": bits, **data}
+            row = {**base, "part": "llm", "model": LLM, "method": method, "bits": bits,
+                   "w_group_size": cfg.w_group_size, **data}
             n = int(res["n_next_tokens"])
             for metric, value, count in (("ppl_fp", res["ppl_fp"], n), ("ppl", res["ppl_q"], n),
                                          ("kl", res["kl"], int(res["n_positions"])),
@@ -343,11 +364,17 @@ def main(argv=None) -> int:
         return 2
     methods = [m for m in args.methods.split(",") if m]
     bits_list = [b for b in args.bits.split(",") if b]
-    bad = sorted(set(methods) - set(METHODS)) + sorted(
-        set(bits_list + args.ablation_bits.split(",")) - set(BIT_PRESETS) - {""})
+    from splitq_jax import methods as registry
+
+    known_bits = tuple(BIT_PRESETS) + WEIGHT_ONLY
+    bad = sorted(set(methods) - set(registry.METHODS)) + sorted(
+        set(bits_list + args.ablation_bits.split(",")) - set(known_bits) - {""})
     if bad:
-        print(f"error: unknown method(s) or bit width(s) {bad}; methods: {', '.join(METHODS)}; bit widths: "
-              f"{', '.join(BIT_PRESETS)}", file=sys.stderr)
+        print(f"error: unknown method(s) or bit width(s) {bad}; methods: {', '.join(registry.METHODS)}; bit widths: "
+              f"{', '.join(known_bits)}", file=sys.stderr)
+        return 2
+    if "llm" not in parts and set(methods) - set(METHODS):
+        print("error: the gptq family runs in the llm part only for now", file=sys.stderr)
         return 2
     machine = C.machine_name()
     out = Path(args.out) if args.out else C.RESULTS / f"{BENCH}-{machine}.json"
