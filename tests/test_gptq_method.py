@@ -84,6 +84,10 @@ def test_bad_settings_name_the_fix():
         methods.get_config("vlm-ptq", "w3a16", mu_grid="0,2")
     with pytest.raises(ConfigError, match="must be 'quantized'"):
         methods.get_config("gptaq", "w4a16", block_inputs="fp")
+    for bad, flag in ((dict(damp=2.0), "damp"), (dict(block_size=0), "block_size"), (dict(alpha=-1.0), "alpha"),
+                      (dict(outer_update="later"), "outer_update")):
+        with pytest.raises(ConfigError, match=flag):
+            methods.get_config("gptaq", "w4a16", **bad)
     with pytest.raises(ConfigError, match="cws_ratio"):
         methods.get_config("gptq", "w4a16", cws_ratio=0.1)
     assert methods.get_config("gptq", "w3a16").w_group_size == 128  # 2/3-bit weight-only: groups of 128
@@ -103,3 +107,15 @@ def test_weight_only_checkpoint_runs_in_the_runtime(tiny, tmp_path):  # noqa: F8
     got = assert_runtime_matches_fake_quant(qm, batches[0])
     assert np.all(np.isfinite(got))
     assert jnp.asarray(got).shape[-1] == handle.model.config.text.vocab_size
+
+
+def test_cli_refuses_bad_gptq_options_before_writing(tmp_path, capsys):
+    """A group size that divides no layer width, or an option of another method: exit 2, a message
+    naming the fix, nothing written."""
+    from test_cli import run_cli
+
+    for argv, message in ((["--w-group-size", "7"], "--w-group-size 7 does not divide"),
+                          (["--alpha", "0.3"], "--alpha is an option of gptaq, vlm-ptq")):
+        rc, err = run_cli(["--method", "gptq", "--bits", "w4a16", *argv, "--out", tmp_path / "ckpt"], capsys)
+        assert rc == 2 and message in err, err
+    assert list(tmp_path.iterdir()) == []

@@ -188,9 +188,9 @@ class HessianMethod(Method):
                     except solver.SolverError as e:
                         raise solver.SolverError(f"{g}/{name}: {e}") from None
             qweights = {**qweights, **{g: {n: s.weight for n, s in solutions[g].items()} for g in groups}}
-        rtn = {g: {n: _dequantize_rtn(jnp.asarray(block_params[n]["w"], jnp.float32),
-                                      solver.fit_static_grid(jnp.asarray(block_params[n]["w"], jnp.float32),
-                                                             cfg.w_bits, cfg.w_symmetric, cfg.w_group_size), cfg)
+        # the report's baseline: round-to-nearest on the same grid (the solver's grid rule is RTN's)
+        rtn = {g: {n: fake_quant(jnp.asarray(block_params[n]["w"], jnp.float32), cfg.w_bits,
+                                 symmetric=cfg.w_symmetric, group_size=cfg.w_group_size)
                    for n in bcfg.groups[g]} for g in order}
         init_loss = _block_loss(block_params, rtn, data, cfg, bcfg)
         final_loss = _block_loss(block_params, qweights, data, cfg, bcfg)
