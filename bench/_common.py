@@ -92,6 +92,30 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def reset_peak_rss() -> bool:
+    """Restart the kernel's high-water mark of this process's RSS (``VmHWM``; Linux's
+    ``clear_refs`` value 5), so that :func:`window_peak_rss_bytes` measures from now. False where
+    the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def window_peak_rss_bytes() -> int | None:
+    """``VmHWM``: the peak RSS since :func:`reset_peak_rss` (else since the start); None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def current_rss_bytes() -> int:
     try:
         with open("/proc/self/statm") as f:

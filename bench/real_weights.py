@@ -74,7 +74,7 @@ from splitq_jax import pipeline  # noqa: E402
 from splitq_jax.quantized import export
 from splitq_jax import quantize as qz  # noqa: E402
 from splitq_jax import vqa_eval as vqa  # noqa: E402
-from splitq_jax.config import (BIT_PRESETS, COMPONENT_VARIANTS, METHODS, method_config, parse_bits,  # noqa: E402
+from splitq_jax.config import (BIT_PRESETS, COMPONENT_VARIANTS, METHODS, parse_bits,  # noqa: E402
                                variant_config)
 from splitq_jax.runtime import QuantizedModel  # noqa: E402
 
@@ -167,20 +167,43 @@ def cell_key(r: dict) -> tuple:
 WEIGHT_ONLY = ("w4a16", "w3a16", "w2a16")
 
 
+SOLVER_SUFFIX = "+gptq"  # a transform method or variant with GPTQ as its weight back end
+
+
 def run_config(method: str, bits: str, args):
-    """The transform methods' engine preset with the bench's recipe; any other registered method
-    (gptq, gptaq, vlm-ptq) its own config at its defaults (seed and statistics batch as given).
-    Weight-only 2/3-bit cells use groups of 128 for every method (the GPTQ family's default), so
-    that RTN and the solvers share one grid."""
+    """The config of a cell. Transform methods and SplitQ's component variants: the engine preset
+    with the bench's recipe (``NAME+gptq``: with ``weight_solver="gptq"``); any other registered
+    method (gptq, gptaq, vlm-ptq) its own config at its defaults (seed and statistics batch as
+    given). Weight-only 2/3-bit cells use groups of 128 for every method (the GPTQ family's
+    default), so that RTN and the solvers share one grid."""
     from splitq_jax import methods as registry
     from splitq_jax.methods.gptq.config import BIT_DEFAULTS
 
-    if method in METHODS:
+    base = method[:-len(SOLVER_SUFFIX)] if method.endswith(SOLVER_SUFFIX) else method
+    if base in METHODS or base in COMPONENT_VARIANTS:
+        extra = {"weight_solver": "gptq"} if base != method else {}
         w, a = parse_bits(bits)
-        return method_config(method, bits, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-                             **BIT_DEFAULTS.get((w, a), {}))
-
+        return variant_config(base, bits, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+                              **BIT_DEFAULTS.get((w, a), {}), **extra)
     return registry.get_config(method, bits, batch_size=args.batch_size, seed=args.seed)
+
+
+def known_methods() -> tuple[str, ...]:
+    from splitq_jax import methods as registry
+
+    names = tuple(dict.fromkeys(tuple(registry.METHODS) + tuple(COMPONENT_VARIANTS)))
+    return names + tuple(n + SOLVER_SUFFIX for n in names if n in COMPONENT_VARIANTS or n in ("smoothquant",))
+
+
+def calibrate_cell(model, stream, cfg):
+    """``(result, seconds, peak RSS bytes)`` of one whole-decoder calibration; the peak is the
+    process's (model, streams and all) from the start of this calibration to its end."""
+    C.reset_peak_rss()
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="MOCD: no vision tokens")
+        result = pipeline.quantize_decoder(model, stream, cfg)
+    return result, time.perf_counter() - t0, C.window_peak_rss_bytes()
 
 
 def llm_part(args, methods, bits_list, records, save, base) -> None:
@@ -206,11 +229,7 @@ def llm_part(args, methods, bits_list, records, save, base) -> None:
                 log(f"llm {method} {bits}: done earlier, skipped")
                 continue
             cfg = run_config(method, bits, args)
-            t1 = time.perf_counter()
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="MOCD: no vision tokens")
-                result = pipeline.quantize_decoder(handle.model, stream, cfg)
-            calib_s = time.perf_counter() - t1
+            result, calib_s, peak = calibrate_cell(handle.model, stream, cfg)
             qm = QuantizedModel.from_parts(family=handle.family, model_config=handle.model.config,
                                            fp_params=handle.model, folded_blocks=result.folded_blocks,
                                            method_config=cfg)
@@ -225,10 +244,11 @@ def llm_part(args, methods, bits_list, records, save, base) -> None:
                                          ("kl", res["kl"], int(res["n_positions"])),
                                          ("top1_agreement", res["top1_agreement"], int(res["n_positions"])),
                                          ("calib_seconds", calib_s, None), ("eval_seconds", eval_s, None),
+                                         ("calib_peak_rss_bytes", peak, None),
                                          ("mean_final_block_mse",
                                           sum(r.final_loss for r in result.reports) / len(result.reports), None)):
-                records.append({**row, "metric": metric, "value": value if math.isfinite(value) else None,
-                                "count": count})
+                records.append({**row, "metric": metric,
+                                "value": value if value is None or math.isfinite(value) else None, "count": count})
             save()
             del qm, result  # free the quantized model before the next one (peak memory)
             release_compiled()
@@ -329,23 +349,22 @@ class VlmBench:
         if ("vlm", variant, bits, "answer_accuracy") in {cell_key(r) for r in self.records}:
             log(f"vlm {variant} {bits}: done earlier, skipped")
             return
-        cfg = variant_config(variant, bits, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
-        t1 = time.perf_counter()
-        result = pipeline.quantize_decoder(h.model, self.stream, cfg)
-        calib_s = time.perf_counter() - t1
+        cfg = run_config(variant, bits, args)
+        result, calib_s, peak = calibrate_cell(h.model, self.stream, cfg)
         qm = QuantizedModel.from_parts(family=h.family, model_config=h.model.config, fp_params=h.model,
                                        folded_blocks=result.folded_blocks, method_config=cfg)
         t2 = time.perf_counter()
         res = answer_metrics(self.ref, answer_logits(qm, self.batches, h.family), self.batches, self.samples)
         eval_s = time.perf_counter() - t2
-        row = {**self.base, "part": "vlm", "model": VLM, "method": variant, "bits": bits, **self.data}
+        row = {**self.base, "part": "vlm", "model": VLM, "method": variant, "bits": bits,
+               "w_group_size": cfg.w_group_size, **self.data}
         vals = {k: v for k, v in res.items() if k != "answer_tokens"}
-        vals.update(calib_seconds=calib_s, eval_seconds=eval_s,
+        vals.update(calib_seconds=calib_s, eval_seconds=eval_s, calib_peak_rss_bytes=peak,
                     mean_final_block_mse=sum(r.final_loss for r in result.reports) / len(result.reports))
         for metric, value in vals.items():
             count = res["answer_tokens"] if metric in ("kl_answer", "top1_agreement_answer", "answer_ppl") else None
-            self.records.append({**row, "metric": metric, "value": value if math.isfinite(value) else None,
-                                 "count": count})
+            self.records.append({**row, "metric": metric,
+                                 "value": value if value is None or math.isfinite(value) else None, "count": count})
         self.save()
         del qm, result
         release_compiled()
@@ -364,17 +383,13 @@ def main(argv=None) -> int:
         return 2
     methods = [m for m in args.methods.split(",") if m]
     bits_list = [b for b in args.bits.split(",") if b]
-    from splitq_jax import methods as registry
 
     known_bits = tuple(BIT_PRESETS) + WEIGHT_ONLY
-    bad = sorted(set(methods) - set(registry.METHODS)) + sorted(
+    bad = sorted(set(methods) - set(known_methods())) + sorted(
         set(bits_list + args.ablation_bits.split(",")) - set(known_bits) - {""})
     if bad:
-        print(f"error: unknown method(s) or bit width(s) {bad}; methods: {', '.join(registry.METHODS)}; bit widths: "
+        print(f"error: unknown method(s) or bit width(s) {bad}; methods: {', '.join(known_methods())}; bit widths: "
               f"{', '.join(known_bits)}", file=sys.stderr)
-        return 2
-    if "llm" not in parts and set(methods) - set(METHODS):
-        print("error: the gptq family runs in the llm part only for now", file=sys.stderr)
         return 2
     machine = C.machine_name()
     out = Path(args.out) if args.out else C.RESULTS / f"{BENCH}-{machine}.json"

@@ -290,6 +290,9 @@ class CalibResult:
     final_loss: float
     epoch_losses: list[float]
     stats: dict[str, GroupStats]
+    # A weight back end's rounding of each linear's main weight ({group: {name: Solution}};
+    # ``--weight-solver gptq``), which the fold stores instead of rounding to nearest; None: none.
+    solved: dict[str, dict[str, Any]] | None = None
 
 
 def fit_block(

@@ -95,6 +95,7 @@ class MethodConfig:
     loss_text_weight: float = 1.0  # [choice] per-token modality weights of the block MSE
     loss_vision_weight: float = 1.0
     block_inputs: str = "fp"  # [choice] "fp" or "quantized" outputs of the previous block
+    weight_solver: str = "rtn"  # main weights at the fold: round to nearest ("rtn") or GPTQ ("gptq")
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -112,6 +113,9 @@ class MethodConfig:
         _one_of("text_tokens", self.text_tokens, TEXT_TOKENS)
         _one_of("svd_of", self.svd_of, ("weight", "transformed"))
         _one_of("block_inputs", self.block_inputs, ("fp", "quantized"))
+        _one_of("weight_solver", self.weight_solver, ("rtn", "gptq"))
+        if self.weight_solver == "gptq" and self.w_bits is None:
+            raise ConfigError("--weight-solver gptq rounds weights: give a weight bit width (--bits w4a4, w4a16, ...)")
         for f in dataclasses.fields(self):
             if f.type in ("bool", bool) and not isinstance(getattr(self, f.name), (bool, np.bool_)):
                 raise ConfigError(f"{_flag(f.name)} must be true or false, got {getattr(self, f.name)!r}")

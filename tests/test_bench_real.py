@@ -89,3 +89,16 @@ def test_bad_method_or_bits_is_an_error(rw, capsys):
     assert rw.main(["--parts", "vlm", "--bits", "w5a5", "--out", "/nonexistent/x.json"]) == 2
     assert "w5a5" in capsys.readouterr().err
     assert rw.main(["--parts", "nope"]) == 2
+
+
+def test_cell_configs(rw):
+    """A cell's config: ``NAME+gptq`` is the transform method with GPTQ as its weight back end; 2/3-bit
+    weight-only cells of every method are on groups of 128 (one grid for RTN and the solvers)."""
+    args = rw.parse_args(["--epochs", "3"])
+    cfg = rw.run_config("flatquant+gptq", "w4a4", args)
+    assert cfg.method == "flatquant" and cfg.weight_solver == "gptq" and cfg.epochs == 3 and cfg.w_group_size is None
+    assert rw.run_config("flatquant+mocd+gptq", "w4a4", args).cws is False
+    assert rw.run_config("rtn", "w3a16", args).w_group_size == 128
+    assert rw.run_config("vlm-ptq", "w2a16", args).w_group_size == 128
+    assert rw.run_config("splitq", "w4a4", args).weight_solver == "rtn"
+    assert "splitq+gptq" in rw.known_methods() and "rtn+gptq" not in rw.known_methods()

@@ -134,6 +134,28 @@ def test_bad_settings_are_refused():
         solver.solve(w, h[:8, :8], bits=4)
 
 
+@pytest.mark.parametrize("symmetric,group_size", [(True, None), (False, None), (True, 8), (False, 8)])
+def test_learned_clipping_on_an_identity_hessian_is_the_clipped_rtn(symmetric, group_size):
+    """With ``H = I`` nothing moves, so GPTQ under a learned weight clipping (``ratio`` = sigmoid
+    of the logits, per row, shared by the row's groups; static per-row grid or groups fitted as the
+    loop reaches them) gives exactly the codes and scales of :func:`splitq_jax.quant.quantize` with
+    those logits: the rule a transform method's fold uses when GPTQ is its weight solver."""
+    rng = np.random.default_rng(3)
+    w = jnp.asarray(rng.normal(size=(6, 32)), jnp.float32)
+    clip = {"max": jnp.asarray(rng.normal(1.0, 1.0, size=6), jnp.float32),
+            "min": jnp.asarray(rng.normal(1.0, 1.0, size=6), jnp.float32)}
+    ratio = (jax.nn.sigmoid(clip["max"]), jax.nn.sigmoid(clip["min"]))
+    sol = solver.solve(w, jnp.eye(32), bits=3, symmetric=symmetric, group_size=group_size, block_size=8,
+                       damp=0.0, ratio=ratio)
+    want = quantize(w, 3, symmetric=symmetric, clip=clip, group_size=group_size)
+    np.testing.assert_array_equal(np.asarray(sol.codes), np.asarray(want.qvalue).reshape(6, 32))
+    np.testing.assert_array_equal(np.asarray(sol.grid.scale), np.asarray(want.scale).reshape(6, -1))
+    np.testing.assert_array_equal(np.asarray(sol.grid.zero), np.asarray(want.zero_point).reshape(6, -1))
+    # and the clipping is in effect: codes at the ends of the range where the plain grid has fewer
+    plain = solver.solve(w, jnp.eye(32), bits=3, symmetric=symmetric, group_size=group_size, block_size=8, damp=0.0)
+    assert not np.array_equal(np.asarray(plain.codes), np.asarray(sol.codes))
+
+
 def test_column_loop_program_does_not_grow_with_the_width():
     """The loops are XLA loops (scan / while): the traced program of width 2048 has as many equations as
     that of width 256 (its compile time does not grow with the number of columns)."""
@@ -144,7 +166,7 @@ def test_column_loop_program_does_not_grow_with_the_width():
         jaxpr = jax.make_jaxpr(lambda *a: solver._column_loop(
             *a, bits=4, symmetric=True, block=128, dynamic=False, clip_search=False, outer_quantized=True,
             asymmetric=True))(w, m, m, jax.ShapeDtypeStruct((d,), jnp.float32), grid,
-                              jax.ShapeDtypeStruct((d,), jnp.int32))
+                              jax.ShapeDtypeStruct((d,), jnp.int32), None)
         text = str(jaxpr)
         assert "scan[" in text or "while[" in text
         return text.count(" = ")  # equations (lines wrap with the width of the type strings)

@@ -40,7 +40,8 @@ def test_configs_hold_only_their_own_options():
     own = {name: set(methods.option_names(m.config_class)) for name, m in methods.METHODS.items()}
     shared = {"w_symmetric", "a_symmetric", "w_group_size", "seed"}
     assert own["rtn"] == shared
-    assert own["smoothquant"] == shared | {"smooth_alpha", "block_inputs"}
+    assert own["smoothquant"] == shared | {"smooth_alpha", "block_inputs", "weight_solver"}
+    assert "weight_solver" in own["flatquant"] and "weight_solver" not in own["rtn"]  # rtn + gptq is --method gptq
     assert not own["flatquant"] & {"cws", "mac", "cws_ratio", "selector", "text_ratio"}
     assert own["flatquant"] < own["splitq"]  # SplitQ is FlatQuant plus MOCD and the branches
     assert {f.name for f in dataclasses.fields(SplitqConfig)} - {f.name for f in dataclasses.fields(FlatQuantConfig)} >= {

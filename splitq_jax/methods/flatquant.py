@@ -36,6 +36,7 @@ class FlatQuantConfig(TransformSpec):
     loss_text_weight: float = 1.0  # per-token modality weights of the block MSE
     loss_vision_weight: float = 1.0
     block_inputs: str = "fp"  # "fp" or "quantized" outputs of the previous block
+    weight_solver: str = "rtn"  # main weights rounded to nearest, or by "gptq" (methods/gptq/backend.py)
 
     method = "flatquant"
 

@@ -25,6 +25,7 @@ class SmoothQuantConfig(TransformSpec):
 
     smooth_alpha: float = 0.5
     block_inputs: str = "fp"
+    weight_solver: str = "rtn"  # main weights rounded to nearest, or by "gptq" (methods/gptq/backend.py)
 
     method = "smoothquant"
 

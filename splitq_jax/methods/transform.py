@@ -12,6 +12,9 @@ only in their engine setting (``Config.engine_config()``):
   path at ``b`` bits, outlier weights and branch factors at ``max(b, 4)``), then the canonical
   fold (:func:`splitq_jax.quantized.fold.canonicalize`) moves diagonals into norms and drops
   identity transforms.
+* ``weight_solver="gptq"`` (SmoothQuant, FlatQuant, SplitQ): between the two, GPTQ rounds each
+  linear's stored main weight under the Hessian of its transformed, activation-quantized input
+  (:mod:`splitq_jax.methods.gptq.backend`), and the fold stores those codes.
 
 The folded block run in fake-quant reproduces the calibrated block, because both go through
 :func:`splitq_jax.quantized.group.apply_group` with weights from the same
@@ -61,28 +64,41 @@ class TransformSpec(QuantSpec):
 class TransformMethod(Method):
     def calibrate_block(self, block_params: Any, data: cal.BlockData, cfg: Any, bcfg: Any, *,
                         key: Any = None, on_step: Any = None) -> cal.CalibResult:
-        return cal.fit_block(block_params, data, as_engine(cfg), bcfg, key=key, on_step=on_step)
+        engine = as_engine(cfg)
+        result = cal.fit_block(block_params, data, engine, bcfg, key=key, on_step=on_step)
+        if engine.weight_solver == "gptq":
+            from splitq_jax.methods.gptq import backend  # the GPTQ family loads only when used
+
+            result = backend.solve_block(result, data, engine, bcfg)
+        return result
 
     def fold_block(self, result: cal.CalibResult, cfg: Any, bcfg: Any = None) -> dict:
-        return fold_block(result.qparams, result.qconsts, cfg, bcfg=bcfg)
+        return fold_block(result.qparams, result.qconsts, cfg, bcfg=bcfg, solved=result.solved)
 
 
-def fold_group(params: Tree, consts: Tree, cfg: Any) -> Tree:
+def fold_group(params: Tree, consts: Tree, cfg: Any, solved: Tree | None = None) -> Tree:
     """``{"acts", "split", "weights", "biases"}`` of one calibrated group: every weight quantized
-    once and packed (:mod:`splitq_jax.quantized.schema` gives the layout)."""
+    once and packed (:mod:`splitq_jax.quantized.schema` gives the layout); ``solved``
+    (``{name: Solution}``) replaces the rounding of the main weights."""
     cfg = as_engine(cfg)
     specs = sl.prequant_weights(params, consts, cfg, Bits.of(cfg))
     weights = jax.tree_util.tree_map(lambda s: pack_weight(s, cfg.w_symmetric), specs, is_leaf=is_spec)
+    if solved:
+        from splitq_jax.methods.gptq.method import pack_solution
+
+        weights = {n: {**w, "main": pack_solution(solved[n], cfg)} for n, w in weights.items()}
     return {"acts": sl.act_params(params), "split": consts["split"], "weights": weights,
             "biases": sl.biases_of(consts)}
 
 
-def fold_block(qparams: Tree, qconsts: Tree, cfg: Any, *, fold_norms: bool = True, bcfg: Any = None) -> Tree:
+def fold_block(qparams: Tree, qconsts: Tree, cfg: Any, *, fold_norms: bool = True, bcfg: Any = None,
+               solved: Tree | None = None) -> Tree:
     """Fold a calibrated block: ``{"norms": {...}, "groups": {group: folded group}}``, canonical
     (``fold_norms=False`` keeps every diagonal online). ``bcfg`` names the norm before each group
-    (default: the decoder block's)."""
+    (default: the decoder block's); ``solved``: a weight back end's main weights (``CalibResult.solved``)."""
     cfg = as_engine(cfg)
+    solved = solved or {}
     block = {"norms": {k: dict(v) for k, v in qconsts["norms"].items()},
-             "groups": {g: fold_group(qparams[g], qconsts[g], cfg) for g in qparams}}
+             "groups": {g: fold_group(qparams[g], qconsts[g], cfg, solved.get(g)) for g in qparams}}
     group_norm = (GROUP_NORM if bcfg is None else bcfg.group_norm) if fold_norms else {}
     return canonicalize(block, group_norm, cfg.main_path)

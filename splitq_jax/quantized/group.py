@@ -63,6 +63,13 @@ def main_input(x: jax.Array, split: Tree, main_path: str) -> jax.Array:
     return x * split["main_mask"].astype(x.dtype)
 
 
+def main_act(acts: Tree, split: Tree, x: jax.Array, cfg: Any, bits: Bits) -> jax.Array:
+    """``Q(x_m P)`` ``(..., N, km)``: what the main weights of a group multiply (the input of a
+    weight solver's Hessian)."""
+    xm = main_input(x, split, cfg.main_path)
+    return fake_quant(tf.apply_act(acts["transform"], xm), bits.a, symmetric=cfg.a_symmetric, clip=acts["act_clip"])
+
+
 def apply_group(
     acts: Tree,
     split: Tree,
@@ -84,8 +91,7 @@ def apply_group(
       ``{name: (..., N, d_out)}``.
     """
     dtype = x.dtype
-    xm = main_input(x, split, cfg.main_path)
-    xq = fake_quant(tf.apply_act(acts["transform"], xm), bits.a, symmetric=cfg.a_symmetric, clip=acts["act_clip"])
+    xq = main_act(acts, split, x, cfg, bits)
     outlier_x = {}
     for group in ("text", "vision"):
         if acts.get(group) is not None:

@@ -88,16 +88,20 @@ def _grid_of(xmax, xmin, bits: int, symmetric: bool):
 
 
 def fit_grid(w: jax.Array, bits: int, symmetric: bool, *, clip_search: bool = False,
-             importance: jax.Array | None = None) -> Grid:
+             importance: jax.Array | None = None, ratio: tuple[jax.Array, jax.Array] | None = None) -> Grid:
     """Per-row grid of ``w: (o, g)`` -> :class:`Grid` of ``(o, 1)`` arrays.
 
-    The range is the row's min / max (asymmetric: widened to contain 0). ``clip_search`` shrinks
+    The range is the row's min / max, times ``ratio = (r_max, r_min)`` ``(o, 1)`` when given (a
+    learned clipping, :mod:`splitq_jax.quant`'s ``sigmoid(logits)``; applied as there, before the
+    asymmetric range is widened to contain 0). ``clip_search`` shrinks
     it by ``1 - i/100``, ``i < 80``, keeping per row the ratio with the least ``sum_n m_n |Q(w_n) -
     w_n|^p``: ``p = 2.4`` and ``m = 1`` (GPTQ's MSE search) or ``p = 2`` and ``m = importance (g,)``
     (VLM-PTQ's modality-weighted search)."""
     w = w if w.dtype == jnp.float64 else w.astype(jnp.float32)
     xmax = jnp.max(w, axis=-1, keepdims=True)
     xmin = jnp.min(w, axis=-1, keepdims=True)
+    if ratio is not None:
+        xmax, xmin = ratio[0].astype(w.dtype) * xmax, ratio[1].astype(w.dtype) * xmin
     if not symmetric:
         xmax, xmin = jnp.maximum(xmax, 0.0), jnp.minimum(xmin, 0.0)
     if not clip_search and importance is None:
@@ -106,8 +110,8 @@ def fit_grid(w: jax.Array, bits: int, symmetric: bool, *, clip_search: bool = Fa
     m = jnp.ones((w.shape[-1],), w.dtype) if importance is None else importance.astype(w.dtype)
     steps = CLIP_STEPS if (clip_search or importance is not None) else 1
 
-    def error(ratio):
-        s, z = _grid_of(xmax * ratio, xmin * ratio, bits, symmetric)
+    def error(shrink):
+        s, z = _grid_of(xmax * shrink, xmin * shrink, bits, symmetric)
         deq = (_codes(w, s, z, bits, symmetric) - z) * s
         return jnp.sum(jnp.abs(deq - w) ** norm * m, axis=-1, keepdims=True), s, z
 
@@ -122,16 +126,18 @@ def fit_grid(w: jax.Array, bits: int, symmetric: bool, *, clip_search: bool = Fa
 
 
 def fit_static_grid(w: jax.Array, bits: int, symmetric: bool, group_size: int | None, *,
-                    clip_search: bool = False, importance: jax.Array | None = None) -> Grid:
+                    clip_search: bool = False, importance: jax.Array | None = None,
+                    ratio: tuple[jax.Array, jax.Array] | None = None) -> Grid:
     """The grid of every row (and group of ``group_size`` consecutive columns) of ``w: (o, d)``
-    fitted up front: :class:`Grid` of ``(o, G)`` arrays."""
+    fitted up front: :class:`Grid` of ``(o, G)`` arrays (``ratio``: per-row, shared by the row's
+    groups, see :func:`fit_grid`)."""
     o, d = w.shape
     g = d if group_size is None else group_size
     if d % g:
         raise SolverError(f"group size {g} does not divide the input width {d}")
     wg = w.reshape(o, d // g, g)
     imp = None if importance is None else importance.reshape(d // g, g)
-    fit = lambda a, m: fit_grid(a, bits, symmetric, clip_search=clip_search, importance=m)  # noqa: E731
+    fit = lambda a, m: fit_grid(a, bits, symmetric, clip_search=clip_search, importance=m, ratio=ratio)  # noqa: E731
     grid = jax.vmap(fit, in_axes=(1, None if imp is None else 0), out_axes=1)(wg, imp)
     return Grid(grid.scale[..., 0], grid.zero[..., 0])
 
@@ -195,7 +201,7 @@ def target_shift(d_cross: jax.Array, u: jax.Array, scale: float) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("bits", "symmetric", "block", "dynamic", "clip_search", "outer_quantized",
                                              "asymmetric"))
-def _column_loop(w, u, p, c, grid: Grid, gidx, *, bits: int, symmetric: bool, block: int, dynamic: bool,
+def _column_loop(w, u, p, c, grid: Grid, gidx, ratio, *, bits: int, symmetric: bool, block: int, dynamic: bool,
                  clip_search: bool, outer_quantized: bool, asymmetric: bool):
     """``w: (o, dp)``, ``u, p: (dp, dp)``, ``c: (dp,)``, ``gidx: (dp,)`` group of each column in
     ``grid`` (static grids); ``dp`` a multiple of ``block``. With ``dynamic`` the grid of each
@@ -210,7 +216,7 @@ def _column_loop(w, u, p, c, grid: Grid, gidx, *, bits: int, symmetric: bool, bl
         u1 = jax.lax.dynamic_slice(u, (i1, i1), (block, block))
         p1 = jax.lax.dynamic_slice(p, (i1, i1), (block, block))
         if dynamic:
-            bs, bz = fit_grid(w1, bits, symmetric, clip_search=clip_search)
+            bs, bz = fit_grid(w1, bits, symmetric, clip_search=clip_search, ratio=ratio)
             bs, bz = bs[:, 0], bz[:, 0]
             scales = jax.lax.dynamic_update_slice(scales, bs[:, None], (0, b))
             zeros = jax.lax.dynamic_update_slice(zeros, bz[:, None], (0, b))
@@ -264,12 +270,15 @@ def _column_loop(w, u, p, c, grid: Grid, gidx, *, bits: int, symmetric: bool, bl
 def solve(w: jax.Array, h: jax.Array, *, bits: int, symmetric: bool = True, group_size: int | None = None,
           block_size: int = 128, damp: float = 0.01, act_order: bool = False, static_groups: bool = False,
           clip_search: bool = False, d_cross: jax.Array | None = None, alpha: float = 0.25,
-          outer_update: str = "quantized", shift_scale: float | None = None, grid: Grid | None = None) -> Solution:
+          outer_update: str = "quantized", shift_scale: float | None = None, grid: Grid | None = None,
+          ratio: tuple[jax.Array, jax.Array] | None = None) -> Solution:
     """Round ``w: (o, d)`` column by column under the Hessian ``h: (d, d)``.
 
     GPTQ: ``d_cross`` None. GPTAQ: ``d_cross`` the cross term, ``alpha`` its weight, ``outer_update``
     ``"quantized"`` (official code) or ``"original"``. VLM-PTQ: also ``shift_scale`` (the factor of
     the target shift ``C``) and a ``grid`` fitted beforehand (``(o, G)`` per row or group).
+    ``ratio``: a learned clipping ``(r_max, r_min)``, each ``(o,)`` or ``(o, 1)``, scaling every
+    fitted range of the row (a transform method's weight clipping kept under GPTQ).
 
     ``group_size`` must divide ``d``; ``act_order`` sorts columns by decreasing ``H_ii`` and, with
     groups, needs the static grid (``static_groups`` or ``grid``)."""
@@ -288,8 +297,11 @@ def solve(w: jax.Array, h: jax.Array, *, bits: int, symmetric: bool = True, grou
     if act_order and group_size is not None and not static:
         raise SolverError("act-order with weight groups needs static groups (the stored format keeps groups of "
                           "consecutive input channels): set static_groups")
+    if ratio is not None:
+        ratio = tuple(jnp.asarray(r, dtype).reshape(o, 1) for r in ratio)
     if grid is None and (static or group_size is None):
-        grid = fit_static_grid(w, bits, symmetric, group_size, clip_search=clip_search)  # before dead columns
+        grid = fit_static_grid(w, bits, symmetric, group_size, clip_search=clip_search,
+                               ratio=ratio)  # before dead columns
     d_cross = None if d_cross is None else jnp.asarray(d_cross, dtype)
     w, h, d_cross = prepare(w, h, d_cross)
     perm = jnp.argsort(-jnp.diag(h), stable=True) if act_order else jnp.arange(d)
@@ -311,7 +323,7 @@ def solve(w: jax.Array, h: jax.Array, *, bits: int, symmetric: bool = True, grou
     g = d if group_size is None else group_size
     gidx = jnp.pad(perm // g, (0, dp - d)) if not dynamic else jnp.arange(dp) // block
     placeholder = grid if grid is not None else Grid(jnp.zeros((o, 1), dtype), jnp.zeros((o, 1), dtype))
-    wq, codes, fitted, loss = _column_loop(w, u, p, c, placeholder, gidx, bits=bits, symmetric=symmetric, block=block,
+    wq, codes, fitted, loss = _column_loop(w, u, p, c, placeholder, gidx, ratio, bits=bits, symmetric=symmetric, block=block,
                                            dynamic=dynamic, clip_search=clip_search,
                                            outer_quantized=outer_update == "quantized", asymmetric=d_cross is not None)
     inv = jnp.argsort(perm)
