@@ -134,6 +134,23 @@ def test_bad_settings_are_refused():
         solver.solve(w, h[:8, :8], bits=4)
 
 
+def test_unusable_statistics_are_refused():
+    """An all-zero Hessian (no calibration token reached the layer) would zero every weight as
+    "dead" columns; NaN statistics would fail the factorisation after every retry: both are refused
+    up front with the cause."""
+    w, h, dc = problem()
+    with pytest.raises(solver.SolverError, match="all zero: no calibration token reached this layer"):
+        solver.solve(w, np.zeros_like(h), bits=4)
+    bad = h.copy()
+    bad[2, 5] = np.nan
+    with pytest.raises(solver.SolverError, match="Hessian holds NaN or inf"):
+        solver.solve(w, bad, bits=4)
+    bad = dc.copy()
+    bad[0, 0] = np.inf
+    with pytest.raises(solver.SolverError, match="cross term holds NaN or inf"):
+        solver.solve(w, h, bits=4, d_cross=bad)
+
+
 @pytest.mark.parametrize("symmetric,group_size", [(True, None), (False, None), (True, 8), (False, 8)])
 def test_learned_clipping_on_an_identity_hessian_is_the_clipped_rtn(symmetric, group_size):
     """With ``H = I`` nothing moves, so GPTQ under a learned weight clipping (``ratio`` = sigmoid

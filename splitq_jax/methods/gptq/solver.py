@@ -174,6 +174,19 @@ def inverse_cholesky(h: jax.Array, damp: float = 0.01, retries: int = 3) -> tupl
                       "inputs); give more calibration samples or a larger --damp")
 
 
+def check_statistics(h: jax.Array, d_cross: jax.Array | None = None) -> None:
+    """Refuse statistics no solve can use: non-finite entries (NaN or inf activations), or an
+    all-zero Hessian (no calibration token reached the layer: every input column would be "dead"
+    and the weight rounded to zero)."""
+    for name, m in (("Hessian", h), ("cross term", d_cross)):
+        if m is not None and not bool(jnp.all(jnp.isfinite(m))):
+            raise SolverError(f"the input {name} holds NaN or inf: the layer's calibration activations are not "
+                              "finite (check the data and the model's weights; float16 overflow is a common cause)")
+    if not bool(jnp.any(jnp.diag(h) > 0)):
+        raise SolverError("the input Hessian is all zero: no calibration token reached this layer (every token is "
+                          "padding or has weight 0); give calibration samples with real tokens")
+
+
 def prepare(w: jax.Array, h: jax.Array, d_cross: jax.Array | None = None):
     """GPTQ's dead columns: an input channel that never fires (``H_ii = 0``) gets ``H_ii = 1`` and
     its weights (and cross-term column) zeroed, so it neither moves nor blocks the factorisation."""
@@ -288,6 +301,7 @@ def solve(w: jax.Array, h: jax.Array, *, bits: int, symmetric: bool = True, grou
     o, d = w.shape
     if h.shape != (d, d) or (d_cross is not None and tuple(d_cross.shape) != (d, d)):
         raise SolverError(f"statistics of shape {h.shape} do not match a weight of {d} input columns")
+    check_statistics(h, d_cross)
     if group_size is not None and d % group_size:
         raise SolverError(f"group size {group_size} does not divide the input width {d}; choose a --w-group-size "
                           "that divides every linear's input width, or none (one scale per output channel)")
@@ -340,5 +354,5 @@ def output_error(w: jax.Array, w_hat: jax.Array, h: jax.Array, d_cross: jax.Arra
     return a - 2.0 * jnp.sum(jnp.matmul(w, cross, precision=HIGHEST) * w_hat)
 
 
-__all__ = ["Grid", "Solution", "SolverError", "fit_grid", "fit_static_grid", "gptaq_correction", "inverse_cholesky",
+__all__ = ["Grid", "Solution", "SolverError", "check_statistics", "fit_grid", "fit_static_grid", "gptaq_correction", "inverse_cholesky",
            "output_error", "prepare", "solve", "target_shift"]
