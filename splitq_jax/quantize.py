@@ -310,8 +310,10 @@ def _quantize_and_export(handle: ModelHandle, stream: pipeline.Stream, cfg: Meth
 
         if vision.batches is None:
             raise QuantizeError("block_inputs='quantized' with a quantized vision tower needs the VisionJob's batches")
+        from splitq_jax.quantized.schema import InferenceSpec
+
         encoder = partial(quantized_vision_features, handle.model, handle.family, vision_result.folded_blocks,
-                          vision.cfg)
+                          InferenceSpec.of(vision.cfg))
         x_quant = pipeline.embed_batches(handle.model, vision.batches, handle.family, vision_encoder=encoder).x
     result = pipeline.quantize_decoder(
         handle.model, stream, cfg, work_dir=work, save_block=export.save_block, load_block=export.load_block,

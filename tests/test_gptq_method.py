@@ -94,13 +94,20 @@ def test_bad_settings_name_the_fix():
 
 
 def test_weight_only_checkpoint_runs_in_the_runtime(tiny, tmp_path):  # noqa: F811
-    """The whole-model run: a GPTQ W4A16 checkpoint of the tiny Qwen2.5-VL exports, loads, and its
-    integer runtime (activations unquantized) computes the fake-quant model's logits."""
+    """The whole-model run: a GPTQ W4A16 checkpoint of the tiny Qwen2.5-VL, vision tower included
+    (its quantized output is what the language blocks calibrate on: GPTQ's quantized block inputs),
+    exports, loads, and its integer runtime (activations unquantized) computes the fake-quant
+    model's logits."""
+    from splitq_jax import vision_block as vb
+
     handle, batches, stream = tiny["qwen2_5_vl"]
     cfg = methods.get_config("gptq", "w4a16", w_group_size=16, batch_size=2)
-    path, result = qz.quantize_model(handle, stream, cfg, tmp_path / "ckpt", data_record={"source": "synthetic"})
+    path, result = qz.quantize_model(handle, stream, cfg, tmp_path / "ckpt", data_record={"source": "synthetic"},
+                                     vision=qz.vision_job(handle, batches, cfg))
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["method"] == "gptq" and manifest["bits"] == "w4a16"
+    assert manifest["vision"]["num_blocks"] == vb.num_quantized_blocks(handle.model.config, "qwen2_5_vl")
+    assert all(b["final_loss"] < b["init_loss"] for b in manifest["vision_block_reports"])
     assert all(b["final_loss"] < b["init_loss"] for b in manifest["blocks"])
     qm = load_quantized(path)
     assert qm.spec.a_bits is None

@@ -19,8 +19,9 @@ from splitq_jax.pipeline import Stream
 
 def vision_method_config(cfg: MethodConfig, bits: str | None = None) -> MethodConfig:
     """The method applied to vision blocks: ``cfg`` at ``bits`` (default: the same bits), with no
-    text-outlier group and no MAC (there are no text tokens in a vision tower; see the module doc)."""
-    changes: dict[str, Any] = {"text_ratio": 0.0, "mac": False}
+    text-outlier group and no MAC where the method has them (there are no text tokens in a vision
+    tower; see the module doc). Other methods (the GPTQ family) run as they are."""
+    changes: dict[str, Any] = {k: v for k, v in (("text_ratio", 0.0), ("mac", False)) if hasattr(cfg, k)}
     if bits is not None:
         changes["w_bits"], changes["a_bits"] = parse_bits(bits)
     return cfg.replace(**changes)
