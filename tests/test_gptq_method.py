@@ -75,6 +75,49 @@ def test_folded_block_computes_the_calibrated_block(data, name, bits, opts):  # 
     assert r.final_loss < r.init_loss
 
 
+def test_mu_search_picks_the_candidate_numpy_scores_best():
+    """VLM-PTQ's modality search: for each ``mu`` the grid weighted by ``mu * mean_v x^2 + (1 - mu) *
+    mean_t x^2`` (channel means written here in numpy), rounded to nearest; the winner is the one
+    whose output error against the full-precision path, ``||W X~ - W^ X||^2`` summed over the tokens
+    in numpy, is least, and the solve runs on its grid. The statistics' form of that error differs
+    from numpy's by the same constant ``||W X~||^2`` for every candidate."""
+    import types
+
+    from splitq_jax.methods.gptq import solver
+
+    rng = np.random.default_rng(5)
+    o, d, n = 8, 32, 300
+    x = rng.normal(size=(n, d)) * rng.uniform(0.3, 2.0, size=d)
+    vision = rng.random(n) < 0.4
+    x[vision, :4] *= 10.0  # each modality has its own outlier channels
+    x[~vision, 4:8] *= 10.0
+    x_fp = x + 0.1 * rng.normal(size=x.shape)
+    w = rng.normal(size=(o, d))
+    h, dc = x.T @ x, (x_fp - x).T @ x
+    diag = types.SimpleNamespace(vision=(x[vision] ** 2).sum(0), text=(x[~vision] ** 2).sum(0),
+                                 n_vision=int(vision.sum()), n_text=int((~vision).sum()))
+    st = {"hessian": types.SimpleNamespace(matrix=h), "cross": types.SimpleNamespace(matrix=dc),
+          "modality_diag": diag}
+    cfg = methods.get_config("vlm-ptq", "w3a16", w_group_size=16)
+    w32 = jnp.asarray(w, jnp.float32)
+    grids, numpy_err, lib_err = {}, {}, {}
+    for mu in cfg.mus:
+        m = mu * (x[vision] ** 2).mean(0) + (1 - mu) * (x[~vision] ** 2).mean(0)
+        grids[mu] = solver.fit_static_grid(w32, 3, True, 16, importance=jnp.asarray(m, jnp.float32))
+        w_hat = np.asarray(gm._dequantize_rtn(w32, grids[mu], cfg), np.float64)
+        numpy_err[mu] = float(np.sum((x_fp @ w.T - x @ w_hat.T) ** 2))
+        lib_err[mu] = float(solver.output_error(w32, jnp.asarray(w_hat, jnp.float32), jnp.asarray(h, jnp.float32),
+                                                jnp.asarray(dc, jnp.float32)))
+    const = float(np.sum((x_fp @ w.T) ** 2))
+    for mu in cfg.mus:
+        assert lib_err[mu] + const == pytest.approx(numpy_err[mu], rel=1e-4)
+    best = min(numpy_err, key=numpy_err.get)
+    assert len({round(v, 3) for v in numpy_err.values()}) > 1  # the candidates really differ
+    sol = gm._solve_linear(w32, {k: (types.SimpleNamespace(matrix=jnp.asarray(v.matrix, jnp.float32))
+                                     if k != "modality_diag" else v) for k, v in st.items()}, cfg)
+    np.testing.assert_array_equal(np.asarray(sol.grid.scale), np.asarray(grids[best].scale))
+
+
 def test_bad_settings_name_the_fix():
     with pytest.raises(ConfigError, match="needs --static-groups"):
         methods.get_config("gptq", "w4a16", w_group_size=16, act_order=True)

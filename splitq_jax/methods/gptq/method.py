@@ -133,11 +133,12 @@ def _solve_linear(w: jax.Array, st: dict[str, Any], cfg: GptqConfig) -> solver.S
     if not isinstance(cfg, VlmPtqConfig):
         return solver.solve(w, h, **kw)
     best = None
+    w_cross = jnp.matmul(w, h + d_cross, precision=solver.HIGHEST)  # the candidates share W (D + H)
     for mu in cfg.mus:
         grid = solver.fit_static_grid(w, cfg.w_bits, cfg.w_symmetric, cfg.w_group_size,
                                       importance=_importance(st["modality_diag"], mu))
         w_hat = _dequantize_rtn(w, grid, cfg)
-        err = float(solver.output_error(w, w_hat, h, d_cross))
+        err = float(solver.output_error(w, w_hat, h, w_cross=w_cross))
         if best is None or err < best[0]:
             best = (err, grid)
     return solver.solve(w, h, **kw, shift_scale=cfg.shift_scale or None, grid=best[1])

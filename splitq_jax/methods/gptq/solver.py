@@ -346,12 +346,19 @@ def solve(w: jax.Array, h: jax.Array, *, bits: int, symmetric: bool = True, grou
     return Solution(codes, Grid(final.scale.astype(dtype), final.zero.astype(dtype)), wq, loss, used)
 
 
-def output_error(w: jax.Array, w_hat: jax.Array, h: jax.Array, d_cross: jax.Array | None = None) -> jax.Array:
+def output_error(w: jax.Array, w_hat: jax.Array, h: jax.Array, d_cross: jax.Array | None = None, *,
+                 w_cross: jax.Array | None = None) -> jax.Array:
     """``||W X~ - W^ X||^2 - ||W X~||^2`` from the statistics alone (``X~ X^T = D + H``; GPTQ: ``D``
-    None, ``X~ = X``): ``tr(W^ H W^T^T) - 2 tr(W (D + H) W^^T)``, comparable between candidates."""
-    cross = h if d_cross is None else h + d_cross
-    a = jnp.sum(jnp.matmul(w_hat, h, precision=HIGHEST) * w_hat)
-    return a - 2.0 * jnp.sum(jnp.matmul(w, cross, precision=HIGHEST) * w_hat)
+    None, ``X~ = X``): ``tr(W^ H W^^T) - 2 tr(W (D + H) W^^T)``, comparable between candidates.
+    ``w_cross``: ``W (D + H)`` ``(o, d)`` computed once for many candidates ``w_hat``."""
+    if w_cross is None:
+        w_cross = jnp.matmul(w, h if d_cross is None else h + d_cross, precision=HIGHEST)
+    return _candidate_error(w_hat, h, w_cross)
+
+
+@jax.jit
+def _candidate_error(w_hat, h, w_cross):
+    return jnp.sum(jnp.matmul(w_hat, h, precision=HIGHEST) * w_hat) - 2.0 * jnp.sum(w_cross * w_hat)
 
 
 __all__ = ["Grid", "Solution", "SolverError", "check_statistics", "fit_grid", "fit_static_grid", "gptaq_correction", "inverse_cholesky",
