@@ -12,8 +12,10 @@ import json
 import sys
 from pathlib import Path
 
-ORDER = ("fp", "rtn", "smoothquant", "flatquant", "flatquant+mocd", "flatquant+mocd+cws", "splitq")
-BITS = ("fp32", "w4a8", "w4a4", "w3a3", "w3a2")  # fp32: the full-precision reference row
+ORDER = ("fp", "rtn", "smoothquant", "gptq", "gptaq", "vlm-ptq", "flatquant", "flatquant+gptq", "flatquant+mocd",
+         "flatquant+mocd+cws", "splitq", "splitq+gptq")
+# fp32: the full-precision reference row; weight-only settings first
+BITS = ("fp32", "w4a16", "w3a16", "w2a16", "w4a8", "w4a4", "w3a3", "w3a2")
 
 
 def fmt(v) -> str:
