@@ -106,13 +106,13 @@ def test_weight_solver_settings_are_checked():
 
 
 def test_checkpoint_runs_in_the_runtime_and_records_the_solver(tiny, tmp_path):  # noqa: F811
-    """The whole-model run of ``--method splitq --weight-solver gptq``: it exports, its manifest
+    """The whole-model run of ``--method flatquant --weight-solver gptq``: it exports, its manifest
     records the solver, and the integer runtime computes the fake-quant model's logits."""
     handle, batches, stream = tiny["qwen2_5_vl"]
-    cfg = methods.get_config("splitq", "w4a8", weight_solver="gptq", epochs=0, batch_size=2)
+    cfg = methods.get_config("flatquant", "w4a8", weight_solver="gptq", epochs=0, batch_size=2)
     path, _ = qz.quantize_model(handle, stream, cfg, tmp_path / "ckpt", data_record={"source": "synthetic"})
     manifest = json.loads((path / "manifest.json").read_text())
-    assert manifest["method"] == "splitq" and manifest["method_config"]["weight_solver"] == "gptq"
+    assert manifest["method"] == "flatquant" and manifest["method_config"]["weight_solver"] == "gptq"
     got = assert_runtime_matches_fake_quant(load_quantized(path), batches[0])
     assert np.all(np.isfinite(got))
 
