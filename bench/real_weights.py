@@ -114,6 +114,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--vqa-per-type", type=int, default=50, help="easy-vqa test questions of each type")
     ap.add_argument("--ablation-bits", default="w4a4,w3a3")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--options", default="",
+                    help="k=v,... set in every cell's config, e.g. clip_search=true (recorded in every record)")
     ap.add_argument("--fresh", action="store_true", help="ignore records of an earlier run")
     ap.add_argument("--out", default=None, help="output JSON (default bench/results/real_weights-<machine>.json)")
     return ap.parse_args(argv)
@@ -184,8 +186,28 @@ def run_config(method: str, bits: str, args):
         extra = {"weight_solver": "gptq"} if base != method else {}
         w, a = parse_bits(bits)
         return variant_config(base, bits, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-                              **BIT_DEFAULTS.get((w, a), {}), **extra)
-    return registry.get_config(method, bits, batch_size=args.batch_size, seed=args.seed)
+                              **{**BIT_DEFAULTS.get((w, a), {}), **extra, **cell_options(args)})
+    return registry.get_config(method, bits, batch_size=args.batch_size, seed=args.seed, **cell_options(args))
+
+
+def cell_options(args) -> dict:
+    """``--options k=v,...`` as typed values (true/false, integers, floats, else strings)."""
+    out = {}
+    for item in filter(None, args.options.split(",")):
+        k, _, v = item.partition("=")
+        low = v.strip().lower()
+        if low in ("true", "false"):
+            out[k.strip()] = low == "true"
+            continue
+        for kind in (int, float):
+            try:
+                out[k.strip()] = kind(v)
+                break
+            except ValueError:
+                pass
+        else:
+            out[k.strip()] = v.strip()
+    return out
 
 
 def known_methods() -> tuple[str, ...]:
@@ -398,7 +420,7 @@ def main(argv=None) -> int:
     load = os.getloadavg()
     run = C.run_record(BENCH, machine, recipe=recipe, caveat=CAVEAT, load_average_at_start=load[0],
                        earlier_runs=earlier, **{f"pkg_{k}": v for k, v in export.package_versions().items()})
-    base = {"bench": BENCH, "machine": machine}
+    base = {"bench": BENCH, "machine": machine, **({"options": args.options} if args.options else {})}
 
     def save() -> None:
         # Keep the cells another process (another part, run at the same time) wrote meanwhile.
