@@ -102,3 +102,10 @@ def test_cell_configs(rw):
     assert rw.run_config("vlm-ptq", "w2a16", args).w_group_size == 128
     assert rw.run_config("splitq", "w4a4", args).weight_solver == "rtn"
     assert "splitq+gptq" in rw.known_methods() and "rtn+gptq" not in rw.known_methods()
+
+
+def test_cell_options_reach_every_config(rw):
+    args = rw.parse_args(["--options", "clip_search=true,damp=0.05"])
+    cfg = rw.run_config("gptq", "w3a16", args)
+    assert cfg.clip_search is True and cfg.damp == 0.05
+    assert rw.run_config("flatquant", "w4a4", rw.parse_args(["--options", "lr=0.001"])).lr == 0.001
