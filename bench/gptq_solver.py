@@ -97,7 +97,6 @@ def main(argv=None) -> int:
                             {**row, "metric": "solve_over_rtn", "value": med / rtn}]
                 print(f"{lin} {setting} {method}: {med:.2f} s ({first:.2f} s first call; rtn {rtn * 1e3:.1f} ms)",
                       flush=True)
-        del w, h, dc
     for d in (int(v) for v in args.compile_widths.split(",")):
         for method, asym in (("gptq", False), ("gptaq", True)):
             s = compile_seconds(args.compile_rows, d, asym)
