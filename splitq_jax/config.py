@@ -113,7 +113,7 @@ class MethodConfig:
         _one_of("text_tokens", self.text_tokens, TEXT_TOKENS)
         _one_of("svd_of", self.svd_of, ("weight", "transformed"))
         _one_of("block_inputs", self.block_inputs, ("fp", "quantized"))
-        _one_of("weight_solver", self.weight_solver, ("rtn", "gptq"))
+        _one_of("weight_solver", self.weight_solver, WEIGHT_SOLVERS)
         if self.weight_solver == "gptq" and self.w_bits is None:
             raise ConfigError("--weight-solver gptq rounds weights: give a weight bit width (--bits w4a4, w4a16, ...)")
         for f in dataclasses.fields(self):
@@ -194,6 +194,10 @@ def check_number(name: str, value: Any, *, lo: float | None = None, hi: float | 
         ok = value < hi if hi_open else value <= hi
     if not ok:
         raise ConfigError(f"{name} ({_flag(name)}) must be {kind}{rng}, got {value!r}")
+
+
+# How a transform method rounds its main weights at the fold (methods/gptq/backend.py for "gptq").
+WEIGHT_SOLVERS = ("rtn", "gptq")
 
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:

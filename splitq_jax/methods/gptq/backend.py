@@ -18,7 +18,7 @@ GPTQ-rounded, over the block's calibration samples in batches.
   ``max(b, 4)`` bits on a few percent of the columns.
 * Solver settings are GPTQ's defaults (:class:`~splitq_jax.methods.gptq.config.GptqConfig`:
   blocks of 128 columns, damping 0.01 of the mean diagonal with retries, no act-order, groups
-  fitted as the loop reaches them); the damping used is reported per linear.
+  fitted as the loop reaches them); the damping used is kept in each ``Solution.damp``.
 
 The result's ``solved`` holds each linear's :class:`~splitq_jax.methods.gptq.solver.Solution`;
 the transform engine's fold packs those codes instead of rounding (so the folded block's forward
@@ -44,7 +44,6 @@ from splitq_jax.methods.splitq import split_linear as sl
 from splitq_jax.quantized.group import Bits, apply_group, main_act
 
 Tree = dict[str, Any]
-WEIGHT_SOLVERS = ("rtn", "gptq")
 
 
 @functools.lru_cache(maxsize=32)
@@ -129,4 +128,4 @@ def _weighted_sum(y: jax.Array, b: cal.BlockData, cfg: MethodConfig) -> jax.Arra
     return jnp.sum(err * cal.token_weights(b.modality, cfg, b.weight))
 
 
-__all__ = ["WEIGHT_SOLVERS", "solve_block"]
+__all__ = ["solve_block"]
