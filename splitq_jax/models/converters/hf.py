@@ -307,6 +307,56 @@ class KeyMap:
             return tuple(int(part) if part.isdigit() else part for part in parts), rule.transform
         return None
 
+    def key_for(self, path: ParamPath, spelling: Sequence[tuple[str, str]]) -> tuple[str, str | None]:
+        """The inverse: the checkpoint key of parameter ``path`` and the transform its tensor went
+        through on loading.
+
+        ``spelling`` maps normal-form prefixes (``"lm."``) to the prefixes written (``"model."``),
+        first match wins. The key is rebuilt from the first rule whose path template fits ``path``
+        and checked by mapping it forward again, so a table that is not invertible fails here
+        (KeyError) instead of writing a key that loads as another parameter.
+        """
+        parts = tuple(str(p) for p in path)
+        for pattern, rule in self.rules:
+            groups = _fit_template(rule.path, parts, rule.names)
+            if groups is None:
+                continue
+            norm = _NAMED_GROUP.sub(lambda m: groups.get(m.group(1), m.group(0)), pattern.pattern).replace("\\.", ".")
+            if not pattern.fullmatch(norm):
+                continue
+            key = next((out + norm[len(pre):] for pre, out in spelling if norm.startswith(pre)), None)
+            want = (tuple(int(p) if p.isdigit() else p for p in parts), rule.transform)
+            if key is None or self(key) != want:
+                raise KeyError(f"the key table cannot write {'.'.join(parts)} (rebuilt {key or norm!r}); "
+                               f"the spelling {spelling} does not fit it")
+            return key, rule.transform
+        raise KeyError(f"no checkpoint key maps to {'.'.join(parts)}")
+
+
+_NAMED_GROUP = re.compile(r"\(\?P<(\w+)>[^()]*\)")
+
+
+def _fit_template(template: Sequence[str], parts: Sequence[str], names: Mapping[str, str] | None
+                  ) -> dict[str, str] | None:
+    """The named groups that make ``template`` (parts like ``"{i}"`` or literals) read ``parts``;
+    group ``p`` is mapped back through ``names`` (``w`` -> ``weight``). None when it does not fit."""
+    if len(template) != len(parts):
+        return None
+    groups: dict[str, str] = {}
+    for t, v in zip(template, parts):
+        if t.startswith("{") and t.endswith("}"):
+            name = t[1:-1]
+            if name == "p" and names is not None:
+                back = [k for k, w in names.items() if w == v]
+                if not back:
+                    return None
+                v = back[0]
+            if groups.setdefault(name, v) != v:
+                return None
+        elif t != v:
+            return None
+    return groups
+
 
 def load_state(abstract_model: M, ckpt: SafetensorsCheckpoint,
                key_map: Callable[[str], tuple[ParamPath, str | None] | None], *, family: str,

@@ -88,6 +88,26 @@ def map_key(key: str) -> tuple | None:
     return None if mapped is None else mapped[0]
 
 
+# What ``save_pretrained`` of transformers 5 writes, for exports.
+EXPORT_SPELLING = (("lm_head.", "language_model.lm_head."), ("lm.", "language_model.model."),
+                   ("vis.", "vision_tower."), ("proj.", "multi_modal_projector."))
+# Modules an export keeps in floating point (compressed-tensors ``ignore``), either spelling.
+EXPORT_IGNORE = ("lm_head", "re:.*vision_tower\\..*", "re:.*multi_modal_projector\\..*")
+
+
+def key_for(path: tuple) -> tuple[str, str | None]:
+    """The HF key (:data:`EXPORT_SPELLING`) of one of our parameter paths, and its loading
+    transform (none for LLaVA)."""
+    return _KEYS.key_for(path, EXPORT_SPELLING)
+
+
+def unload_transform(name: str | None, arr, config: LlavaConfig):
+    """Undo a loading transform (LLaVA's tensors load as they are)."""
+    if name is not None:
+        raise ValueError(f"unknown transform {name!r}")
+    return arr
+
+
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
@@ -108,4 +128,5 @@ def load_llava(path_or_id: str | os.PathLike, dtype=jnp.float32) -> tuple[Llava,
     return model, config
 
 
-__all__ = ["ARCHITECTURES", "config_from_hf", "load_llava", "map_key"]
+__all__ = ["ARCHITECTURES", "EXPORT_IGNORE", "EXPORT_SPELLING", "config_from_hf", "key_for", "load_llava", "map_key",
+           "unload_transform"]

@@ -131,6 +131,29 @@ def map_key(key: str) -> tuple[tuple, str | None] | None:
     return _KEYS(key)
 
 
+# What ``save_pretrained`` of transformers 5 writes (the hub files' spelling), for exports.
+EXPORT_SPELLING = (("lm_head.", "lm_head."), ("lm.", "model."), ("vis.", "visual."))
+# Modules an export keeps in floating point, as compressed-tensors ``ignore`` entries; ``re:``
+# patterns match the module names of either spelling (``visual.*`` or ``model.visual.*``).
+EXPORT_IGNORE = ("lm_head", "re:.*visual\\..*")
+
+
+def key_for(path: tuple) -> tuple[str, str | None]:
+    """The HF key (:data:`EXPORT_SPELLING`) of one of our parameter paths, and the transform the
+    tensor went through on loading (undo it with :func:`unload_transform`)."""
+    return _KEYS.key_for(path, EXPORT_SPELLING)
+
+
+def unload_transform(name: str | None, arr: np.ndarray, config: Qwen2_5_VLConfig) -> np.ndarray:
+    """Undo a loading transform: the patch embedding back to Conv3d's ``(out, C, T, P, P)``."""
+    if name is None:
+        return arr
+    if name == "flatten_patch":
+        v = config.vision
+        return arr.reshape(arr.shape[0], v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+    raise ValueError(f"unknown transform {name!r}")
+
+
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Writing checkpoints in formats other tools load (compressed-tensors for transformers and vLLM)."""
