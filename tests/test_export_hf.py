@@ -18,7 +18,6 @@ pytest.importorskip("compressed_tensors")
 
 from splitq_jax import methods, pipeline  # noqa: E402
 from splitq_jax import quantize as qz  # noqa: E402
-from splitq_jax.interop import compressed_tensors as ct  # noqa: E402
 from splitq_jax.interop.hf_export import PROVENANCE_FILE, ExportError, export_hf  # noqa: E402
 from splitq_jax.models.converters.llava import load_llava  # noqa: E402
 from splitq_jax.models.converters.qwen2_5_vl import load_qwen2_5_vl  # noqa: E402
