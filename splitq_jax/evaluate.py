@@ -330,10 +330,15 @@ def load_reference(qmodel: Any):
     """
     from splitq_jax import quantize as qz
 
+    from splitq_jax.models.converters.checkpoints import named_models
+
     manifest = qmodel.manifest
     source_dir = manifest.get("source_dir")
     name = manifest["model"]["name"]
-    ref = source_dir if source_dir is not None and os.path.isdir(source_dir) else name
+    # A named model is rebuilt by its name: an assembled one (easyvqa-vlm-0.5b) records its decoder's
+    # directory as source_dir (where its tokenizer lives), which loads as the text-only decoder alone.
+    named = name is not None and name in named_models()
+    ref = name if named or source_dir is None or not os.path.isdir(source_dir) else source_dir
     seed = int(manifest.get("method_config", {}).get("seed", 0))
     handle = qz.load_model_for_calibration(ref, seed=seed)
     check_reference(qmodel, handle.model)

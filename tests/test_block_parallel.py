@@ -124,6 +124,9 @@ def test_vmapped_step_equals_per_block_steps(blocks, method):
     assert max(d) > 1e-2
 
 
+# slow: fit_blocks_parallel is a library entry (the main job does not use it); its vmapped step, the
+# part that could break, is checked above at every `make test`.
+@pytest.mark.slow
 def test_fit_blocks_parallel_matches_fit_block(blocks):
     params, datas = blocks
     cfg = _cfg("splitq")

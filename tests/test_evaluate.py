@@ -11,6 +11,7 @@ script runs, has one sample and one common length, so each model compiles once f
 import importlib.util
 import json
 import shutil
+import types
 from pathlib import Path
 
 import numpy as np
@@ -345,3 +346,27 @@ def test_generate_script(setup, tmp_path, capsys):
     assert "cannot decode image" in capsys.readouterr().err
     assert main(["--checkpoint", str(ckpt), "--image", str(tmp_path / "none.png"), "--prompt", "hi"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_reference_of_a_named_model_is_rebuilt_by_name(setup, monkeypatch):
+    """easyvqa-vlm-0.5b records its decoder's directory as source_dir (its tokenizer lives there);
+    loading that directory gave the text-only decoder, and evaluation stopped with "the reference
+    model's config differs". A named model is rebuilt by its name."""
+    handle, qm = setup[0], setup[1]
+    calls = []
+
+    def load(ref, *, seed=0, **_):
+        calls.append(ref)
+        return handle
+
+    monkeypatch.setattr(qz, "load_model_for_calibration", load)
+    import splitq_jax.models.converters.checkpoints as ckpts
+
+    fake = types.SimpleNamespace(model=qm.model, family=qm.family, config=qm.config, vision_blocks=None,
+                                 manifest={**qm.manifest, "model": {**qm.manifest["model"], "name": "easyvqa-vlm-0.5b"},
+                                           "source_dir": str(Path(__file__).parent)})
+    ev.load_reference(fake)
+    assert calls == ["easyvqa-vlm-0.5b"] and "easyvqa-vlm-0.5b" in ckpts.named_models()
+    fake.manifest["model"]["name"] = "my-local-dir"  # not a named model: its existing source_dir
+    ev.load_reference(fake)
+    assert calls[-1] == str(Path(__file__).parent)

@@ -3,9 +3,9 @@ compressed-tensors package. The tiny Qwen2.5-VL and LLaVA models are saved by tr
 (``save_pretrained``), read by our converter, quantized, exported, and loaded back by
 ``from_pretrained``; its logits must equal our runtime's on the same text+image batch."""
 
+import importlib.util
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -160,10 +160,13 @@ def test_text_only_qwen2_export_loads_as_causal_lm(tmp_path):
 # ------------------------------------------------------------------------------ refusals
 
 
-def _run_script(*args) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "export_hf.py"), *map(str, args)],
-                          capture_output=True, text=True, env=env, timeout=300)
+def _run_script(capsys, *args) -> tuple[int, str]:
+    """scripts/export_hf.py's main in this process (its exit status and stderr)."""
+    spec = importlib.util.spec_from_file_location("export_hf_script", ROOT / "scripts" / "export_hf.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rc = script.main([str(a) for a in args])
+    return rc, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("method,bits,match", [
@@ -179,17 +182,17 @@ def test_refused_exports_name_the_reason_and_write_nothing(sources, tmp_path, me
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
 
 
-def test_script_refuses_bad_input_with_status_2(sources, tmp_path):
+def test_script_refuses_bad_input_with_status_2(sources, tmp_path, capsys):
     ckpt = _quantize(sources, "llava", "rtn", "w4a16", tmp_path / "ckpt")
     (tmp_path / "taken").mkdir()
-    r = _run_script("--checkpoint", ckpt, "--out", tmp_path / "taken")
-    assert r.returncode == 2 and "already exists; pass --overwrite" in r.stderr
+    rc, err = _run_script(capsys, "--checkpoint", ckpt, "--out", tmp_path / "taken")
+    assert rc == 2 and "already exists; pass --overwrite" in err
     assert os.listdir(tmp_path / "taken") == []
     # a corrupted checkpoint names the file, and nothing is written
     manifest = json.loads((ckpt / "manifest.json").read_text())
     victim = ckpt / next(f for f in manifest["files"] if f.startswith("state/"))
     victim.write_bytes(victim.read_bytes()[:-1] + bytes([victim.read_bytes()[-1] ^ 1]))
-    r = _run_script("--checkpoint", ckpt, "--out", tmp_path / "new")
-    assert r.returncode == 2 and "error:" in r.stderr and victim.name in r.stderr
+    rc, err = _run_script(capsys, "--checkpoint", ckpt, "--out", tmp_path / "new")
+    assert rc == 2 and "error:" in err and victim.name in err
     assert not (tmp_path / "new").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "taken"]
