@@ -101,12 +101,15 @@ def model_logits(model: Any, batch: Batch, family: str) -> jax.Array:
 
 
 def model_generate(model: Any, batch: Batch, family: str, *, max_new_tokens: int,
-                   eos_token_id: int | Sequence[int] | None, pad_token_id: int | None) -> np.ndarray:
-    """Greedy tokens ``(B, max_new_tokens)`` for a left-padded prompt batch, either kind of model."""
+                   eos_token_id: int | Sequence[int] | None, pad_token_id: int | None,
+                   on_token=None) -> np.ndarray:
+    """Greedy tokens ``(B, max_new_tokens)`` for a left-padded prompt batch, either kind of model
+    (``on_token(tokens (B,))`` streams them)."""
     # A QuantizedModel's generate takes image_grid_thw whatever its family (None for LLaVA).
     args = get_family(family).model_args(batch, with_grid=True if _is_quantized(model) else None)
+    kw = {} if on_token is None else {"on_token": on_token}
     return np.asarray(model.generate(*args, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                                     pad_token_id=pad_token_id))
+                                     pad_token_id=pad_token_id, **kw))
 
 
 def decode_generated(tokens: np.ndarray, tokenizer, eos_token_id: int | Sequence[int] | None) -> list[str]:
@@ -376,19 +379,41 @@ def check_reference(qmodel: Any, fp_model: Any) -> None:
 # ------------------------------------------------------------------------------ generation
 
 
+def end_of_turn_ids(config, tokenizer) -> tuple[int, ...]:
+    """Where a chat reply ends: the model's EOS ids, plus the tokenizer's EOS and the chat
+    template's end-of-turn token (``<|im_end|>``) where the vocabulary has them."""
+    ids = [int(t) for t in (config.eos_token_id or ())]
+    vocab = tokenizer.get_vocab()
+    extra = [tokenizer.eos_token_id] + [vocab.get(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    ids += [int(t) for t in extra if t is not None and int(t) not in ids]
+    return tuple(ids)
+
+
 def generate_text(model: Any, image, prompt: str, *, family: str, tokenizer, image_cfg=None,
-                  max_new_tokens: int = 32) -> str:
-    """One chat turn: ``prompt`` about ``image`` (path, PIL image or array) -> the decoded reply."""
+                  max_new_tokens: int = 32, on_token=None, max_context: int | None = None) -> str:
+    """One chat turn: ``prompt`` about ``image`` (path, PIL image or array) -> the decoded reply,
+    stopped at the end of the turn (:func:`end_of_turn_ids`). ``on_token(tokens (1,))`` streams
+    it; a prompt that leaves no room for ``max_new_tokens`` in ``max_context`` is refused."""
     from splitq_jax import preprocess as pp
 
     sample = cd.Sample(image=pp.load_image(image), prompt=prompt)
     encoded = cd.encode_samples([sample], family, tokenizer, image_cfg)
+    check_context(len(encoded[0].input_ids), max_new_tokens, max_context)
     config = model.config
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0
     batch = cd.make_batches(encoded, 1, pad_id)[0]
-    tokens = model_generate(model, batch, family, max_new_tokens=max_new_tokens,
-                            eos_token_id=config.eos_token_id, pad_token_id=pad_id)
-    return decode_generated(tokens, tokenizer, config.eos_token_id)[0]
+    stop = end_of_turn_ids(config, tokenizer)
+    tokens = model_generate(model, batch, family, max_new_tokens=max_new_tokens, eos_token_id=stop or None,
+                            pad_token_id=pad_id, on_token=on_token)
+    return decode_generated(tokens, tokenizer, stop or None)[0]
+
+
+def check_context(n_prompt: int, max_new_tokens: int, max_context: int | None) -> None:
+    """Refuse a prompt of ``n_prompt`` tokens when it and the reply do not fit the model's context."""
+    if max_context is not None and n_prompt + max_new_tokens > max_context:
+        raise EvaluateError(f"the prompt is {n_prompt} tokens; with --max-new-tokens {max_new_tokens} that is more "
+                            f"than the model's context of {max_context} tokens: shorten the prompt or lower "
+                            f"--max-new-tokens")
 
 
 # ------------------------------------------------------------------------------ report

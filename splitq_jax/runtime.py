@@ -227,9 +227,11 @@ class QuantizedModel:
 
     def generate(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None, *,
                  max_new_tokens: int, eos_token_id: int | Sequence[int] | None = None,
-                 pad_token_id: int | None = None, use_cache: bool = True, return_logits: bool = False):
+                 pad_token_id: int | None = None, use_cache: bool = True, return_logits: bool = False,
+                 on_token=None):
         """Greedy decoding. Returns the new tokens ``(B, max_new_tokens)`` (and, with
-        ``return_logits``, the logits that chose them, ``(B, steps, vocab)``).
+        ``return_logits``, the logits that chose them, ``(B, steps, vocab)``). ``on_token(tokens (B,))``
+        streams each step's tokens.
 
         Batched prompts must be left-padded. After a row emits EOS it is filled with
         ``pad_token_id`` (the families' ``generate`` behaviour). ``use_cache=False`` recomputes the
@@ -241,7 +243,8 @@ class QuantizedModel:
         start = self._cached_decoding if use_cache else self._recomputed_decoding
         return greedy_generate(emb, lambda valid: start(emb, valid, max_new_tokens),
                                max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                               default_pad_token_id=self.config.pad_token_id, return_logits=return_logits)
+                               default_pad_token_id=self.config.pad_token_id, return_logits=return_logits,
+                               on_token=on_token)
 
     def _cached_decoding(self, emb, valid: np.ndarray, max_new_tokens: int):
         """``start`` of :func:`~splitq_jax.models.decode.greedy_generate`: the prompt through every

@@ -332,12 +332,14 @@ def test_generate_script(setup, tmp_path, capsys):
     assert main(["--checkpoint", str(ckpt), "--image", str(image), "--prompt", raw[k].prompt,
                  "--max-new-tokens", str(MAX_NEW)]) == 0
     prompt = ev.prompt_only(encoded[k])
+    stop = ev.end_of_turn_ids(qm.config, handle.tokenizer)  # the model's EOS, <|im_end|>, <|endoftext|>
+    assert set(qm.config.eos_token_id) < set(stop) and handle.tokenizer.convert_tokens_to_ids("<|im_end|>") in stop
     tokens = qm.generate(prompt.input_ids[None], prompt.pixel_values, prompt.image_grid_thw,
-                         max_new_tokens=MAX_NEW, eos_token_id=qm.config.eos_token_id)
+                         max_new_tokens=MAX_NEW, eos_token_id=stop)
     row = tokens[0].tolist()
-    cut = next((i for i, t in enumerate(row) if t in set(qm.config.eos_token_id)), len(row))
+    cut = next((i for i, t in enumerate(row) if t in set(stop)), len(row))
     want = handle.tokenizer.decode(row[:cut], skip_special_tokens=True)
-    assert capsys.readouterr().out == want + "\n"
+    assert capsys.readouterr().out == want + "\n"  # streamed token by token: the same text
     assert main(["--checkpoint", str(tmp_path / "nope"), "--image", str(image), "--prompt", "hi"]) == 2
     assert "does not exist" in capsys.readouterr().err
     broken = tmp_path / "broken.png"
@@ -346,6 +348,31 @@ def test_generate_script(setup, tmp_path, capsys):
     assert "cannot decode image" in capsys.readouterr().err
     assert main(["--checkpoint", str(ckpt), "--image", str(tmp_path / "none.png"), "--prompt", "hi"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert main(["--model", "qwen2.5-vl-tiny", "--fp", "--prompt", "hi"]) == 2
+    assert "--fp answers with the full-precision model of a --checkpoint" in capsys.readouterr().err
+
+
+def test_generate_script_fp_answers_with_the_reference(setup, reuse_reference, tmp_path, capsys):
+    handle, qm, ckpt, raw, encoded, _ = setup
+    k = max((i for i, s in enumerate(encoded) if s.answer is not None), key=lambda i: encoded[i].answer_start)
+    image = tmp_path / "shape.png"
+    Image.fromarray(raw[k].image).save(image)
+    assert _script("generate").main(["--checkpoint", str(ckpt), "--fp", "--image", str(image), "--prompt",
+                                     raw[k].prompt, "--max-new-tokens", str(MAX_NEW)]) == 0
+    assert reuse_reference == [(qz.EMBEDDED_DEFAULT, 0)]  # the reference, checked against the checkpoint
+    want = ev.generate_text(handle.model, raw[k].image, raw[k].prompt, family=handle.family,
+                            tokenizer=handle.tokenizer, image_cfg=handle.image_cfg, max_new_tokens=MAX_NEW)
+    assert capsys.readouterr().out == want + "\n"
+
+
+def test_prompt_longer_than_the_context_is_refused(setup):
+    handle, _, _, raw, _, _ = setup
+    n = len(cd.encode_samples([cd.Sample(image=raw[0].image, prompt=raw[0].prompt)], handle.family,
+                                 handle.tokenizer, handle.image_cfg)[0].input_ids)
+    with pytest.raises(ev.EvaluateError, match=f"the prompt is {n} tokens; with --max-new-tokens 4 that is more "
+                                               f"than the model's context of {n + 3} tokens"):
+        ev.generate_text(handle.model, raw[0].image, raw[0].prompt, family=handle.family, tokenizer=handle.tokenizer,
+                         image_cfg=handle.image_cfg, max_new_tokens=4, max_context=n + 3)
 
 
 def test_reference_of_a_named_model_is_rebuilt_by_name(setup, monkeypatch):

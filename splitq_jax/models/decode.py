@@ -59,7 +59,8 @@ def cache_key_valid(valid: np.ndarray, max_new_tokens: int) -> jax.Array:
 
 def greedy_generate(emb: Any, start: Start, *, max_new_tokens: int,
                     eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
-                    default_pad_token_id: int | None = None, return_logits: bool = False):
+                    default_pad_token_id: int | None = None, return_logits: bool = False,
+                    on_token: Callable[[np.ndarray], None] | None = None):
     """Greedy decoding of an embedded prompt (see the module docstring).
 
     Args:
@@ -68,6 +69,7 @@ def greedy_generate(emb: Any, start: Start, *, max_new_tokens: int,
       start: ``valid (B, N) -> (logits (B, vocab), step)``; ``step(token (B, 1) int32,
         positions (B, 1) int32) -> logits (B, vocab)``.
       default_pad_token_id: the fill after EOS when ``pad_token_id`` is None (the model config's).
+      on_token: called with each step's tokens ``(B,)`` as soon as they are chosen (streaming).
     Returns:
       the new tokens ``(B, max_new_tokens)`` int64; with ``return_logits`` also the logits that
       chose them, ``(B, steps, vocab)`` (``steps`` < ``max_new_tokens`` when every row stopped early).
@@ -89,6 +91,8 @@ def greedy_generate(emb: Any, start: Start, *, max_new_tokens: int,
             token = np.where(done, pad_token_id, token)
             done |= np.isin(token, eos)
         out[:, i] = token
+        if on_token is not None:
+            on_token(token)
         if i + 1 == max_new_tokens or (eos and done.all()):
             out[:, i + 1:] = pad_token_id if eos else 0
             break

@@ -574,8 +574,10 @@ class Llava(nnx.Module):
         return decoder_forward(self.language_model, emb.hidden, emb.position_ids, emb.modality_mask)
 
     def generate(self, input_ids, pixel_values=None, attention_mask=None, *, max_new_tokens: int,
-                 eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None) -> np.ndarray:
-        """Greedy decoding with a KV cache. Returns the new tokens ``(B, max_new_tokens)``.
+                 eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
+                 on_token=None) -> np.ndarray:
+        """Greedy decoding with a KV cache. Returns the new tokens ``(B, max_new_tokens)``;
+        ``on_token(tokens (B,))`` streams each step's tokens.
 
         Batched prompts must be left-padded (the last column must be a real token). After a row
         emits an EOS token it is filled with ``pad_token_id`` (HF ``generate`` behaviour).
@@ -584,7 +586,7 @@ class Llava(nnx.Module):
         return greedy_generate(
             emb, lambda valid: decoder_decoding(self.language_model, emb, valid, max_new_tokens),
             max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-            default_pad_token_id=self.config.pad_token_id)
+            default_pad_token_id=self.config.pad_token_id, on_token=on_token)
 
     def num_params(self) -> int:
         return count_params(self)
