@@ -11,7 +11,8 @@ For a checkpoint of a vision-language model (``make demo`` calibrates ``easyvqa-
 3. a few questions about real photographs that calibration never saw (question, image, fp answer,
    quantized answer);
 4. the per-channel activation figure (text vs vision tokens) of the middle decoder layer;
-5. ``report.md`` (with the figure, ``channels.png``) in the checkpoint's directory, written atomically.
+5. ``report.md`` and the figure ``channels.png`` beside it (default: in the checkpoint's directory),
+   each written atomically.
 
 Progress bars on every long step; exit status 2 on bad input.
 """
@@ -87,7 +88,8 @@ def run(ckpt: str, per_type: int, report: Path | None, max_new_tokens: int = 24)
     stream = qz.calibration_stream(ref, samples=8, seed=0)
     layer = len(list(ref.model.blocks)) // 2
     prof = analysis.channel_profile(ref.model, stream, layer, "attn_in", method_config("splitq", "w4a4"))
-    figure, tmp_figure = root / "channels.png", root / ".channels.tmp.png"  # matplotlib needs the suffix
+    # beside the report, which links it by name; matplotlib needs the suffix of the temporary file
+    figure, tmp_figure = report.parent / "channels.png", report.parent / ".channels.tmp.png"
     analysis.plot_profile(prof, str(tmp_figure), f"{qm.manifest['model']['name']}: layer {layer}, attn_in input")
     os.replace(tmp_figure, figure)
     text = _report(qm.manifest, acc, cmp, agree, len(samples), photos, prof, layer, time.time() - t0)

@@ -397,3 +397,16 @@ def test_reference_of_a_named_model_is_rebuilt_by_name(setup, monkeypatch):
     fake.manifest["model"]["name"] = "my-local-dir"  # not a named model: its existing source_dir
     ev.load_reference(fake)
     assert calls[-1] == str(Path(__file__).parent)
+
+
+@pytest.mark.slow  # two generation passes over a 151k-word vocabulary, three photo questions, the figure
+def test_demo_script_writes_the_report(setup, reuse_reference, tmp_path, capsys):
+    _, _, ckpt, _, _, _ = setup
+    report = tmp_path / "report.md"
+    assert _script("demo").main(["--checkpoint", str(ckpt), "--per-type", "1", "--report", str(report)]) == 0
+    text = report.read_text()
+    for row in ("| shape | 1 |", "| color | 1 |", "| yes/no | 1 |", "| all | 3 |", "| chelsea |", "| moon |"):
+        assert row in text
+    assert (tmp_path / "channels.png").stat().st_size > 0 and "![per-channel activation magnitude](channels.png)" in text
+    assert _script("demo").main(["--checkpoint", str(ckpt), "--per-type", "0"]) == 2
+    assert "--per-type must be at least 1" in capsys.readouterr().err
