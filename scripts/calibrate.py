@@ -55,6 +55,9 @@ def build_parser(method_name: str) -> argparse.ArgumentParser:
                     help="bit widths wXaY of the vision tower, e.g. w4a4 (default: --bits)")
     ap.add_argument("--config", default=None,
                     help="JSON file of options of the method (and 'method', 'bits'); flags typed here win")
+    ap.add_argument("--export-hf", default=None, metavar="DIR",
+                    help="also write the checkpoint as an HF model directory in the compressed-tensors format "
+                         "(scripts/export_hf.py; rtn, smoothquant, gptq, gptaq, vlm-ptq); checked before calibration")
     methods.add_method_flags(ap, methods.get_method(method_name))
     return ap
 
@@ -105,6 +108,12 @@ def main(argv=None) -> int:
         if args.resume and not (out.with_name(out.name + ".work") / "run.json").exists():
             raise qz.QuantizeError(f"nothing to resume for {out}: no interrupted run there; run without --resume")
         preflight.check_output(out)
+        if args.export_hf:  # a run whose export cannot succeed fails now, not after calibrating
+            from splitq_jax.interop.hf_export import check_request
+
+            check_request(cfg, model_name=args.model, quantize_vision=args.quantize_vision, out_dir=args.export_hf,
+                          overwrite=args.overwrite)
+            preflight.check_output(Path(args.export_hf), "--export-hf")
         qz.preflight_config(args.model, cfg)
         raw = (None if args.calib_data in ("default", CODE_SOURCE)
                else load_samples(args.calib_data, n=args.samples, seed=cfg.seed))
@@ -153,6 +162,11 @@ def main(argv=None) -> int:
                                     on_step=stepper("language", stream, cfg), on_block=on_block, vision=vision,
                                     on_vision_step=None if vision is None else stepper("vision", vision.stream,
                                                                                        vision.cfg))
+        if args.export_hf:
+            from splitq_jax.interop.hf_export import export_hf
+
+            export_hf(path, args.export_hf, overwrite=args.overwrite)
+            print(f"wrote {args.export_hf} (compressed-tensors; load it with transformers' from_pretrained)")
     except SplitqError as e:  # user-fixable (every such class derives from it); a bug keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -196,3 +196,44 @@ def test_script_refuses_bad_input_with_status_2(sources, tmp_path, capsys):
     assert rc == 2 and "error:" in err and victim.name in err
     assert not (tmp_path / "new").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "taken"]
+
+
+def _calibrate_cli():
+    spec = importlib.util.spec_from_file_location("calibrate_script", ROOT / "scripts" / "calibrate.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script.main
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--method", "flatquant", "--bits", "w4a4"], "a flatquant checkpoint cannot be written in the compressed-tensors"),
+    (["--method", "splitq", "--bits", "w4a4"], "the exportable methods are rtn, smoothquant, gptq, gptaq, vlm-ptq"),
+    (["--method", "rtn", "--bits", "w3a3"], "3-bit activations: no loader"),
+    (["--method", "gptq", "--bits", "w4a8", "--w-group-size", "128"], "fp8-activation kernel"),
+    (["--method", "rtn", "--bits", "w4a16", "--quantize-vision"], "drop --quantize-vision"),
+    (["--model", "easyvqa-vlm-0.5b", "--method", "rtn", "--bits", "w4a16"], "no transformers architecture"),
+])
+def test_calibrate_refuses_an_export_it_cannot_write_before_loading_a_model(argv, match, tmp_path, capsys,
+                                                                             monkeypatch):
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the export request was checked")
+
+    monkeypatch.setattr(qz, "load_model_for_calibration", no_model)
+    rc = _calibrate_cli()([*argv, "--out", str(tmp_path / "ckpt"), "--export-hf", str(tmp_path / "hf")])
+    assert rc == 2 and match in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow  # the embedded default's 151k-word embedding through calibration, export and transformers
+def test_calibrate_export_hf_end_to_end(tmp_path, capsys):
+    rc = _calibrate_cli()(["--method", "rtn", "--bits", "w4a16", "--samples", "2", "--out", str(tmp_path / "ckpt"),
+                           "--export-hf", str(tmp_path / "hf")])
+    assert rc == 0 and "compressed-tensors" in capsys.readouterr().out
+    hf = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    ids = np.arange(3, 19, dtype=np.int64)[None]
+    with torch.no_grad():
+        theirs = hf(input_ids=torch.tensor(ids)).logits.numpy()
+    ours = np.asarray(load_quantized(tmp_path / "ckpt").logits(
+        {"input_ids": ids.astype(np.int32), "attention_mask": np.ones_like(ids), "pixel_values": None}))
+    assert np.abs(ours - theirs).max() / np.abs(ours).max() < 1e-3
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()  # the real Qwen2.5 tokenizer, saved beside it

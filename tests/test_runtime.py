@@ -32,6 +32,8 @@ CONFIGS = [
     ("w4a16", "splitq", "w4a16", {}),  # weight-only: float fallback
     ("w16a4", "splitq", "w16a4", {}),  # float weights: float fallback
 ]
+# slow: the gathered path and groups are each covered twice more in make test
+SLOW_CONFIGS = ("w4a8-sym-gathered", "w3a2-sym-groups")
 # Three linears sharing one input, outlier groups (with splitq) and branches; one compile per config.
 TEST_GROUPS = ("attn_in",)
 
@@ -94,7 +96,8 @@ def _is_packed(t):
     return isinstance(t, PackedTensor)
 
 
-@pytest.mark.parametrize("method,bits,kw", [c[1:] for c in CONFIGS], ids=[c[0] for c in CONFIGS])
+@pytest.mark.parametrize("method,bits,kw", [pytest.param(*c[1:], id=c[0], marks=[pytest.mark.slow] * (c[0] in SLOW_CONFIGS))
+                                             for c in CONFIGS])
 def test_integer_group_matches_fake_quant(data, stats, group_inputs, method, bits, kw):
     cfg = method_config(method, bits, mac_gate_init=0.7, **kw)
     qp, qc = _init(data, stats, cfg)

@@ -231,6 +231,35 @@ def _side_files(source_dir: str | None, model_name: str | None, dst: Path) -> li
     return copied
 
 
+# ------------------------------------------------------------------------------ pre-flight
+
+# Methods whose folded checkpoint is plain integer linears behind plain norms (the structural
+# check of plain_linears is what decides; this list lets a run refuse before calibrating).
+EXPORTABLE_METHODS = ("rtn", "smoothquant", "gptq", "gptaq", "vlm-ptq")
+NO_HF_ARCHITECTURE = ("easyvqa-vlm-0.5b",)  # LLaVA with a pooled DINOv2 tower
+
+
+def check_request(cfg: Any, *, model_name: str | None, quantize_vision: bool, out_dir: str | os.PathLike,
+                  overwrite: bool) -> None:
+    """Refuse, before any calibration, a run whose ``--export-hf`` cannot succeed (same reasons as
+    :func:`export_hf`, from the method config alone)."""
+    method = getattr(cfg, "method", None)
+    if method not in EXPORTABLE_METHODS:
+        raise ExportError(f"--export-hf: a {method} checkpoint cannot be written in the compressed-tensors format "
+                          f"(it has no place for {method}'s online transforms, channel split or branches); "
+                          f"the exportable methods are {', '.join(EXPORTABLE_METHODS)}")
+    ct.check_settings(w_bits=cfg.w_bits, a_bits=cfg.a_bits, a_symmetric=getattr(cfg, "a_symmetric", True),
+                      group_size=getattr(cfg, "w_group_size", None))
+    if quantize_vision:
+        raise ExportError("--export-hf keeps the vision tower in floating point; drop --quantize-vision")
+    if model_name in NO_HF_ARCHITECTURE:
+        raise ExportError(f"--export-hf: {model_name} has no transformers architecture (a pooled DINOv2 tower); "
+                          f"run it with splitq_jax's own runtime")
+    out = Path(out_dir).expanduser()
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} already exists; pass --overwrite to replace it")
+
+
 # ----------------------------------------------------------------------------------- export
 
 
@@ -296,4 +325,5 @@ def export_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, overwr
     return record
 
 
-__all__ = ["ExportError", "PROVENANCE_FILE", "export_hf", "hf_config", "plain_linears"]
+__all__ = ["EXPORTABLE_METHODS", "ExportError", "PROVENANCE_FILE", "check_request", "export_hf", "hf_config",
+           "plain_linears"]

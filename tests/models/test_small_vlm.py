@@ -207,6 +207,10 @@ def tiny_batches(tok):
     return cd.make_batches(enc, 2, CFG.pad_token_id)
 
 
+# slow: test_quantize_vision_dinov2_tower below runs the same family through quantize_model, export
+# and load_quantized (with the tower quantized too) and checks the manifest's config round trip and
+# that the image reaches the logits; this one adds the in-memory equality.
+@pytest.mark.slow
 def test_calibrate_export_load_logits(model, tiny_batches, tmp_path):
     stream = pipeline.embed_batches(model, tiny_batches, "llava")
     assert stream.x.shape[-1] == CFG.text.hidden_size
@@ -268,7 +272,15 @@ def test_quantize_vision_dinov2_tower(model, tiny_batches, tmp_path):
     fp = np.asarray(model.image_features(pix))
     assert got.shape == fp.shape and not np.allclose(got, fp)
     assert np.abs(got - fp).max() < 0.2 * np.abs(fp).max()  # W8A8: close to the fp tower
-    assert np.isfinite(np.asarray(qm.logits(tiny_batches[0]))).all()
+    logits = np.asarray(qm.logits(tiny_batches[0]))
+    assert np.isfinite(logits).all()
+    # the DINOv2 variant's config survives the manifest, and the image reaches the logits
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["model"]["config"]["vision_tower"] == "dinov2"
+    assert export.model_config_from_dict("llava", manifest["model"]["config"]) == CFG == qm.config
+    other = dict(tiny_batches[0], pixel_values=tiny_batches[0]["pixel_values"][::-1].copy())
+    valid = tiny_batches[0]["attention_mask"].astype(bool)
+    assert not np.allclose(np.asarray(qm.logits(other))[valid], logits[valid])
 
 
 # --------------------------------------------------------------------------------------------

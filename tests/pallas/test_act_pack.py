@@ -283,6 +283,9 @@ def test_explicit_fallbacks():
 # ----------------------------------------------------------------------------- tie to the runtime
 
 
+# slow: a regression check against the path the kernel replaced; the kernel is checked against
+# the reference (test_kernel_matches_reference) and the runtime against fake quant in make test.
+@pytest.mark.slow
 @pytest.mark.parametrize("bits,a_symmetric,main_path", [("w4a4", True, "masked"),
                                                          ("w4a8", False, "gathered")])
 def test_reference_equals_former_runtime_path(bits, a_symmetric, main_path):
