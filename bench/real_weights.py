@@ -413,6 +413,17 @@ def main(argv=None) -> int:
         print(f"error: unknown method(s) or bit width(s) {bad}; methods: {', '.join(known_methods())}; bit widths: "
               f"{', '.join(known_bits)}", file=sys.stderr)
         return 2
+    # Every cell's config now, not after minutes of model loading: an unknown --options key or a
+    # value a method refuses is a clear error here.
+    from splitq_jax.errors import SplitqError
+
+    for method in methods:
+        for bits in bits_list:
+            try:
+                run_config(method, bits, args)
+            except (SplitqError, TypeError) as e:
+                print(f"error: --options {args.options!r} with {method} {bits}: {e}", file=sys.stderr)
+                return 2
     machine = C.machine_name()
     out = Path(args.out) if args.out else C.RESULTS / f"{BENCH}-{machine}.json"
     recipe = recipe_of(args)

@@ -109,3 +109,10 @@ def test_cell_options_reach_every_config(rw):
     cfg = rw.run_config("gptq", "w3a16", args)
     assert cfg.clip_search is True and cfg.damp == 0.05
     assert rw.run_config("flatquant", "w4a4", rw.parse_args(["--options", "lr=0.001"])).lr == 0.001
+
+
+def test_unknown_option_fails_before_any_model_loads(rw, capsys, monkeypatch):
+    monkeypatch.setattr(rw, "llm_part", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran a cell")))
+    rc = rw.main(["--parts", "llm", "--methods", "gptq", "--bits", "w3a16", "--options", "no_such_option=1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--options 'no_such_option=1' with gptq w3a16" in err and "no_such_option" in err
