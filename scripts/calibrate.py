@@ -118,11 +118,18 @@ def main(argv=None) -> int:
         raw = (None if args.calib_data in ("default", CODE_SOURCE)
                else load_samples(args.calib_data, n=args.samples, seed=cfg.seed))
         handle = qz.load_model_for_calibration(args.model, seed=cfg.seed)
-        qz.preflight_model(handle, cfg, out, vision_cfg)
+        disk = qz.preflight_model(handle, cfg, out, vision_cfg)
+        if args.export_hf:  # about the checkpoint's size again (float tensors and packed weights)
+            preflight.check_disk(args.export_hf, disk["checkpoint_bytes"])
         t0 = time.time()
         batches = qz.calibration_batches(handle, source=args.calib_data, samples=args.samples, seed=cfg.seed,
                                          batch_size=args.calib_batch_size, max_tokens=args.max_tokens, raw=raw)
-        qz.check_batches_fit(handle, batches, cfg)
+        memory = qz.check_batches_fit(handle, batches, cfg)
+        gb = preflight.GB
+        print(f"pre-flight: calibration needs about {memory / gb:.1f} GB of memory beyond the model; the "
+              f"checkpoint about {disk['checkpoint_bytes'] / gb:.2f} GB of disk "
+              f"({disk['disk_bytes'] / gb:.2f} GB while it is written)"
+              + (", its --export-hf copy about as much" if args.export_hf else ""))
         stream = pipeline.embed_batches(handle.model, batches, handle.family)
         vision = qz.vision_job(handle, batches, cfg, args.vision_bits) if args.quantize_vision else None
         print(f"{handle.name}: {cfg.method} {cfg.bits}; {stream.x.shape[0]} samples x {stream.x.shape[1]} tokens "

@@ -156,10 +156,12 @@ def preflight_config(model_ref: str | None, cfg: MethodConfig) -> None:
 
 
 def preflight_model(handle: ModelHandle, cfg: MethodConfig, out_dir: str | Path,
-                    vision_cfg: MethodConfig | None = None) -> None:
+                    vision_cfg: MethodConfig | None = None) -> dict[str, int]:
     """Checks that need the model but no data, made before anything is written: the weight group
     size divides every width it applies to, and the output's file system has room for the
-    finished blocks and the checkpoint (:mod:`splitq_jax.preflight`)."""
+    finished blocks and the checkpoint (:mod:`splitq_jax.preflight`). Returns the estimates,
+    ``{"checkpoint_bytes", "disk_bytes"}`` (the checkpoint; it plus the finished blocks kept
+    beside it until it is complete)."""
     from flax import nnx
 
     from splitq_jax import preflight as pf
@@ -186,11 +188,12 @@ def preflight_model(handle: ModelHandle, cfg: MethodConfig, out_dir: str | Path,
         stored += pf.block_weight_bytes(vparams, vgroups, vision_cfg.w_bits) * len(vblocks)
     # Finished blocks stay in <out>.work until the checkpoint (which holds them again) is complete.
     pf.check_disk(out_dir, total - dropped + 2 * stored)
+    return {"checkpoint_bytes": total - dropped + stored, "disk_bytes": total - dropped + 2 * stored}
 
 
-def check_batches_fit(handle: ModelHandle, batches: list[dict], cfg: MethodConfig) -> None:
+def check_batches_fit(handle: ModelHandle, batches: list[dict], cfg: MethodConfig) -> int:
     """Refuse calibration batches whose estimated peak memory exceeds what this process may still
-    allocate (``preflight.run_memory``), before they are embedded."""
+    allocate (``preflight.run_memory``), before they are embedded; returns the estimate in bytes."""
     from splitq_jax import preflight as pf
 
     samples = sum(int(b["input_ids"].shape[0]) for b in batches)
@@ -202,6 +205,7 @@ def check_batches_fit(handle: ModelHandle, batches: list[dict], cfg: MethodConfi
                          quantized_inputs=cfg.block_inputs == "quantized")
     pf.check_memory(need, f"calibrating {samples} samples of up to {tokens} tokens",
                     "lower --max-tokens (cuts samples), --samples or --batch-size")
+    return need
 
 
 def _run_record(handle: ModelHandle, cfg: MethodConfig, data: dict[str, Any],

@@ -228,7 +228,9 @@ def test_calibrate_refuses_an_export_it_cannot_write_before_loading_a_model(argv
 def test_calibrate_export_hf_end_to_end(tmp_path, capsys):
     rc = _calibrate_cli()(["--method", "rtn", "--bits", "w4a16", "--samples", "2", "--out", str(tmp_path / "ckpt"),
                            "--export-hf", str(tmp_path / "hf")])
-    assert rc == 0 and "compressed-tensors" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert rc == 0 and "compressed-tensors" in out
+    assert "pre-flight: calibration needs about" in out and "its --export-hf copy about as much" in out
     hf = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "hf", dtype=torch.float32)
     ids = np.arange(3, 19, dtype=np.int64)[None]
     with torch.no_grad():
