@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from splitq_jax.fsutil import atomic_dir, write_json
@@ -41,7 +42,6 @@ from splitq_jax.interop.compressed_tensors import ExportError
 from splitq_jax.models.family import family_of
 from splitq_jax.packing import PackedTensor
 from splitq_jax.quantized import export
-from splitq_jax.quantized.schema import InferenceSpec
 
 PROVENANCE_FILE = "splitq_export.json"
 SHARD_BYTES = 4 * 2**30  # one safetensors file up to this size; more get an index
@@ -286,7 +286,7 @@ def export_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, overwr
         raise ExportError("the checkpoint has a quantized vision tower (--quantize-vision); the export keeps the "
                           "tower in floating point (vLLM and transformers run it so): calibrate without "
                           "--quantize-vision to export")
-    spec = InferenceSpec.from_dict(manifest.get("inference") or manifest["method_config"])
+    spec = export._spec_of(manifest, Path(ckpt_dir))  # the manifest's inference spec, as loading reads it
     linears = [w for i, b in enumerate(blocks) for _, w, _ in plain_linears(b, method, f"block {i}")]
     w_bits, w_symmetric, group_size = _weight_format(linears)
     ct.check_settings(w_bits=w_bits, a_bits=spec.a_bits, a_symmetric=spec.a_symmetric, group_size=group_size)
@@ -295,11 +295,7 @@ def export_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, overwr
     qconfig = ct.quantization_config(w_bits=w_bits, w_symmetric=w_symmetric, group_size=group_size,
                                      a_bits=spec.a_bits, ignore=conv.EXPORT_IGNORE)
     ct.validate(qconfig)
-    dtype = np.dtype(manifest["model"]["dtype"]) if manifest["model"]["dtype"] != "bfloat16" else None
-    if dtype is None:
-        import ml_dtypes
-
-        dtype = np.dtype(ml_dtypes.bfloat16)
+    dtype = np.dtype(jnp.dtype(manifest["model"]["dtype"]))  # jnp knows bfloat16 (ml_dtypes)
     config.update(quantization_config=qconfig, torch_dtype=manifest["model"]["dtype"],
                   dtype=manifest["model"]["dtype"])
 
