@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import Any
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -137,7 +138,7 @@ def main(argv=None) -> int:
         if vision is not None:
             print(f"vision tower: {vision.cfg.method} {vision.cfg.bits}; {vision.stream.x.shape[0]} images x "
                   f"up to {vision.stream.x.shape[1]} patches")
-        bars: dict[tuple[str, int], tqdm] = {}
+        bars: dict[Any, tqdm] = {}
         reports = []
 
         def steps_per_block(s: Stream, c) -> int:
@@ -162,13 +163,22 @@ def main(argv=None) -> int:
             label = "block" if r.part == "language" else "vision"
             tqdm.write(f"{label} {r.index:>3}: mse {state} ({r.seconds:.1f} s)")
 
+        def on_model_pass(done: int, total: int) -> None:
+            if "pass" not in bars:
+                bars["pass"] = tqdm(total=total, desc="gradient pass", leave=False)
+            bars["pass"].update(1)
+            if done == total:
+                bars.pop("pass").close()
+                tqdm.write(f"gradient pass: {total} samples")
+
         data_record = {"source": args.calib_data, "samples": int(stream.x.shape[0]),
                        "tokens": int(stream.x.shape[1]), "seed": cfg.seed}
         path, _ = qz.quantize_model(handle, stream, cfg, out, data_record=data_record,
                                     overwrite=args.overwrite, resume=args.resume,
                                     on_step=stepper("language", stream, cfg), on_block=on_block, vision=vision,
                                     on_vision_step=None if vision is None else stepper("vision", vision.stream,
-                                                                                       vision.cfg))
+                                                                                       vision.cfg),
+                                    on_model_pass=on_model_pass)
         if args.export_hf:
             from splitq_jax.interop.hf_export import export_hf
 

@@ -59,6 +59,8 @@ class Stream:
     modality: jax.Array
     masks: dict[str, jax.Array] | None = None
     block_masks: tuple[str, ...] | None = None
+    # (S, N) int32 token ids, left-padded like the rest (the gradient pass's targets); None: not kept.
+    input_ids: jax.Array | None = None
 
     def mask_for(self, block: int) -> jax.Array:
         return self.mask if self.block_masks is None else self.masks[self.block_masks[block]]
@@ -85,14 +87,17 @@ def embed_batches(model, batches: Sequence[dict], family: str, *, vision_encoder
     for b in batches:
         inp = forward.prepare(model, family, b, vision_encoder=vision_encoder)
         parts.append((np.asarray(inp.hidden, np.float32), np.asarray(inp.cos, np.float32),
-                      np.asarray(inp.sin, np.float32), np.asarray(inp.modality, np.int32)))
+                      np.asarray(inp.sin, np.float32), np.asarray(inp.modality, np.int32),
+                      np.asarray(b["input_ids"], np.int32)))
     n = max(p[0].shape[1] for p in parts)
     x = np.concatenate([_left_pad(p[0], n, 0.0) for p in parts])
     cos = np.concatenate([_left_pad(p[1], n, 1.0) for p in parts])
     sin = np.concatenate([_left_pad(p[2], n, 0.0) for p in parts])
     modality = np.concatenate([_left_pad(p[3], n, cal.PAD) for p in parts])
+    ids = np.concatenate([_left_pad(p[4], n, 0) for p in parts])
     mask = model.attention_mask(jnp.asarray(modality))
-    return Stream(jnp.asarray(x), jnp.asarray(cos), jnp.asarray(sin), jnp.asarray(mask), jnp.asarray(modality))
+    return Stream(jnp.asarray(x), jnp.asarray(cos), jnp.asarray(sin), jnp.asarray(mask), jnp.asarray(modality),
+                  input_ids=jnp.asarray(ids))
 
 
 @dataclass
@@ -125,6 +130,7 @@ def quantize_decoder(
     on_step: Callable[[int, int, float], None] | None = None,
     on_block: Callable[[BlockReport], None] | None = None,
     x_quant: jax.Array | None = None,
+    contexts: Sequence[Any] | None = None,
 ) -> ModelResult:
     """Quantize every decoder block of ``model`` on ``stream`` with ``cfg``'s method (a method
     config or an engine setting); returns the folded blocks.
@@ -135,11 +141,14 @@ def quantize_decoder(
       on_step: ``(block, step, loss)`` after every optimiser step; on_block: after every block.
       x_quant: with ``block_inputs="quantized"``, the first block's quantized-stream input when it
         differs from ``stream.x`` (embeddings with the quantized vision tower's features).
+      contexts: per block, what the method's whole-model pass found
+        (:meth:`~splitq_jax.methods.base.Method.model_pass`), handed to its ``calibrate_block``.
     """
     blocks = list(model.blocks)
     return quantize_blocks([layer.block_params for layer in blocks], block_config_of(model.config.text), stream,
                             cfg, work_dir=work_dir, save_block=save_block, load_block=load_block, resume=resume,
-                            fail_after_block=fail_after_block, on_step=on_step, on_block=on_block, x_quant=x_quant)
+                            fail_after_block=fail_after_block, on_step=on_step, on_block=on_block, x_quant=x_quant,
+                            contexts=contexts)
 
 
 def quantize_blocks(
@@ -157,6 +166,7 @@ def quantize_blocks(
     on_step: Callable[[int, int, float], None] | None = None,
     on_block: Callable[[BlockReport], None] | None = None,
     x_quant: jax.Array | None = None,
+    contexts: Sequence[Any] | None = None,
 ) -> ModelResult:
     """Quantize a chain of blocks of one architecture (``bcfg``, see :mod:`splitq_jax.block`):
     per block, the method's two steps (:meth:`~splitq_jax.methods.base.Method.calibrate_block`,
@@ -201,8 +211,9 @@ def quantize_blocks(
             try:
                 data = cal.make_block_data(params, x_fp, stream.cos, stream.sin, mask, stream.modality, bcfg,
                                            x_quant=x_q)
+                extra = {} if contexts is None else {"context": contexts[i]}
                 result = method.calibrate_block(params, data, cfg, bcfg, key=jax.random.fold_in(base_key, i),
-                                                on_step=step_cb)
+                                                on_step=step_cb, **extra)
             except NonFiniteError as e:
                 raise NonFiniteError(f"{label}: {e}") from None
             # Every method's block goes through the one canonical fold and stores the one format.

@@ -253,9 +253,12 @@ def quantize_model(
     on_block: Callable[[pipeline.BlockReport], None] | None = None,
     vision: VisionJob | None = None,
     on_vision_step: Callable[[int, int, float], None] | None = None,
+    on_model_pass: Callable[[int, int], None] | None = None,
 ) -> tuple[Path, pipeline.ModelResult]:
     """Calibrate every block (the vision tower's first when ``vision`` is given), then export the
-    packed checkpoint to ``out_dir`` (atomically). ``on_block`` sees both parts (``report.part``)."""
+    packed checkpoint to ``out_dir`` (atomically). ``on_block`` sees both parts (``report.part``);
+    ``on_model_pass(done, total)`` follows a method's whole-model pass (MBQ's gradients), which
+    runs before the language blocks and is saved for ``resume``."""
     from splitq_jax.errors import SplitqError
     from splitq_jax.preflight import nearest_existing
 
@@ -266,7 +269,8 @@ def quantize_model(
     try:
         return _quantize_and_export(handle, stream, cfg, out_dir, work, data_record=data_record, overwrite=overwrite,
                                      resume=resume, fail_after_block=fail_after_block, on_step=on_step,
-                                     on_block=on_block, vision=vision, on_vision_step=on_vision_step)
+                                     on_block=on_block, vision=vision, on_vision_step=on_vision_step,
+                                     on_model_pass=on_model_pass)
     except SplitqError:
         # A refusal (diverged training, non-finite data, ...) leaves nothing behind: a rerun must
         # change its options, so a resume point would be refused anyway. A resumed run keeps its
@@ -292,7 +296,7 @@ def _remove_empty_parents(path: Path, stop: Path) -> None:
 def _quantize_and_export(handle: ModelHandle, stream: pipeline.Stream, cfg: MethodConfig, out_dir: str | Path,
                           work: Path, *, data_record: dict[str, Any], overwrite: bool, resume: bool,
                           fail_after_block: int | None, on_step, on_block, vision: VisionJob | None,
-                          on_vision_step) -> tuple[Path, pipeline.ModelResult]:
+                          on_vision_step, on_model_pass=None) -> tuple[Path, pipeline.ModelResult]:
     from splitq_jax.quantized import export
 
     vision_result = None
@@ -319,9 +323,13 @@ def _quantize_and_export(handle: ModelHandle, stream: pipeline.Stream, cfg: Meth
         encoder = partial(quantized_vision_features, handle.model, handle.family, vision_result.folded_blocks,
                           InferenceSpec.of(vision.cfg))
         x_quant = pipeline.embed_batches(handle.model, vision.batches, handle.family, vision_encoder=encoder).x
+    from splitq_jax.methods import method_of
+
+    pre = method_of(cfg).model_pass(handle.model, stream, cfg, work_dir=work, resume=resume, on_sample=on_model_pass)
     result = pipeline.quantize_decoder(
         handle.model, stream, cfg, work_dir=work, save_block=export.save_block, load_block=export.load_block,
         resume=resume, fail_after_block=fail_after_block, on_step=on_step, on_block=on_block, x_quant=x_quant,
+        contexts=None if pre is None else pre.contexts,
     )
     def reports(rs):
         return [{"index": r.index, "init_loss": r.init_loss, "final_loss": r.final_loss, "seconds": r.seconds,
@@ -330,6 +338,8 @@ def _quantize_and_export(handle: ModelHandle, stream: pipeline.Stream, cfg: Meth
     manifest_extra = {"source_dir": handle.source_dir, "data": data_record, "blocks": reports(result.reports)}
     if vision_result is not None:
         manifest_extra["vision_block_reports"] = reports(vision_result.reports)
+    if pre is not None:
+        manifest_extra["model_pass"] = pre.record
     path = export.save_quantized(out_dir, family=handle.family, model_config=handle.model.config,
                                  fp_params=handle.model, folded_blocks=result.folded_blocks, method_config=cfg,
                                  manifest_extra=manifest_extra, model_name=handle.name, overwrite=overwrite,

@@ -12,6 +12,7 @@ import splitq_jax.methods as methods
 from splitq_jax import quantize as qz
 from splitq_jax.calib.stats import group_inputs_jit
 from splitq_jax.config import ConfigError
+from splitq_jax.methods import plain
 from splitq_jax.methods.gptq import method as gm
 from splitq_jax.quantized import fold
 from splitq_jax.quantized.schema import InferenceSpec, validate_folded_block
@@ -67,7 +68,7 @@ def test_folded_block_computes_the_calibrated_block(data, name, bits, opts):  # 
     validate_folded_block(folded, spec)
     assert all(f["acts"]["transform"] is None and f["split"]["main_mask"] is None for f in folded["groups"].values())
     qweights = {g: {n: s.weight for n, s in sols.items()} for g, sols in r.qparams.items()}
-    _, want = gm._capture_jit(BCFG, cfg.a_bits, cfg.a_symmetric)(params, qweights, d.x, d.cos, d.sin, d.mask)
+    _, want = plain.capture_jit(BCFG, cfg.a_bits, cfg.a_symmetric)(params, qweights, d.x, d.cos, d.sin, d.mask)
     got = fold.folded_block_forward(folded, d.x, d.cos, d.sin, d.mask, d.modality, spec, BCFG)
     valid = np.asarray(d.modality) != 0
     err = np.abs(np.asarray(got) - np.asarray(want))[valid]

@@ -18,10 +18,10 @@ from test_cli import cli, run_cli
 
 
 def test_registry_lists_every_method_and_variant():
-    hessian = ("gptq", "gptaq", "vlm-ptq")  # methods that are no transform-engine setting
-    assert tuple(methods.METHODS) == METHODS + hessian
-    assert methods.names() == METHODS + hessian + ("flatquant+mocd", "flatquant+mocd+cws")
-    assert set(methods.names()) == set(METHODS) | set(hessian) | set(COMPONENT_VARIANTS)
+    others = ("gptq", "gptaq", "vlm-ptq", "awq", "mbq", "tlq")  # methods that are no transform-engine setting
+    assert tuple(methods.METHODS) == METHODS + others
+    assert methods.names() == METHODS + others + ("flatquant+mocd", "flatquant+mocd+cws")
+    assert set(methods.names()) == set(METHODS) | set(others) | set(COMPONENT_VARIANTS)
     for name in methods.METHODS:
         assert methods.get_method(name).config("w4a16").method == name
     with pytest.raises(ConfigError, match="unknown method 'nosuch': choose one of rtn, smoothquant"):

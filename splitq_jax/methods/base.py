@@ -99,6 +99,8 @@ class Method:
     config_class: type[QuantSpec]
     summary: str
     bit_defaults: dict[tuple[int | None, int | None], dict[str, Any]] = dataclasses.field(default_factory=dict)
+    # The bit widths a config gets when none are given (AWQ and MBQ are weight-only by default).
+    default_bits: str = "w4a4"
 
     def calibrate_block(self, block_params: Any, data: Any, cfg: Any, bcfg: Any, *, key: Any = None,
                         on_step: Any = None) -> Any:
@@ -107,16 +109,32 @@ class Method:
     def fold_block(self, result: Any, cfg: Any, bcfg: Any = None) -> Any:
         raise NotImplementedError(f"method {self.name} does not implement fold_block")
 
+    def model_pass(self, model: Any, stream: Any, cfg: Any, *, work_dir: Any = None, resume: bool = False,
+                   on_sample: Any = None) -> "ModelPass | None":
+        """A whole-model pass before block 0 whose per-block results reach :meth:`calibrate_block`
+        as ``context`` (MBQ's gradient pass); saved in ``work_dir`` and reused on ``resume``.
+        ``on_sample(done, total)`` reports progress. Most methods have none (None)."""
+        return None
+
     def inference_spec(self, cfg: Any) -> InferenceSpec:
         """What the runtime needs of ``cfg`` (bit widths, symmetry, main path, text tokens)."""
         return InferenceSpec.of(cfg)
 
-    def config(self, bits: str = "w4a4", **options: Any) -> QuantSpec:
-        """This method's config at ``bits`` (``"w4a4"``), with bit-dependent defaults (e.g.
+    def config(self, bits: str | None = None, **options: Any) -> QuantSpec:
+        """This method's config at ``bits`` (``"w4a4"``; None: :attr:`default_bits`), with bit-dependent defaults (e.g.
         SplitQ's larger ranks at W3A2) and then ``options`` applied (names must be this method's:
         :func:`splitq_jax.methods.get_config` explains a foreign one)."""
-        w, a = parse_bits(bits)
+        w, a = parse_bits(bits or self.default_bits)
         return self.config_class(**{"w_bits": w, "a_bits": a, **self.bit_defaults.get((w, a), {}), **options})
+
+
+@dataclass(frozen=True)
+class ModelPass:
+    """What :meth:`Method.model_pass` found: ``contexts[i]`` for language block ``i`` and a
+    JSON-able ``record`` for the manifest (e.g. MBQ's layer ratios and any data fallback)."""
+
+    contexts: list[Any]
+    record: dict[str, Any]
 
 
 def option_names(config_class: type[QuantSpec]) -> tuple[str, ...]:

@@ -15,13 +15,17 @@ from typing import Any
 from splitq_jax.block import GROUP_NORM
 from splitq_jax.config import ConfigError
 from splitq_jax.methods import flatquant, rtn, smoothquant
+from splitq_jax.methods.awq import mbq
+from splitq_jax.methods.awq import method as awq
 from splitq_jax.methods.gptq import method as gptq
+from splitq_jax.methods.gptq import tlq
 from splitq_jax.methods.splitq import method as splitq
 from splitq_jax.methods.base import Method, QuantSpec, option_names
 from splitq_jax.quantized.fold import canonicalize
 
 METHODS: dict[str, Method] = {m.name: m for m in (rtn.METHOD, smoothquant.METHOD, flatquant.METHOD, splitq.METHOD,
-                                                  gptq.GPTQ, gptq.GPTAQ, gptq.VLM_PTQ)}
+                                                  gptq.GPTQ, gptq.GPTAQ, gptq.VLM_PTQ, awq.AWQ,
+                                                  mbq.MBQ, tlq.TLQ)}
 # Named presets of a method: variant -> (method, fixed options).
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {name: ("splitq", fixed) for name, fixed in splitq.VARIANTS.items()}
 
@@ -48,7 +52,8 @@ def method_of(cfg: Any) -> Method:
     return get_method(name)
 
 
-def calibrate_block(block_params: Any, data: Any, cfg: Any, bcfg: Any, *, key: Any = None, on_step: Any = None):
+def calibrate_block(block_params: Any, data: Any, cfg: Any, bcfg: Any, *, key: Any = None, on_step: Any = None,
+                    context: Any = None):
     """Calibrate one block with ``cfg``'s method (:meth:`Method.calibrate_block`).
 
     Args:
@@ -56,11 +61,13 @@ def calibrate_block(block_params: Any, data: Any, cfg: Any, bcfg: Any, *, key: A
         :class:`~splitq_jax.calibrate.BlockData` (inputs ``(S, N, d)``, FP targets, rotary tables,
         mask, modality, optional per-token weights); cfg: a method config (:func:`get_config`)
         or an engine setting; bcfg: the block's :class:`~splitq_jax.block.BlockConfig`;
-      key: PRNG key (default ``PRNGKey(cfg.seed)``); on_step: ``(step, loss)`` after each step.
+      key: PRNG key (default ``PRNGKey(cfg.seed)``); on_step: ``(step, loss)`` after each step;
+      context: what the method's whole-model pass found for this block (MBQ, TLQ), if any.
     Returns:
       A :class:`~splitq_jax.calibrate.CalibResult` for :func:`fold_block`.
     """
-    return method_of(cfg).calibrate_block(block_params, data, cfg, bcfg, key=key, on_step=on_step)
+    extra = {} if context is None else {"context": context}
+    return method_of(cfg).calibrate_block(block_params, data, cfg, bcfg, key=key, on_step=on_step, **extra)
 
 
 def fold_block(result: Any, cfg: Any, bcfg: Any = None):
@@ -76,8 +83,9 @@ def option_owners(option: str) -> list[str]:
     return [m for m, meth in METHODS.items() if option in option_names(meth.config_class)]
 
 
-def get_config(name: str, bits: str = "w4a4", **options: Any) -> QuantSpec:
-    """The config of method or variant ``name`` at ``bits`` with ``options`` applied; an option
+def get_config(name: str, bits: str | None = None, **options: Any) -> QuantSpec:
+    """The config of method or variant ``name`` at ``bits`` (None: the method's default, w4a4 or
+    w4a16 for the weight-only-first methods) with ``options`` applied; an option
     of another method is an error naming the methods it belongs to and this one's options."""
     method = get_method(name)
     allowed = set(option_names(method.config_class))
@@ -99,7 +107,7 @@ def add_method_flags(parser: argparse.ArgumentParser, method: Method) -> None:
     only what the user typed overrides the preset and the ``--config`` file)."""
     parser.add_argument("--method", default=None, choices=names(),
                         help=f"quantization method or variant (default splitq): {', '.join(names())}")
-    parser.add_argument("--bits", default=None, help="bit widths wXaY, e.g. w4a8, w4a4, w3a3, w3a2 (default w4a4)")
+    parser.add_argument("--bits", default=None, help="bit widths wXaY, e.g. w4a8, w4a4, w3a3, w3a2 (default: the method's, w4a4; w4a16 for awq)")
     group = parser.add_argument_group(f"{method.name} options ({method.summary})")
     defaults = method.config()
     for f in dataclasses.fields(method.config_class):
@@ -151,7 +159,7 @@ def config_from_args(args: argparse.Namespace, file_options: dict[str, Any] | No
     opts = dict(file_options or {})
     name = args.method or opts.pop("method", None) or "splitq"
     opts.pop("method", None)
-    bits = args.bits or opts.pop("bits", None) or "w4a4"
+    bits = args.bits or opts.pop("bits", None) or get_method(name).default_bits
     opts.pop("bits", None)
     for k in ("w_bits", "a_bits"):
         if k in opts:

@@ -410,3 +410,18 @@ def test_converter_errors(tmp_path, hf_dir, saved):
     _write(tmp_path / "foreign", {**tensors, "something.else.weight": np.zeros(3, np.float32)}, config)
     with pytest.raises(ConversionError, match="not LLaVA weights"):
         load_llava(tmp_path / "foreign")
+
+
+def test_gradient_pass_matches_torch_autograd(model, hf_model):
+    """dL/dy of the answer loss at v_proj, o_proj and down_proj of every layer equals torch
+    autograd of the HF model on the same weights and inputs (an image, a question, an answer)."""
+    from gradient_reference import assert_gradients_match
+
+    rng = rng_for("gradients")
+    ids = np.array([text_ids(rng, 3) + [CFG.image_token_id] * N_IMG + text_ids(rng, 4) + text_ids(rng, 5)])
+    modality = np.where(ids == CFG.image_token_id, 2, 1)
+    modality[:, -5:] = 3
+    pix = pixels(rng, 1)
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "pixel_values": pix, "modality": modality}
+    kw = {"input_ids": torch.tensor(ids), "pixel_values": torch.tensor(pix)}
+    assert_gradients_match(model, "llava", batch, hf_model, hf_model.model.language_model.layers, kw)

@@ -98,4 +98,33 @@ class VlmPtqConfig(GptaqConfig):
             raise ConfigError(f"mu_grid (--mu-grid) must be comma-separated numbers in [0, 1], got {self.mu_grid!r}")
 
 
-__all__ = ["BIT_DEFAULTS", "GptaqConfig", "GptqConfig", "VlmPtqConfig"]
+TOKEN_SELECTIONS = ("top", "resample")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TlqConfig(GptqConfig):
+    """TLQ, reconstructed (its paper's method section is not public; ``peer-methods.md`` 6.2):
+    per-token importance from the whole-model gradient pass, a token-level calibration set
+    (``token_selection``: the ``token_fraction`` most important tokens of the whole corpus, or as
+    many draws with probability proportional to importance), and GPTQ per linear in forward order
+    on the quantized path with activations quantized, under the importance-weighted Hessian."""
+
+    method = "tlq"
+
+    token_fraction: float = 0.5  # share of the corpus's non-pad tokens in the token-level set
+    token_selection: str = "top"  # "top": the most important; "resample": draws by importance
+
+    def validate(self) -> None:
+        super().validate()
+        check_number("token_fraction", self.token_fraction, lo=0.0, hi=1.0)
+        if self.token_fraction <= 0.0:
+            raise ConfigError(f"token_fraction (--token-fraction) must be above 0, got {self.token_fraction}")
+        if self.token_selection not in TOKEN_SELECTIONS:
+            raise ConfigError(f"token_selection (--token-selection) must be one of {', '.join(TOKEN_SELECTIONS)}, "
+                              f"got {self.token_selection!r}")
+        if self.block_inputs != "quantized" or not self.true_sequential:
+            raise ConfigError("tlq calibrates each linear on the quantized path (quantization-exposed): keep "
+                              "--block-inputs quantized and --true-sequential")
+
+
+__all__ = ["BIT_DEFAULTS", "GptaqConfig", "GptqConfig", "TOKEN_SELECTIONS", "TlqConfig", "VlmPtqConfig"]

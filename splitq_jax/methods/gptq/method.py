@@ -27,7 +27,6 @@ points are stored as they are (the runtime quantizes activations per token when 
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,43 +37,13 @@ import numpy as np
 from splitq_jax import calibrate as cal
 from splitq_jax.calib import collectors as col
 from splitq_jax.calib.stats import token_weight
+from splitq_jax.methods import plain
 from splitq_jax.methods.base import Method
 from splitq_jax.methods.gptq import solver
 from splitq_jax.methods.gptq.config import BIT_DEFAULTS, GptaqConfig, GptqConfig, VlmPtqConfig
-from splitq_jax.packing import pack_quantized
-from splitq_jax.quant import QParams, fake_quant
-from splitq_jax.quantized.fold import storage_bits
+from splitq_jax.quant import QParams
 
 Tree = dict[str, Any]
-
-
-@functools.lru_cache(maxsize=32)
-def _capture_jit(bcfg: Any, a_bits: int | None, a_symmetric: bool) -> Any:
-    """``(params, qweights, x, cos, sin, mask) -> ({group: input (B, N, d)}, y)``: the block with the
-    groups in ``qweights`` (``{group: {name: (o, d)}}``) quantized and the others full precision.
-    A group's captured input is what its quantized linears read: activation-quantized per token
-    at ``a_bits`` (None: as it is)."""
-
-    @jax.jit
-    def capture(params, qweights, x, cos, sin, mask):
-        seen: dict[str, jax.Array] = {}
-
-        def linear(group, inp):
-            xq = fake_quant(inp, a_bits, symmetric=a_symmetric)
-            seen[group] = xq
-            out = {}
-            for name in bcfg.groups[group]:
-                a, w = (xq, qweights[group][name]) if group in qweights else (inp, params[name]["w"])
-                y = a @ w.T.astype(a.dtype)
-                if params[name].get("b") is not None:
-                    y = y + params[name]["b"].astype(a.dtype)
-                out[name] = y
-            return out
-
-        y = bcfg.forward(params, linear, x, cos, sin, mask)
-        return seen, y
-
-    return capture
 
 
 def _statistics(params: Tree, data: cal.BlockData, cfg: GptqConfig, bcfg: Any, qweights: Tree,
@@ -83,8 +52,8 @@ def _statistics(params: Tree, data: cal.BlockData, cfg: GptqConfig, bcfg: Any, q
     statistics ``cfg`` needs (see the module docstring)."""
     paired = isinstance(cfg, GptaqConfig)
     names = ("hessian",) + (("modality_diag",) if isinstance(cfg, VlmPtqConfig) else ())
-    capture_q = _capture_jit(bcfg, cfg.a_bits, cfg.a_symmetric)
-    capture_fp = _capture_jit(bcfg, None, True)
+    capture_q = plain.capture_jit(bcfg, cfg.a_bits, cfg.a_symmetric)
+    capture_fp = plain.capture_jit(bcfg, None, True)
     weight = token_weight(data)
     x_fp_all = data.x if data.x_fp is None else data.x_fp
     accs: dict[str, col.Accumulator] = {}
@@ -153,33 +122,21 @@ def _dequantize_rtn(w: jax.Array, grid: solver.Grid, cfg: GptqConfig) -> jax.Arr
     return ((solver._codes(wg, s, z, cfg.w_bits, cfg.w_symmetric) - z) * s).reshape(o, d)
 
 
-def _block_loss(params: Tree, qweights: Tree, data: cal.BlockData, cfg: GptqConfig, bcfg: Any) -> float:
-    """Token-weighted block MSE against the full-precision targets with ``qweights`` in place."""
-    run = _capture_jit(bcfg, cfg.a_bits, cfg.a_symmetric)
-    weight = token_weight(data)
-    num = den = 0.0
-    for i in range(0, data.x.shape[0], cfg.batch_size):
-        sl = slice(i, i + cfg.batch_size)
-        _, y = run(params, qweights, data.x[sl], data.cos[sl], data.sin[sl], data.mask[sl])
-        err = jnp.mean(jnp.square(y.astype(jnp.float32) - data.y[sl].astype(jnp.float32)), axis=-1)
-        num += float(jnp.sum(err * weight[sl]))
-        den += float(jnp.sum(weight[sl]))
-    return num / max(den, 1e-12)
-
-
 @dataclass(frozen=True)
 class HessianMethod(Method):
     """GPTQ, GPTAQ and VLM-PTQ: one implementation, the config class decides the statistics and
     the solve."""
 
     def calibrate_block(self, block_params: Tree, data: cal.BlockData, cfg: GptqConfig, bcfg: Any, *,
-                        key: Any = None, on_step: Any = None) -> cal.CalibResult:
+                        key: Any = None, on_step: Any = None, context: Any = None) -> cal.CalibResult:
         order = tuple(bcfg.groups)
+        # A whole-model pass's token weights (TLQ) weigh the statistics; the reported losses stay unweighted.
+        stat_data = data if context is None else data._replace(weight=context["weight"])
         rounds = [(g,) for g in order] if cfg.true_sequential else [order]
         solutions: dict[str, dict[str, solver.Solution]] = {}
         qweights: Tree = {}
         for groups in rounds:
-            stats = _statistics(block_params, data, cfg, bcfg, qweights, groups)
+            stats = _statistics(block_params, stat_data, cfg, bcfg, qweights, groups)
             for g in groups:
                 solutions[g] = {}
                 for name in bcfg.groups[g]:
@@ -190,26 +147,16 @@ class HessianMethod(Method):
                         raise solver.SolverError(f"{g}/{name}: {e}") from None
             qweights = {**qweights, **{g: {n: s.weight for n, s in solutions[g].items()} for g in groups}}
         # the report's baseline: round-to-nearest on the same grid (the solver's grid rule is RTN's)
-        rtn = {g: {n: fake_quant(jnp.asarray(block_params[n]["w"], jnp.float32), cfg.w_bits,
-                                 symmetric=cfg.w_symmetric, group_size=cfg.w_group_size)
-                   for n in bcfg.groups[g]} for g in order}
-        init_loss = _block_loss(block_params, rtn, data, cfg, bcfg)
-        final_loss = _block_loss(block_params, qweights, data, cfg, bcfg)
-        if not np.isfinite(final_loss):
-            raise cal.NonFiniteError(f"the block loss after {cfg.method} is {final_loss}; check the data and model")
+        init_loss = plain.block_loss(block_params, plain.rtn_weights(block_params, cfg, bcfg), data, cfg, bcfg)
+        final_loss = plain.block_loss(block_params, qweights, data, cfg, bcfg)
+        plain.check_finite_loss(final_loss, cfg.method)
         consts = {"norms": {k: dict(block_params[k]) for k in bcfg.norm_keys},
                   "biases": {g: {n: block_params[n].get("b") for n in bcfg.groups[g]} for g in order}}
         return cal.CalibResult(solutions, consts, init_loss, final_loss, [], {})
 
     def fold_block(self, result: cal.CalibResult, cfg: GptqConfig, bcfg: Any = None) -> Tree:
-        empty = jnp.zeros((0,), jnp.int32)
-        groups = {}
-        for g, sols in result.qparams.items():
-            groups[g] = {"acts": {"transform": None, "act_clip": None},
-                         "split": {"main_mask": None, "main_idx": None, "text_idx": empty, "vision_idx": empty},
-                         "weights": {n: {"main": pack_solution(s, cfg)} for n, s in sols.items()},
-                         "biases": dict(result.qconsts["biases"][g])}
-        return {"norms": {k: dict(v) for k, v in result.qconsts["norms"].items()}, "groups": groups}
+        weights = {g: {n: pack_solution(s, cfg) for n, s in sols.items()} for g, sols in result.qparams.items()}
+        return plain.fold_plain(result.qconsts["norms"], weights, result.qconsts["biases"])
 
 
 def pack_solution(sol: solver.Solution, cfg: GptqConfig):
@@ -217,11 +164,10 @@ def pack_solution(sol: solver.Solution, cfg: GptqConfig):
     o, d = sol.codes.shape
     g = d if cfg.w_group_size is None else cfg.w_group_size
     shape = (o, d // g, g) if cfg.w_group_size is not None else (o, d)
-    codes = sol.codes.reshape(shape)
     stat = (o, d // g, 1) if cfg.w_group_size is not None else (o, 1)
-    p = QParams(codes, sol.grid.scale.reshape(stat).astype(jnp.float32), sol.grid.zero.reshape(stat).astype(jnp.int32))
-    container, word = storage_bits(cfg.w_bits)
-    return pack_quantized(p, container, cfg.w_symmetric, (o, d), cfg.w_group_size, word_dtype=word)
+    p = QParams(sol.codes.reshape(shape), sol.grid.scale.reshape(stat).astype(jnp.float32),
+                sol.grid.zero.reshape(stat).astype(jnp.int32))
+    return plain.pack_codes(p, (o, d), cfg)
 
 
 GPTQ = HessianMethod("gptq", GptqConfig, "column-wise OBS rounding under the input Hessian", bit_defaults=BIT_DEFAULTS)
