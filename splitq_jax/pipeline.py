@@ -115,6 +115,8 @@ class BlockReport:
 class ModelResult:
     folded_blocks: list[Tree]
     reports: list[BlockReport]
+    # The record of the method's whole-model pass (MBQ, TLQ; for the manifest), if it has one.
+    model_pass: dict | None = None
 
 
 def quantize_decoder(
@@ -130,7 +132,7 @@ def quantize_decoder(
     on_step: Callable[[int, int, float], None] | None = None,
     on_block: Callable[[BlockReport], None] | None = None,
     x_quant: jax.Array | None = None,
-    contexts: Sequence[Any] | None = None,
+    on_model_pass: Callable[[int, int], None] | None = None,
 ) -> ModelResult:
     """Quantize every decoder block of ``model`` on ``stream`` with ``cfg``'s method (a method
     config or an engine setting); returns the folded blocks.
@@ -141,14 +143,18 @@ def quantize_decoder(
       on_step: ``(block, step, loss)`` after every optimiser step; on_block: after every block.
       x_quant: with ``block_inputs="quantized"``, the first block's quantized-stream input when it
         differs from ``stream.x`` (embeddings with the quantized vision tower's features).
-      contexts: per block, what the method's whole-model pass found
-        (:meth:`~splitq_jax.methods.base.Method.model_pass`), handed to its ``calibrate_block``.
+      on_model_pass: ``(done, total)`` during the method's whole-model pass before block 0
+        (:meth:`~splitq_jax.methods.base.Method.model_pass`: MBQ's and TLQ's gradients), whose
+        per-block results reach the method's ``calibrate_block``; it is saved in ``work_dir`` and
+        reused on ``resume``.
     """
     blocks = list(model.blocks)
-    return quantize_blocks([layer.block_params for layer in blocks], block_config_of(model.config.text), stream,
-                            cfg, work_dir=work_dir, save_block=save_block, load_block=load_block, resume=resume,
-                            fail_after_block=fail_after_block, on_step=on_step, on_block=on_block, x_quant=x_quant,
-                            contexts=contexts)
+    pre = method_of(cfg).model_pass(model, stream, cfg, work_dir=work_dir, resume=resume, on_sample=on_model_pass)
+    result = quantize_blocks([layer.block_params for layer in blocks], block_config_of(model.config.text), stream,
+                             cfg, work_dir=work_dir, save_block=save_block, load_block=load_block, resume=resume,
+                             fail_after_block=fail_after_block, on_step=on_step, on_block=on_block, x_quant=x_quant,
+                             contexts=None if pre is None else pre.contexts)
+    return dataclasses.replace(result, model_pass=None if pre is None else pre.record)
 
 
 def quantize_blocks(

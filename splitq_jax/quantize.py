@@ -323,13 +323,10 @@ def _quantize_and_export(handle: ModelHandle, stream: pipeline.Stream, cfg: Meth
         encoder = partial(quantized_vision_features, handle.model, handle.family, vision_result.folded_blocks,
                           InferenceSpec.of(vision.cfg))
         x_quant = pipeline.embed_batches(handle.model, vision.batches, handle.family, vision_encoder=encoder).x
-    from splitq_jax.methods import method_of
-
-    pre = method_of(cfg).model_pass(handle.model, stream, cfg, work_dir=work, resume=resume, on_sample=on_model_pass)
     result = pipeline.quantize_decoder(
         handle.model, stream, cfg, work_dir=work, save_block=export.save_block, load_block=export.load_block,
         resume=resume, fail_after_block=fail_after_block, on_step=on_step, on_block=on_block, x_quant=x_quant,
-        contexts=None if pre is None else pre.contexts,
+        on_model_pass=on_model_pass,
     )
     def reports(rs):
         return [{"index": r.index, "init_loss": r.init_loss, "final_loss": r.final_loss, "seconds": r.seconds,
@@ -338,8 +335,8 @@ def _quantize_and_export(handle: ModelHandle, stream: pipeline.Stream, cfg: Meth
     manifest_extra = {"source_dir": handle.source_dir, "data": data_record, "blocks": reports(result.reports)}
     if vision_result is not None:
         manifest_extra["vision_block_reports"] = reports(vision_result.reports)
-    if pre is not None:
-        manifest_extra["model_pass"] = pre.record
+    if result.model_pass is not None:
+        manifest_extra["model_pass"] = result.model_pass
     path = export.save_quantized(out_dir, family=handle.family, model_config=handle.model.config,
                                  fp_params=handle.model, folded_blocks=result.folded_blocks, method_config=cfg,
                                  manifest_extra=manifest_extra, model_name=handle.name, overwrite=overwrite,

@@ -164,6 +164,15 @@ def test_folded_block_computes_the_calibrated_block(data, bcfg, bits, opts):  # 
     assert r.final_loss < r.init_loss
 
 
+def test_unfoldable_scale_is_refused_naming_the_shapes(data):  # noqa: F811
+    """A block whose producer of a scaled group's input has the wrong width is refused, naming
+    the group, the producer and the shapes."""
+    params, d = data
+    bad = {**params, "up_proj": {"w": params["up_proj"]["w"][:-8]}}
+    with pytest.raises(search.ScaleFoldError, match=r"mlp_out \(96 input channels\) cannot be folded into linear up_proj"):
+        methods.calibrate_block(bad, d, methods.get_config("awq", "w4a16", w_group_size=16), BCFG)
+
+
 def test_defaults_and_bad_settings_name_the_fix():
     """AWQ is weight-only W4 g128 asymmetric by default; with activations quantized its weights are
     per-channel symmetric; bad options are errors naming the flag."""

@@ -5,6 +5,7 @@ For each calibration sample of a :class:`~splitq_jax.pipeline.Stream` (one at a 
 full-precision decoder runs from the stream's embeddings through every block and the head, and
 the loss is the mean cross-entropy of the answer tokens (position ``t`` predicts token ``t + 1``
 when that token is an answer, modality code 3; HF's ``labels`` with every other position -100).
+MBQ's "answer" averages are over the positions that predict an answer (:func:`answer_mask`).
 At the output ``y`` of each tapped linear (``o_proj``, ``down_proj``, ...) of each layer a probe
 ``p`` is added, ``y + p`` with ``p = 0``, so that ``dL/dp = dL/dy`` exactly; the pass returns its
 per-token reduction ``m[l, k, t] = mean_c |dL/dy[t, c]|`` (layer ``l``, tap ``k``) and never the
@@ -31,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from splitq_jax.block import BlockConfig
 from splitq_jax.errors import NonFiniteError
 from splitq_jax.modality import ANSWER, TEXT, VISION
 
@@ -42,8 +44,8 @@ DEFAULT_TAPS = ("o_proj", "down_proj")
 class GradientResult:
     """``magnitudes``: ``(S, L, K, N)`` float32, ``mean_c |dL/dy|`` per sample, layer, tap
     (``taps``) and token (0 at pads); ``losses``: ``(S,)`` each sample's answer loss;
-    ``answer``: ``(S, N)`` bool, the tokens that counted as answers; ``fallback``: None, or why the
-    answers are every text token."""
+    ``answer``: ``(S, N)`` bool, the positions that predict an answer (:func:`answer_mask`);
+    ``fallback``: None, or why the answers are every text token."""
 
     magnitudes: np.ndarray
     losses: np.ndarray
@@ -66,13 +68,23 @@ class GradientResult:
 
 
 def answer_mask(modality: np.ndarray) -> tuple[np.ndarray, str | None]:
-    """``(S, N)`` bool: the answer tokens, or every text token when the data has none (then the
-    reason as the second value)."""
+    """``(S, N)`` bool: the positions that predict an answer token (``t`` where token ``t + 1`` is
+    an answer), or that predict any text token when the data has no answer (then the reason as
+    the second value).
+
+    These are the positions whose outputs the answer loss reads. MBQ's code averages over the
+    answer tokens' own positions instead (HF ``labels != -100``), one position later: with
+    one-token answers (easy-vqa) those positions feed no answer prediction at all and every
+    gradient there is exactly 0, so we take the predicting positions (our choice)."""
     modality = np.asarray(modality)
-    if (modality == ANSWER).any():
-        return modality == ANSWER, None
-    return (modality == TEXT) | (modality == ANSWER), ("the calibration data has no answer tokens: every text token "
-                                                       "counts as an answer (the language-model loss)")
+    fallback = None
+    target = modality == ANSWER
+    if not target.any():
+        target = (modality == TEXT) | (modality == ANSWER)
+        fallback = "the calibration data has no answer tokens: every text token counts as an answer (the LM loss)"
+    predicts = np.zeros_like(target)
+    predicts[:, :-1] = target[:, 1:] & (modality[:, :-1] != 0)
+    return predicts, fallback
 
 
 @jax.custom_vjp
@@ -93,11 +105,11 @@ def _probe_bwd(_, g):
 _probe.defvjp(_probe_fwd, _probe_bwd)
 
 
-def _answer_loss(logits: jax.Array, ids: jax.Array, answer: jax.Array) -> jax.Array:
-    """Mean cross-entropy of ``logits[:, t]`` against ``ids[:, t + 1]`` where ``answer[:, t + 1]``."""
+def _answer_loss(logits: jax.Array, ids: jax.Array, predicts: jax.Array) -> jax.Array:
+    """Mean cross-entropy of ``logits[:, t]`` against ``ids[:, t + 1]`` where ``predicts[:, t]``."""
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
-    w = answer[:, 1:].astype(jnp.float32)
+    w = predicts[:, :-1].astype(jnp.float32)
     return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
@@ -151,11 +163,9 @@ def gradient_pass(model: Any, stream: Any, *, taps: tuple[str, ...] = DEFAULT_TA
     (tests). ``on_sample(done, total)`` after each sample. A non-finite loss or gradient is a
     :class:`~splitq_jax.errors.NonFiniteError` naming the sample.
     """
-    from splitq_jax.pipeline import block_config_of
-
     if getattr(stream, "input_ids", None) is None:
         raise ValueError("the gradient pass needs the stream's input_ids (pipeline.embed_batches keeps them)")
-    bcfg = block_config_of(model.config.text)
+    bcfg = BlockConfig.from_decoder(model.config.text)
     decoder = model.language_model
     names = set(decoder.layers[0].block_params())
     unknown = [t for t in taps if t not in names]

@@ -107,7 +107,8 @@ def add_method_flags(parser: argparse.ArgumentParser, method: Method) -> None:
     only what the user typed overrides the preset and the ``--config`` file)."""
     parser.add_argument("--method", default=None, choices=names(),
                         help=f"quantization method or variant (default splitq): {', '.join(names())}")
-    parser.add_argument("--bits", default=None, help="bit widths wXaY, e.g. w4a8, w4a4, w3a3, w3a2 (default: the method's, w4a4; w4a16 for awq)")
+    parser.add_argument("--bits", default=None, help="bit widths wXaY, e.g. w4a8, w4a4, w3a3, w3a2 (default: the "
+                        "method's: w4a4; w4a16 for awq; w3a16 for mbq and tlq)")
     group = parser.add_argument_group(f"{method.name} options ({method.summary})")
     defaults = method.config()
     for f in dataclasses.fields(method.config_class):

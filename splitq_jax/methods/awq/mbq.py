@@ -7,7 +7,10 @@ token weights of the search loss.
   groups, ``down_proj``'s for the MLP groups. It is saved as ``gradients.npz`` in the run's work
   directory before block 0 starts and reused by ``--resume``.
 * The search loss weighs answer tokens 1, vision tokens ``rho``, every other token 0 (``mae``:
-  MBQ's pooled sum; ``mse``: MBQ's per-modality means, ``1 / K_a`` and ``rho / K_v``).
+  MBQ's pooled sum; ``mse``: MBQ's per-modality means, ``1 / K_a`` and ``rho / K_v``). "Answer
+  tokens" are the positions that predict an answer token
+  (:func:`splitq_jax.calib.gradients.answer_mask`: MBQ's own mask, one position later, carries no
+  gradient at all with one-token answers).
 * Fallbacks, recorded in the manifest's ``model_pass``: data without answer tokens (plain text)
   takes every text token as an answer (the language-model loss); data without vision tokens has
   no vision weight to set (MBQ is then AWQ with the answer-weighted loss). The vision tower's own

@@ -134,6 +134,7 @@ class ScaleSearchMethod(Method):
     def calibrate_block(self, block_params: Tree, data: cal.BlockData, cfg: AwqConfig, bcfg: Any, *,
                         key: Any = None, on_step: Any = None, context: Any = None) -> cal.CalibResult:
         params = block_params
+        search.check_foldable(params, bcfg)
         order = tuple(bcfg.groups)
         weight = token_weight(data)
         picks = _token_picks(np.asarray(weight), cfg.clip_tokens)

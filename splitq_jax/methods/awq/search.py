@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from splitq_jax.block import BlockConfig
+from splitq_jax.errors import SplitqError
 from splitq_jax.quant import fake_quant
 
 Tree = dict[str, Any]
@@ -55,6 +56,25 @@ def scale_groups(bcfg: Any) -> tuple[ScaleGroup, ...]:
         elif isinstance(bcfg, BlockConfig) and g == "attn_out" and bcfg.num_heads == bcfg.num_kv_heads:
             out.append(ScaleGroup(g, ("linear", "v_proj"), g))
     return tuple(out)
+
+
+class ScaleFoldError(SplitqError):
+    """A scale group whose scale cannot be folded where it should go (shapes disagree)."""
+
+
+def check_foldable(params: Tree, bcfg: Any) -> None:
+    """Every scale group's producer has one output per channel the group reads (norm parameters,
+    or a linear's rows); otherwise a :class:`ScaleFoldError` naming both shapes."""
+    for sg in scale_groups(bcfg):
+        width = int(params[bcfg.groups[sg.group][0]]["w"].shape[1])
+        kind, key = sg.into
+        have = ({n: tuple(v.shape) for n, v in params[key].items() if v is not None} if kind == "norm"
+                else {"w": tuple(params[key]["w"].shape)})
+        rows = [shape[0] for shape in have.values()]
+        if any(r != width for r in rows):
+            raise ScaleFoldError(f"the scale of {sg.group} ({width} input channels) cannot be folded into {kind} "
+                                 f"{key} (shapes {have}): this block's architecture has no place for it; quantize "
+                                 "it with rtn or gptq instead")
 
 
 def candidate_scales(x_mean: jax.Array, alphas: tuple[float, ...], w_mean: jax.Array | None = None) -> jax.Array:
@@ -194,5 +214,6 @@ def clip_rows(w: jax.Array, x: jax.Array, cfg: Any, row_chunk: int = 256) -> jax
     return jnp.clip(wg, -m, m).reshape(o, d)
 
 
-__all__ = ["INSPECTED", "NO_CLIP", "ScaleGroup", "candidate_scales", "clip_rows", "clip_search", "inputs_jit",
+__all__ = ["INSPECTED", "NO_CLIP", "ScaleFoldError", "ScaleGroup", "candidate_scales", "check_foldable", "clip_rows",
+           "clip_search", "inputs_jit",
            "quantized_linear", "scale_groups", "search_jit", "weight_mean"]
