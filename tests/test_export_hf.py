@@ -78,7 +78,9 @@ def _hf_logits(model, family: str, batch: dict) -> np.ndarray:
 # 0.155 (w4a4); the bound below is ~2x that. With the loader's scale set to ours, the logits
 # must agree to round-off (checked separately), which shows that rounding is the only difference.
 CASES = [
-    ("qwen2_5_vl", "rtn", "w4a16", dict(w_group_size=16), 1e-3),
+    # AWQ: plain 4-bit weights whose scales moved into the norms and up_proj's rows (symmetric:
+    # transformers 5.23 loads no asymmetric weights, see the README)
+    ("qwen2_5_vl", "awq", "w4a16", dict(w_group_size=16, w_symmetric=True), 1e-3),
     ("qwen2_5_vl", "gptq", "w3a16", dict(w_group_size=16), 1e-3),  # 3 bits: values straddle words
     ("llava", "rtn", "w8a8", dict(), 5e-2),
     ("qwen2_5_vl", "smoothquant", "w4a4", dict(), 0.3),

@@ -235,7 +235,7 @@ def _side_files(source_dir: str | None, model_name: str | None, dst: Path) -> li
 
 # Methods whose folded checkpoint is plain integer linears behind plain norms (the structural
 # check of plain_linears is what decides; this list lets a run refuse before calibrating).
-EXPORTABLE_METHODS = ("rtn", "smoothquant", "gptq", "gptaq", "vlm-ptq", "awq")
+EXPORTABLE_METHODS = ("rtn", "smoothquant", "gptq", "gptaq", "vlm-ptq", "awq", "mbq", "tlq")
 NO_HF_ARCHITECTURE = ("easyvqa-vlm-0.5b",)  # LLaVA with a pooled DINOv2 tower
 
 
