@@ -126,8 +126,9 @@ def test_alpha_zero_without_clip_is_round_to_nearest(data):  # noqa: F811
     assert r.final_loss == r.init_loss
 
 
+# The plain weight-only case is also the export test's (tests/test_export_hf.py: transformers runs it).
 @pytest.mark.parametrize("bcfg,bits,opts", [
-    (BCFG, "w4a16", dict(w_group_size=16)),
+    pytest.param(BCFG, "w4a16", dict(w_group_size=16), marks=pytest.mark.slow),
     (MHA, "w3a16", dict(w_group_size=16, block_inputs="quantized", duo_scaling=True)),
     (BCFG, "w4a8", dict()),
 ])
@@ -189,6 +190,7 @@ def test_defaults_and_bad_settings_name_the_fix():
         methods.get_config("awq", "w16a8")
 
 
+@pytest.mark.slow  # the whole-model path of the scale search is also MBQ's (test_gradient_methods) and the export's
 def test_whole_model_checkpoint_runs_in_the_runtime(tiny, tmp_path):  # noqa: F811
     """The whole-model run on the tiny LLaVA at W4A8: the checkpoint exports, loads, holds no
     transform, and its integer runtime computes the fake-quant model's logits."""
