@@ -217,6 +217,12 @@ def known_methods() -> tuple[str, ...]:
     return names + tuple(n + SOLVER_SUFFIX for n in names if n in COMPONENT_VARIANTS or n in ("smoothquant",))
 
 
+def model_pass_of(result) -> dict:
+    """The fallbacks of a method's whole-model pass (MBQ, TLQ on data without answers or images)."""
+    mp = getattr(result, "model_pass", None)
+    return {} if not mp else {"model_pass_fallbacks": mp.get("fallbacks", [])}
+
+
 def calibrate_cell(model, stream, cfg):
     """``(result, seconds, peak RSS bytes)`` of one whole-decoder calibration; the peak is the
     process's (model, streams and all) from the start of this calibration to its end."""
@@ -260,7 +266,8 @@ def llm_part(args, methods, bits_list, records, save, base) -> None:
                               family=handle.family)
             eval_s = time.perf_counter() - t2
             row = {**base, "part": "llm", "model": LLM, "method": method, "bits": bits,
-                   "w_group_size": cfg.w_group_size, **data}
+                   "w_group_size": cfg.w_group_size, "w_symmetric": cfg.w_symmetric, **model_pass_of(result),
+                   **data}
             n = int(res["n_next_tokens"])
             for metric, value, count in (("ppl_fp", res["ppl_fp"], n), ("ppl", res["ppl_q"], n),
                                          ("kl", res["kl"], int(res["n_positions"])),
@@ -379,7 +386,8 @@ class VlmBench:
         res = answer_metrics(self.ref, answer_logits(qm, self.batches, h.family), self.batches, self.samples)
         eval_s = time.perf_counter() - t2
         row = {**self.base, "part": "vlm", "model": VLM, "method": variant, "bits": bits,
-               "w_group_size": cfg.w_group_size, **self.data}
+               "w_group_size": cfg.w_group_size, "w_symmetric": cfg.w_symmetric, **model_pass_of(result),
+               **self.data}
         vals = {k: v for k, v in res.items() if k != "answer_tokens"}
         vals.update(calib_seconds=calib_s, eval_seconds=eval_s, calib_peak_rss_bytes=peak,
                     mean_final_block_mse=sum(r.final_loss for r in result.reports) / len(result.reports))

@@ -83,7 +83,10 @@ def _updates_close(new_a, new_b, grads, cfg, floor=1e-4):
     return exempt
 
 
-@pytest.mark.parametrize("method", [pytest.param("splitq", marks=pytest.mark.slow), "flatquant"])
+# Both slow: parallel.py is a library entry the main job does not use yet (the sharding issue's
+# block-parallel calibration builds on it); its stacking checks below stay in `make test`.
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["splitq", "flatquant"])
 def test_vmapped_step_equals_per_block_steps(blocks, method):
     params, datas = blocks
     cfg = _cfg(method)

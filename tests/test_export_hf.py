@@ -173,7 +173,7 @@ def _run_script(capsys, *args) -> tuple[int, str]:
 
 @pytest.mark.parametrize("method,bits,match", [
     ("flatquant", "w4a4", "online transform of the linear's input"),
-    ("splitq", "w4a4", "MOCD's split"),
+    pytest.param("splitq", "w4a4", "MOCD's split", marks=pytest.mark.slow),  # flatquant's case: the same check
     ("rtn", "w3a3", "3-bit activations: no loader"),
 ])
 def test_refused_exports_name_the_reason_and_write_nothing(sources, tmp_path, method, bits, match):

@@ -108,6 +108,7 @@ def test_weight_solver_settings_are_checked():
         methods.get_config("flatquant", "w4a4", weight_solver="obs")
 
 
+@pytest.mark.slow  # the block test above checks the numerics; whole-model plain-weight runs: test_gradient_methods
 def test_checkpoint_runs_in_the_runtime_and_records_the_solver(tiny, tmp_path):  # noqa: F811
     """The whole-model run of ``--method flatquant --weight-solver gptq``: it exports, its manifest
     records the solver, and the integer runtime computes the fake-quant model's logits."""

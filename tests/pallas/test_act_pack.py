@@ -172,17 +172,19 @@ FAST = [
     Case(96, 7, 4, True, outliers=False, branches=()),
     Case(96, 7, 4, False, transform=False),  # identity main transform (rtn)
     Case(96, 7, 4, True, "gathered", dtype="bfloat16"),
-    # the target widths (classes of kron_factors): 32x64, 56x64, 64x64, 64x80
+    # a target width and an intermediate one (factors 64x80 and 128x148); the
+    # other classes of kron_factors are in SLOW
+    Case(5120, 1, 3, False),
+    Case(18944, 1, 2, False, clip=False, branches=(8,)),
+]
+SLOW = [
+    # the target widths (classes of kron_factors): 32x64, 56x64, 64x64
     Case(2048, 1, 4, True),
     Case(3584, 7, 4, False, "gathered"),
     Case(4096, 1, 8, True, outliers=False),
-    Case(5120, 1, 3, False),
-    # intermediate widths: 86x128, 128x148, 108x128 (and, gathered, those of d - 2k)
+    # intermediate widths: 86x128, 108x128 (and, gathered, those of d - 2k)
     Case(11008, 1, 4, True, branches=(8,)),
-    Case(18944, 1, 2, False, clip=False, branches=(8,)),
     Case(13824, 1, 4, True, "gathered", branches=(8,)),
-]
-SLOW = [
     Case(3584, 64, 4, False),
     Case(4096, 130, 4, True, "gathered"),
     Case(5120, 16, 8, False, "gathered"),
