@@ -117,6 +117,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--options", default="",
                     help="k=v,... set in every cell's config, e.g. clip_search=true (recorded in every record)")
     ap.add_argument("--fresh", action="store_true", help="ignore records of an earlier run")
+    ap.add_argument("--skip", default="", help="method:bits cells of the --methods x --bits grid to leave out")
     ap.add_argument("--out", default=None, help="output JSON (default bench/results/real_weights-<machine>.json)")
     return ap.parse_args(argv)
 
@@ -210,6 +211,10 @@ def cell_options(args) -> dict:
     return out
 
 
+def skipped(args) -> set[str]:
+    return {c.strip() for c in args.skip.split(",") if c.strip()}
+
+
 def known_methods() -> tuple[str, ...]:
     from splitq_jax import methods as registry
 
@@ -253,6 +258,8 @@ def llm_part(args, methods, bits_list, records, save, base) -> None:
     done = {(r["method"], r["bits"]) for r in records if r.get("part") == "llm"}
     for method in methods:
         for bits in bits_list:
+            if f"{method}:{bits}" in skipped(args):
+                continue
             if (method, bits) in done:
                 log(f"llm {method} {bits}: done earlier, skipped")
                 continue
@@ -452,7 +459,7 @@ def main(argv=None) -> int:
     if "llm" in parts:
         llm_part(args, methods, bits_list, records, save, base)
     if "vlm" in parts or "ablation" in parts:
-        cells = [(m, b) for b in bits_list for m in methods] if "vlm" in parts else []
+        cells = [(m, b) for b in bits_list for m in methods if f"{m}:{b}" not in skipped(args)] if "vlm" in parts else []
         if "ablation" in parts:  # the two middle variants; the end points are vlm cells
             abl = [b for b in args.ablation_bits.split(",") if b]
             cells += [(v, b) for b in abl for v in COMPONENT_VARIANTS if (v, b) not in cells]
