@@ -196,3 +196,15 @@ def test_tlq_whole_model_run_records_its_token_set(tiny, tmp_path):  # noqa: F81
     tokens = int((np.asarray(stream.modality) != 0).sum())
     assert rec["tokens"] == tokens and rec["tokens_in_set"] == round(0.5 * tokens) == rec["distinct_tokens_in_set"]
     assert all(np.isfinite(b.final_loss) for b in result.reports)
+
+
+def test_cli_refuses_bad_tlq_and_mbq_options_before_writing(tmp_path, capsys):
+    """A bad option of the gradient methods: exit 2, a message naming the flag, nothing written."""
+    from test_cli import run_cli
+
+    for argv, message in ((["--method", "tlq", "--token-selection", "best"], "--token-selection"),
+                          (["--method", "tlq", "--token-fraction", "0"], "--token-fraction"),
+                          (["--method", "mbq", "--search-loss", "l1"], "--search-loss")):
+        rc, err = run_cli([*argv, "--out", tmp_path / "ckpt"], capsys)
+        assert rc == 2 and message in err, err
+    assert list(tmp_path.iterdir()) == []

@@ -216,6 +216,24 @@ def layer_ratios(result: GradientResult, modality: np.ndarray) -> np.ndarray:
     return per_sample_mean(vis) / np.maximum(per_sample_mean(result.answer), 1e-30)
 
 
+GRADIENTS_FILE = "gradients.npz"  # in a run's work directory
+
+
+def cached_gradient_pass(model: Any, stream: Any, *, work_dir: Any = None, resume: bool = False,
+                         on_sample: Callable[[int, int], None] | None = None) -> GradientResult:
+    """:func:`gradient_pass` with MBQ's taps, or its saved result when resuming; saved atomically
+    in ``work_dir`` once complete (before block 0 starts)."""
+    from pathlib import Path
+
+    path = None if work_dir is None else Path(work_dir) / GRADIENTS_FILE
+    if resume and path is not None and path.exists():
+        return GradientResult.load(path)
+    result = gradient_pass(model, stream, taps=DEFAULT_TAPS, on_sample=on_sample)
+    if path is not None:
+        result.save(path)
+    return result
+
+
 def modality_ratios(result: GradientResult, modality: np.ndarray) -> tuple[np.ndarray, str | None]:
     """MBQ's vision weights ``(L, K)``: :func:`layer_ratios` floored at their median over the
     layers, per tap (``max(r_l, median_l r)``). Data without vision tokens: every weight is 1 (no
@@ -233,5 +251,5 @@ def token_importance(result: GradientResult) -> np.ndarray:
     return result.magnitudes.mean(axis=2)
 
 
-__all__ = ["DEFAULT_TAPS", "GradientResult", "answer_mask", "gradient_pass", "layer_ratios", "modality_ratios",
+__all__ = ["DEFAULT_TAPS", "GRADIENTS_FILE", "cached_gradient_pass", "GradientResult", "answer_mask", "gradient_pass", "layer_ratios", "modality_ratios",
            "token_importance"]

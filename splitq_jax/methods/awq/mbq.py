@@ -21,7 +21,6 @@ token weights of the search loss.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
@@ -37,19 +36,7 @@ from splitq_jax.methods.base import ModelPass
 from splitq_jax.modality import VISION
 
 ATTENTION_GROUPS = ("attn_in", "attn_out")
-GRADIENTS_FILE = "gradients.npz"
-
-
-def run_gradient_pass(model: Any, stream: Any, *, work_dir: Any = None, resume: bool = False,
-                      on_sample: Any = None) -> gr.GradientResult:
-    """The gradient pass, or its saved result when resuming (saved atomically once complete)."""
-    path = None if work_dir is None else Path(work_dir) / GRADIENTS_FILE
-    if resume and path is not None and path.exists():
-        return gr.GradientResult.load(path)
-    result = gr.gradient_pass(model, stream, taps=gr.DEFAULT_TAPS, on_sample=on_sample)
-    if path is not None:
-        result.save(path)
-    return result
+GRADIENTS_FILE = gr.GRADIENTS_FILE
 
 
 @dataclass(frozen=True)
@@ -60,7 +47,7 @@ class BalancedScaleMethod(ScaleSearchMethod):
                    on_sample: Any = None) -> ModelPass | None:
         if not cfg.reweight:
             return None
-        result = run_gradient_pass(model, stream, work_dir=work_dir, resume=resume, on_sample=on_sample)
+        result = gr.cached_gradient_pass(model, stream, work_dir=work_dir, resume=resume, on_sample=on_sample)
         ratios, no_vision = gr.modality_ratios(result, np.asarray(stream.modality))
         attn, mlp = ratios[:, result.taps.index("o_proj")], ratios[:, result.taps.index("down_proj")]
         answer = jnp.asarray(result.answer)
@@ -84,4 +71,4 @@ class BalancedScaleMethod(ScaleSearchMethod):
 MBQ = BalancedScaleMethod("mbq", MbqConfig, "AWQ's scale search weighted by modality from whole-model gradients",
                           default_bits="w3a16")
 
-__all__ = ["BalancedScaleMethod", "GRADIENTS_FILE", "MBQ", "run_gradient_pass"]
+__all__ = ["BalancedScaleMethod", "GRADIENTS_FILE", "MBQ"]

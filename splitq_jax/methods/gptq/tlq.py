@@ -70,9 +70,7 @@ class TokenWeightedHessianMethod(HessianMethod):
 
     def model_pass(self, model: Any, stream: Any, cfg: TlqConfig, *, work_dir: Any = None, resume: bool = False,
                    on_sample: Any = None) -> ModelPass:
-        from splitq_jax.methods.awq.mbq import run_gradient_pass
-
-        result = run_gradient_pass(model, stream, work_dir=work_dir, resume=resume, on_sample=on_sample)
+        result = gr.cached_gradient_pass(model, stream, work_dir=work_dir, resume=resume, on_sample=on_sample)
         importance = gr.token_importance(result)
         valid = np.asarray(stream.modality) != 0
         count = token_set(importance, valid, cfg)
