@@ -30,6 +30,7 @@ from splitq_jax import methods  # noqa: E402
 from splitq_jax.config import ConfigError  # noqa: E402
 from splitq_jax.methods import option_names  # noqa: E402
 from splitq_jax.errors import SplitqError  # noqa: E402
+from splitq_jax import sharding  # noqa: E402
 from splitq_jax.calib.vision import vision_method_config  # noqa: E402
 
 
@@ -48,6 +49,9 @@ def build_parser(method_name: str) -> argparse.ArgumentParser:
     ap.add_argument("--max-tokens", type=int, default=None,
                     help="cut samples longer than this many tokens (default: refuse samples over 2048 tokens; "
                          "text-only models: the code window, default 512)")
+    ap.add_argument("--devices", type=int, default=None,
+                    help="calibrate on the first N devices, each block's samples split over them (default: every "
+                         "local device; 1: one device)")
     ap.add_argument("--resume", action="store_true", help="continue an interrupted run from its last block")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     ap.add_argument("--quantize-vision", action="store_true",
@@ -116,6 +120,7 @@ def main(argv=None) -> int:
                           overwrite=args.overwrite)
             preflight.check_output(Path(args.export_hf), "--export-hf")
         qz.preflight_config(args.model, cfg)
+        mesh = sharding.data_mesh(args.devices)  # a device count the machine lacks fails before the model loads
         raw = (None if args.calib_data in ("default", CODE_SOURCE)
                else load_samples(args.calib_data, n=args.samples, seed=cfg.seed))
         handle = qz.load_model_for_calibration(args.model, seed=cfg.seed)
@@ -178,7 +183,7 @@ def main(argv=None) -> int:
                                     on_step=stepper("language", stream, cfg), on_block=on_block, vision=vision,
                                     on_vision_step=None if vision is None else stepper("vision", vision.stream,
                                                                                        vision.cfg),
-                                    on_model_pass=on_model_pass)
+                                    on_model_pass=on_model_pass, devices=mesh)
         if args.export_hf:
             from splitq_jax.interop.hf_export import export_hf
 

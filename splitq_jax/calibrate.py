@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from splitq_jax import sharding
 from splitq_jax.methods.splitq import split_linear as sl
 from splitq_jax.block import BlockConfig, fp_block
 from splitq_jax.calib.stats import GroupStats, Selection, collect_group_stats, group_inputs_jit  # noqa: F401
@@ -223,11 +224,12 @@ def make_optimizer(cfg: MethodConfig, total_steps: int) -> optax.GradientTransfo
     )
 
 
-@functools.lru_cache(maxsize=32)
-def make_step(cfg: MethodConfig, bcfg: BlockConfig, total_steps: int) -> tuple[optax.GradientTransformation, Callable]:
-    """The optimiser and one jitted calibration step
-    ``(qparams, opt_state, qconsts, batch) -> (qparams, opt_state, loss)`` (cached per configuration)."""
-    opt = make_optimizer(cfg, total_steps)
+def _loss_and_grad(cfg: MethodConfig, bcfg: BlockConfig) -> Callable:
+    """``(qparams, qconsts, batch) -> (loss, grads)``: the gradient every calibration step applies.
+
+    Under a data mesh (:mod:`splitq_jax.sharding`) the batch is split over the devices and the
+    token-weighted mean of the loss is global, so XLA's partitioner reduces the gradient once:
+    the result is the one-device gradient, not a per-device sum (tests compare the two)."""
 
     def objective(qparams, qconsts, batch):
         loss = loss_fn(qparams, qconsts, batch, cfg, bcfg)
@@ -236,9 +238,29 @@ def make_step(cfg: MethodConfig, bcfg: BlockConfig, total_steps: int) -> tuple[o
         scaled = loss / jax.lax.stop_gradient(loss) if cfg.normalize_loss else loss
         return scaled, loss
 
+    def loss_and_grad(qparams, qconsts, batch):
+        (_, loss), grads = jax.value_and_grad(objective, has_aux=True)(qparams, qconsts, batch)
+        return loss, grads
+
+    return loss_and_grad
+
+
+@functools.lru_cache(maxsize=8)
+def block_gradient(cfg: MethodConfig, bcfg: BlockConfig) -> Callable:
+    """``jit`` of :func:`_loss_and_grad`: ``(qparams, qconsts, batch) -> (loss, grads)``."""
+    return jax.jit(_loss_and_grad(cfg, bcfg))
+
+
+@functools.lru_cache(maxsize=32)
+def make_step(cfg: MethodConfig, bcfg: BlockConfig, total_steps: int) -> tuple[optax.GradientTransformation, Callable]:
+    """The optimiser and one jitted calibration step
+    ``(qparams, opt_state, qconsts, batch) -> (qparams, opt_state, loss)`` (cached per configuration)."""
+    opt = make_optimizer(cfg, total_steps)
+    loss_and_grad = _loss_and_grad(cfg, bcfg)
+
     @jax.jit
     def step(qparams, opt_state, qconsts, batch):
-        (_, loss), grads = jax.value_and_grad(objective, has_aux=True)(qparams, qconsts, batch)
+        loss, grads = loss_and_grad(qparams, qconsts, batch)
         updates, opt_state = opt.update(grads, opt_state, qparams)
         return optax.apply_updates(qparams, updates), opt_state, loss
 
@@ -263,7 +285,7 @@ def evaluate(qparams: Tree, qconsts: Tree, data: BlockData, cfg: MethodConfig, b
     sums = _eval_sums(cfg, bcfg, quantize)
     num = den = 0.0
     for i in range(0, data.x.shape[0], batch_size):
-        n_, d_ = sums(qparams, qconsts, data.batch(i, batch_size))
+        n_, d_ = sums(qparams, qconsts, sharding.shard_batch(data.batch(i, batch_size)))
         num, den = num + float(n_), den + float(d_)
     return num / max(den, 1e-12)
 
@@ -317,7 +339,8 @@ def fit_block(
     key = jax.random.PRNGKey(cfg.seed) if key is None else key
     if stats is None:
         stats = collect_stats(block_params, data, cfg, bcfg, batch_size=cfg.batch_size)
-    qparams, qconsts = init_qblock(key, block_params, stats, cfg, bcfg)
+    # on a data mesh the learned state lives on every device; the batches are split over them
+    qparams, qconsts = sharding.replicate(init_qblock(key, block_params, stats, cfg, bcfg))
     init_loss = evaluate(qparams, qconsts, data, cfg, bcfg, cfg.batch_size)
     epochs = cfg.epochs if epochs is None else epochs
     if not cfg.trains:
@@ -333,7 +356,8 @@ def fit_block(
         for _ in range(epochs):
             total = 0.0
             for j in range(per_epoch):
-                qparams, opt_state, loss = step(qparams, opt_state, qconsts, data.batch(j * bs, bs))
+                qparams, opt_state, loss = step(qparams, opt_state, qconsts,
+                                                sharding.shard_batch(data.batch(j * bs, bs)))
                 lv = float(loss)
                 if not math.isfinite(lv):
                     raise NonFiniteError(

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from splitq_jax import calib_data as cd
 from splitq_jax import fsutil
 from splitq_jax import pipeline
+from splitq_jax import sharding
 from splitq_jax import preprocess as pp
 from splitq_jax.config import MethodConfig, run_config
 from splitq_jax.errors import SplitqError
@@ -254,23 +255,28 @@ def quantize_model(
     vision: VisionJob | None = None,
     on_vision_step: Callable[[int, int, float], None] | None = None,
     on_model_pass: Callable[[int, int], None] | None = None,
+    devices: Any = None,
 ) -> tuple[Path, pipeline.ModelResult]:
     """Calibrate every block (the vision tower's first when ``vision`` is given), then export the
     packed checkpoint to ``out_dir`` (atomically). ``on_block`` sees both parts (``report.part``);
     ``on_model_pass(done, total)`` follows a method's whole-model pass (MBQ's gradients), which
-    runs before the language blocks and is saved for ``resume``."""
+    runs before the language blocks and is saved for ``resume``. ``devices``: a device count, a
+    :func:`splitq_jax.sharding.data_mesh`, or ``None`` for every device: each block's calibration
+    batches are split over them (:mod:`splitq_jax.sharding`)."""
     from splitq_jax.errors import SplitqError
     from splitq_jax.preflight import nearest_existing
 
+    mesh = sharding.data_mesh(devices) if not isinstance(devices, sharding.Mesh) else devices
     cfg = run_config(cfg)
     record = _run_record(handle, cfg, data_record, vision)
     existing = nearest_existing(Path(out_dir).parent)
     work = prepare_output(out_dir, overwrite=overwrite, resume=resume, record=record)
     try:
-        return _quantize_and_export(handle, stream, cfg, out_dir, work, data_record=data_record, overwrite=overwrite,
-                                     resume=resume, fail_after_block=fail_after_block, on_step=on_step,
-                                     on_block=on_block, vision=vision, on_vision_step=on_vision_step,
-                                     on_model_pass=on_model_pass)
+        with sharding.data_parallel(mesh):
+            return _quantize_and_export(handle, stream, cfg, out_dir, work, data_record=data_record,
+                                         overwrite=overwrite, resume=resume, fail_after_block=fail_after_block,
+                                         on_step=on_step, on_block=on_block, vision=vision,
+                                         on_vision_step=on_vision_step, on_model_pass=on_model_pass)
     except SplitqError:
         # A refusal (diverged training, non-finite data, ...) leaves nothing behind: a rerun must
         # change its options, so a resume point would be refused anyway. A resumed run keeps its
@@ -332,7 +338,8 @@ def _quantize_and_export(handle: ModelHandle, stream: pipeline.Stream, cfg: Meth
         return [{"index": r.index, "init_loss": r.init_loss, "final_loss": r.final_loss, "seconds": r.seconds,
                  "resumed": r.resumed, "channels": r.channels} for r in rs]
 
-    manifest_extra = {"source_dir": handle.source_dir, "data": data_record, "blocks": reports(result.reports)}
+    manifest_extra = {"source_dir": handle.source_dir, "data": data_record, "blocks": reports(result.reports),
+                      "devices": sharding.device_count()}
     if vision_result is not None:
         manifest_extra["vision_block_reports"] = reports(vision_result.reports)
     if result.model_pass is not None:

@@ -42,7 +42,8 @@ _ISA_FLAGS = {"sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512dq", "av
 
 
 def fingerprint() -> str:
-    """Machine + CPU model + instruction-set flags + core count + jax/jaxlib versions."""
+    """Machine + CPU model + instruction-set flags + core count + jax/jaxlib versions + the XLA
+    flags (code-generation settings such as ``--xla_cpu_use_fusion_emitters`` change float round-off)."""
     import jaxlib
 
     info: dict[str, str] = {}
@@ -55,7 +56,7 @@ def fingerprint() -> str:
     flags = sorted(set((info.get("flags") or info.get("Features") or "").split()) & _ISA_FLAGS)
     return " | ".join([platform.machine(), info.get("vendor_id", "?"), info.get("model name", "?"),
                        f"{os.cpu_count()} cpus", f"jax {jax.__version__}", f"jaxlib {jaxlib.__version__}",
-                       ",".join(flags)])
+                       ",".join(flags), f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}"])
 
 
 def _leaves(prefix: str, tree) -> dict[str, np.ndarray]:

@@ -43,7 +43,7 @@ cli = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(cli)
 
 # The same arguments for the default run and its resumed twin, so both share compiled programs.
-DEFAULT_ARGS = ["--samples", "4", "--epochs", "1"]
+DEFAULT_ARGS = ["--samples", "2", "--epochs", "1"]
 METHODS = ("rtn", "smoothquant", "flatquant", "splitq")
 
 
@@ -173,7 +173,7 @@ def test_default_run_offline_checkpoint_loads_and_matches_fake_quant(default_run
     assert manifest["method"] == "splitq" and manifest["bits"] == "w4a4"
     assert manifest["method_config"]["epochs"] == 1
     assert manifest["model"]["name"] == qz.EMBEDDED_DEFAULT and manifest["model"]["family"] == "qwen2_5_vl"
-    assert manifest["data"]["samples"] == 4 and manifest["data"]["source"] == "default"
+    assert manifest["data"]["samples"] == int(DEFAULT_ARGS[1]) and manifest["data"]["source"] == "default"
     blocks = manifest["blocks"]
     assert [b["index"] for b in blocks] == list(range(handle.model.config.text.num_layers))
     for b in blocks:
@@ -417,7 +417,7 @@ def _write_png(path: Path) -> None:
     Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(path)
 
 
-@pytest.mark.parametrize("case", ["empty", "malformed", "missing-image", "undecodable-image"])
+@pytest.mark.parametrize("case", ["empty", "malformed", "missing-image", "undecodable-image", "over-long"])
 def test_bad_calibration_data_fails_cleanly(case, cached_model, tmp_path, capsys):
     data = tmp_path / "calib.jsonl"
     _write_png(tmp_path / "ok.png")
@@ -431,13 +431,18 @@ def test_bad_calibration_data_fails_cleanly(case, cached_model, tmp_path, capsys
     elif case == "missing-image":
         data.write_text(good + "\n" + json.dumps({"image": "nope.png", "prompt": "What?"}) + "\n")
         message = f"{data}:2: image {str(tmp_path / 'nope.png')!r} does not exist"
+    elif case == "over-long":  # ~20k tokens; tests/test_reliability.py runs it under a memory cap (slow)
+        data.write_text(good + "\n" + json.dumps({"image": "ok.png", "prompt": "word " * 20000 + "?"}) + "\n")
+        message = f"{data}:2: the sample is "
     else:
         (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
         data.write_text(good + "\n" + json.dumps({"image": "bad.png", "prompt": "What?"}) + "\n")
         message = f"{data}:2: cannot decode image file"
     before = tree_snapshot(tmp_path)
-    rc, err = run_cli(["--calib-data", data, "--samples", "1", "--out", tmp_path / "ckpt"], capsys)
+    rc, err = run_cli(["--calib-data", data, "--samples", "2", "--out", tmp_path / "ckpt"], capsys)
     assert rc == 2 and message in err, err
+    if case == "over-long":
+        assert "more than the 2048-token limit" in err and "--max-tokens" in err
     assert tree_snapshot(tmp_path) == before
 
 
@@ -473,7 +478,9 @@ def test_resume_without_interrupted_run_fails_cleanly(cached_model, tmp_path, ca
 # ------------------------------------------------------------------------------- vision tower
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", pytest.param("llava", marks=pytest.mark.slow)])
+# ~20 s each: the tower's calibration through quantize_model is also run by
+# test_quantized_block_inputs_start_from_the_quantized_tower (Qwen) and test_small_vlm (DINOv2)
+@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.slow) for f in ("qwen2_5_vl", "llava")])
 def test_quantize_vision_checkpoint(tiny, family, tmp_path):
     """--quantize-vision: vision blocks calibrated (W3A3 here while the LLM is W4A4), exported
     without the tower's fp blocks, reloaded bit-identically; the integer vision tower matches the

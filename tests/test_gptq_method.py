@@ -137,6 +137,8 @@ def test_bad_settings_name_the_fix():
     assert methods.get_config("gptq", "w3a16").w_group_size == 128  # 2/3-bit weight-only: groups of 128
 
 
+# ~17 s; test_export_hf's gptq w3a16 case runs a GPTQ checkpoint in the runtime against transformers
+@pytest.mark.slow
 def test_weight_only_checkpoint_runs_in_the_runtime(tiny, tmp_path):  # noqa: F811
     """The whole-model run: a GPTQ W4A16 checkpoint of the tiny Qwen2.5-VL, vision tower included
     (its quantized output is what the language blocks calibrate on: GPTQ's quantized block inputs),

@@ -619,7 +619,9 @@ def test_kmeans_starts_threaded_through_selection(small_data):
     r = np.random.default_rng(8).random((6, 200)).astype(np.float32)
     for s in (1, 3):
         u = np.asarray(mocd.rank_instability(r, 3, kmeans_starts=s))
-        np.testing.assert_array_equal(u, np.asarray(mocd.kmeans_1d(r, 3, n_init=s)[2]) / np.float32(200))
+        # the instability is the inertia over the token count: equal up to the division's round-off
+        # (whether XLA fuses that division into the program changes the last bit)
+        np.testing.assert_allclose(u, np.asarray(mocd.kmeans_1d(r, 3, n_init=s)[2]) / np.float32(200), rtol=1e-6)
     x, mod = small_data
     split = mocd.select_channels(x, mod, k_t=4, k_v=3, kmeans_starts=1)
     assert split.text.size == 4

@@ -274,6 +274,7 @@ def _run_limited(argv: list[str], limit_gb: float) -> subprocess.CompletedProces
                           timeout=600)
 
 
+@pytest.mark.slow  # ~20 s: two capped CLI processes; test_cli's over-long bad-data case is the fast twin
 def test_over_long_sample_is_refused_under_a_memory_limit(tmp_path):
     """A 100,000-character prompt (~20k tokens) under a 6 GB address-space cap: by default the
     sample is refused by its file and line; with the cap raised past it (--max-tokens), the memory

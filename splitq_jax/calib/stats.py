@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from splitq_jax import sharding
 from splitq_jax.block import BlockConfig, fp_block
 from splitq_jax.calib import collectors as col
 from splitq_jax.modality import PAD, VISION, text_mask
@@ -84,14 +85,16 @@ def collect_group_stats(block_params: Tree, data, bcfg: BlockConfig, wanted: dic
     from splitq_jax.methods.splitq import mocd
 
     split = split or {}
-    weight = token_weight(data)
     moc: dict[str, Any] = {}
     accs: dict[str, col.Accumulator] = {}
+    # On a data mesh each batch is split over the devices (masked padding samples carry weight 0
+    # and modality pad, so they count nowhere); the collectors' reductions are then global.
+    block_params = sharding.replicate(block_params)
     for i in range(0, data.x.shape[0], batch_size):
-        sl = slice(i, i + batch_size)
-        cap = group_inputs_jit(bcfg)(block_params, data.x[sl], data.cos[sl], data.sin[sl], data.mask[sl])
-        modality = jnp.asarray(data.modality[sl]).reshape(-1)
-        w = weight[sl].reshape(-1)
+        b = sharding.shard_batch(data.batch(i, batch_size))
+        cap = group_inputs_jit(bcfg)(block_params, b.x, b.cos, b.sin, b.mask)
+        modality = jnp.asarray(b.modality).reshape(-1)
+        w = token_weight(b).reshape(-1)
         for g in bcfg.groups:
             x = cap[g].reshape(-1, cap[g].shape[-1])
             if wanted.get(g):

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from splitq_jax import calibrate as cal
+from splitq_jax import sharding
 from splitq_jax.calib import collectors as col
 from splitq_jax.calib.stats import token_weight
 from splitq_jax.config import MethodConfig
@@ -83,20 +84,19 @@ def solve_block(result: cal.CalibResult, data: cal.BlockData, cfg: MethodConfig,
     specs = {g: sl.prequant_weights(qparams[g], qconsts[g], cfg, bits) for g in qparams}
     mains = {g: {n: sl.fake_quant_weights({"m": s["main"]}, cfg)["m"] for n, s in specs[g].items()} for g in specs}
     capture = _capture_jit(cfg, bcfg)
-    weight = token_weight(data)
     order = tuple(g for g in bcfg.groups if g in qparams)
     rounds = [(g,) for g in order] if gcfg.true_sequential else [order]
     solved: dict[str, dict[str, solver.Solution]] = {}
     for groups in rounds:
         accs: dict[str, col.Accumulator] = {}
         for i in range(0, data.x.shape[0], gcfg.batch_size):
-            b = data.batch(i, gcfg.batch_size)
+            b = sharding.shard_batch(data.batch(i, gcfg.batch_size))
             seen, _ = capture(qparams, qconsts, mains, b.x, b.cos, b.sin, b.mask, b.modality)
             modality = jnp.asarray(b.modality).reshape(-1)
             for g in groups:
                 xq = seen[g].reshape(-1, seen[g].shape[-1])
                 accs.setdefault(g, col.Accumulator(("hessian",), int(xq.shape[-1])))
-                accs[g].update(col.Tokens(xq, modality, weight[i:i + gcfg.batch_size].reshape(-1)))
+                accs[g].update(col.Tokens(xq, modality, token_weight(b).reshape(-1)))
         for g in groups:
             h = jnp.asarray(accs[g].results()["hessian"].matrix)
             solved[g] = {}
@@ -112,7 +112,7 @@ def solve_block(result: cal.CalibResult, data: cal.BlockData, cfg: MethodConfig,
                 mains[g][name] = sol.weight.astype(jnp.float32)
     num = den = 0.0
     for i in range(0, data.x.shape[0], gcfg.batch_size):
-        b = data.batch(i, gcfg.batch_size)
+        b = sharding.shard_batch(data.batch(i, gcfg.batch_size))
         _, y = capture(qparams, qconsts, mains, b.x, b.cos, b.sin, b.mask, b.modality)
         num += float(_weighted_sum(y, b, cfg))
         den += float(jnp.sum(cal.token_weights(b.modality, cfg, b.weight)))
