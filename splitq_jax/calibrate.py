@@ -336,6 +336,10 @@ def fit_block(
     """
     cfg = as_engine(cfg)
     check_inputs(data.x, bcfg)
+    if sharding.current_mesh() is not None:
+        # Data parallel: the block's calibration cache stays in host memory and every batch is
+        # streamed to the devices split over them, so a device holds one batch, not the cache.
+        data = jax.device_get(data)
     key = jax.random.PRNGKey(cfg.seed) if key is None else key
     if stats is None:
         stats = collect_stats(block_params, data, cfg, bcfg, batch_size=cfg.batch_size)
