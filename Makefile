@@ -19,12 +19,13 @@ $(STAMP): pyproject.toml
 # process and CLI subprocess would recompile jax, flax and torch from source (~2 s each, measured).
 RUN := env -u PYTHONDONTWRITEBYTECODE HF_HUB_OFFLINE=1
 
-# Two worker processes, whole test modules each (compile-bound tests scale with processes, not threads).
+# Two worker processes, whole test modules each (compile-bound tests scale with processes, not threads),
+# in the order tests/conftest.py gives (longest first), not xdist's order by number of tests.
 # TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
-	$(RUN) $(BIN)/python -m pytest -q -m "not slow" --durations=15 -n $(TEST_WORKERS) --dist loadfile
+	$(RUN) $(BIN)/python -m pytest -q -m "not slow" --durations=15 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-slow: $(STAMP)
 	$(RUN) $(BIN)/python -m pytest -q -m slow

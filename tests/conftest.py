@@ -51,14 +51,17 @@ def _release_compiled_programs():
 
 
 # Test modules that take longest on a fresh clone (cold compilation cache), longest first; measured
-# with `--durations=0`; rerun that and update the list when a module grows. Workers take
-# whole modules in collection order (`--dist loadfile`), so starting with the longest keeps both
-# busy to the end; alphabetical order left the heavy test_vision_quant / test_weight_solver for
-# last, one worker running them alone for over a minute.
+# with `--durations=0`; rerun that and update the list when a module grows. Workers take whole
+# modules in collection order (`--dist loadfile --no-loadscope-reorder` in the Makefile: by default
+# pytest-xdist >= 3.6 orders modules by their number of tests instead, which left heavy modules with
+# few tests, test_cli and test_text_only, for the end and one worker running them alone).
 _LONGEST_FIRST = (
-    "test_cli.py", "test_small_vlm.py", "test_reliability.py", "test_weight_solver.py", "test_mocd.py",
-    "test_export_hf.py", "test_calibrate.py", "test_runtime.py", "test_evaluate.py", "test_act_pack.py",
-    "test_text_only.py", "test_gptq_method.py", "test_block_parallel.py", "test_vision_quant.py", "test_pipeline.py",
+    "test_cli.py", "test_mocd.py", "test_calibrate.py", "test_runtime.py", "test_text_only.py", "test_sharding.py",
+    "test_small_vlm.py", "test_gptq_method.py", "test_evaluate.py", "test_reliability.py", "test_weight_solver.py",
+    "test_export_hf.py", "test_vision_quant.py", "test_gradient_methods.py", "test_quant.py", "test_act_pack.py",
+    "test_pipeline.py", "test_packed_acts.py", "test_awq.py", "test_gptq_solver.py", "test_export.py",
+    "test_split_gemm.py", "test_qwen2_5_vl.py", "test_llava.py", "test_analysis.py", "test_convert_script.py",
+    "test_transforms.py",
 )
 
 
