@@ -78,7 +78,8 @@ def fit_case(method: str, params, data, counts=(4, 3)) -> dict:
             "epoch_losses_rel": max(abs(a - b) / abs(b) for a, b in zip(r.epoch_losses, one.epoch_losses)),
             "params_rel": rel(r.qparams, one.qparams),
             "trained": one.final_loss < one.init_loss,
-            "sharded_batches": n > 1,
+            # the learned state came out of steps that ran on the n-device mesh
+            "state_devices": len(jax.tree_util.tree_leaves(r.qparams)[0].sharding.device_set),
         }
     out["split_nonempty"] = any(len(t) + len(v) for t, v in split_of(one.stats).values())
     return out

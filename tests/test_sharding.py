@@ -55,7 +55,7 @@ def _check(result: dict) -> None:
         for n, r in runs.items():
             if n == "split_nonempty":
                 continue
-            assert r["sharded_batches"] and r["trained"] and r["same_split"], (method, n)
+            assert r["state_devices"] == int(n) and r["trained"] and r["same_split"], (method, n)
             for k in ("init_loss_rel", "final_loss_rel", "epoch_losses_rel", "params_rel"):
                 assert r[k] < 1e-5, (method, n, k, r[k])
     if "splitq" in result["fit"]:
