@@ -143,6 +143,25 @@ def grad_case(method: str, params, data) -> dict:
     }
 
 
+def hessian_case(method: str, params, data) -> dict:
+    """A Hessian method's block (statistics, column solve, losses) on 1 device vs 4."""
+    from splitq_jax import methods
+
+    m, cfg = methods.get_method(method), methods.get_config(method, "w4a8", batch_size=4)
+    with sharding.data_parallel(1):
+        one = m.calibrate_block(params, data, cfg, BCFG)
+    with sharding.data_parallel(4):
+        four = m.calibrate_block(params, data, cfg, BCFG)
+    w1 = [np.asarray(s.weight) for g in sorted(one.qparams) for _, s in sorted(one.qparams[g].items())]
+    w4 = [np.asarray(s.weight) for g in sorted(four.qparams) for _, s in sorted(four.qparams[g].items())]
+    same = sum(int(np.sum(a == b)) for a, b in zip(w1, w4)) / sum(a.size for a in w1)
+    return {"init_loss_rel": abs(four.init_loss - one.init_loss) / abs(one.init_loss),
+            "final_loss_rel": abs(four.final_loss - one.final_loss) / abs(one.final_loss),
+            # a Hessian that differs in its last bits may flip a rounding decision here and there
+            "weights_identical_fraction": same,
+            "weights_rel": rel(w4, w1)}
+
+
 def main(out_path: str, full: bool) -> None:
     """``full``: every case (slow); else the gradient, a subset of the statistics pairs and
     flatquant's fit on 4 devices (the fast suite's share)."""
@@ -152,7 +171,8 @@ def main(out_path: str, full: bool) -> None:
     cases = {"grad": lambda: {m: grad_case(m, params, data) for m in (("flatquant", "splitq") if full else ("flatquant",))},
              "stats": lambda: stats_case(params, data) if full else stats_case(params, data, ((1, 4), (4, 4), (3, 4))),
              "fit": lambda: ({m: fit_case(m, params, data) for m in ("flatquant", "splitq")} if full
-                             else {"flatquant": fit_case("flatquant", params, data, counts=(4,))})}
+                             else {"flatquant": fit_case("flatquant", params, data, counts=(4,))}),
+             "hessian": lambda: {m: hessian_case(m, params, data) for m in (("gptq", "gptaq") if full else ("gptq",))}}
     for name, run in cases.items():
         t0 = time.time()
         result[name] = run()

@@ -58,12 +58,15 @@ def _check(result: dict) -> None:
             assert r["state_devices"] == int(n) and r["trained"] and r["same_split"], (method, n)
             for k in ("init_loss_rel", "final_loss_rel", "epoch_losses_rel", "params_rel"):
                 assert r[k] < 1e-5, (method, n, k, r[k])
+    for method, h in result["hessian"].items():  # GPTQ-family statistics and solve
+        assert h["init_loss_rel"] < 1e-5 and h["final_loss_rel"] < 1e-4, (method, h)
+        assert h["weights_identical_fraction"] > 0.999, (method, h)
     if "splitq" in result["fit"]:
         assert result["fit"]["splitq"]["split_nonempty"]  # MOCD chose outlier channels to agree on
 
 
 def test_four_devices_match_one(tmp_path):
-    """FlatQuant's step gradient, statistics, and a flatquant block fit: 4 devices = 1."""
+    """FlatQuant's step gradient, statistics, a flatquant block fit and a GPTQ block: 4 devices = 1."""
     _check(_run_check(tmp_path, full=False))
 
 
@@ -72,6 +75,7 @@ def test_four_devices_match_one_every_case(tmp_path):
     result = _run_check(tmp_path, full=True)
     _check(result)
     assert set(result["fit"]) == set(result["grad"]) == {"flatquant", "splitq"}
+    assert set(result["hessian"]) == {"gptq", "gptaq"}
     assert set(result["fit"]["splitq"]) >= {"3", "4"}
 
 

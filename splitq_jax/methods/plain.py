@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from splitq_jax import sharding
 from splitq_jax.calib.stats import token_weight
 from splitq_jax.packing import pack_quantized
 from splitq_jax.quant import QParams, fake_quant
@@ -58,14 +59,15 @@ def block_loss(params: Tree, qweights: Tree, data: Any, cfg: Any, bcfg: Any) -> 
     place, over ``data``'s samples in batches of ``cfg.batch_size`` (activations quantized at
     ``cfg.a_bits`` in the quantized groups)."""
     run = capture_jit(bcfg, cfg.a_bits, cfg.a_symmetric)
-    weight = token_weight(data)
+    params, qweights = sharding.replicate((params, qweights))
     num = den = 0.0
     for i in range(0, data.x.shape[0], cfg.batch_size):
-        sl = slice(i, i + cfg.batch_size)
-        _, y = run(params, qweights, data.x[sl], data.cos[sl], data.sin[sl], data.mask[sl])
-        err = jnp.mean(jnp.square(y.astype(jnp.float32) - data.y[sl].astype(jnp.float32)), axis=-1)
-        num += float(jnp.sum(err * weight[sl]))
-        den += float(jnp.sum(weight[sl]))
+        b = sharding.shard_batch(data.batch(i, cfg.batch_size))  # split over the devices, if any
+        _, y = run(params, qweights, b.x, b.cos, b.sin, b.mask)
+        err = jnp.mean(jnp.square(y.astype(jnp.float32) - b.y.astype(jnp.float32)), axis=-1)
+        w = token_weight(b)
+        num += float(jnp.sum(err * w))
+        den += float(jnp.sum(w))
     return num / max(den, 1e-12)
 
 

@@ -36,6 +36,7 @@ import numpy as np
 
 from splitq_jax import calibrate as cal
 from splitq_jax.calib import collectors as col
+from splitq_jax import sharding
 from splitq_jax.calib.stats import token_weight
 from splitq_jax.methods import plain
 from splitq_jax.methods.base import Method
@@ -54,17 +55,17 @@ def _statistics(params: Tree, data: cal.BlockData, cfg: GptqConfig, bcfg: Any, q
     names = ("hessian",) + (("modality_diag",) if isinstance(cfg, VlmPtqConfig) else ())
     capture_q = plain.capture_jit(bcfg, cfg.a_bits, cfg.a_symmetric)
     capture_fp = plain.capture_jit(bcfg, None, True)
-    weight = token_weight(data)
-    x_fp_all = data.x if data.x_fp is None else data.x_fp
+    # on a data mesh each batch is split over the devices; the collectors' sums are then global
+    params, qweights = sharding.replicate((params, qweights))
     accs: dict[str, col.Accumulator] = {}
     cross: dict[str, col.Accumulator] = {}
     for i in range(0, data.x.shape[0], cfg.batch_size):
-        sl = slice(i, i + cfg.batch_size)
-        args = (data.cos[sl], data.sin[sl], data.mask[sl])
-        seen_q, _ = capture_q(params, qweights, data.x[sl], *args)
-        seen_fp = capture_fp(params, {}, x_fp_all[sl], *args)[0] if paired else None
-        modality = jnp.asarray(data.modality[sl]).reshape(-1)
-        w = weight[sl].reshape(-1)
+        b = sharding.shard_batch(data.batch(i, cfg.batch_size))
+        args = (b.cos, b.sin, b.mask)
+        seen_q, _ = capture_q(params, qweights, b.x, *args)
+        seen_fp = capture_fp(params, {}, b.x if b.x_fp is None else b.x_fp, *args)[0] if paired else None
+        modality = jnp.asarray(b.modality).reshape(-1)
+        w = token_weight(b).reshape(-1)
         for g in groups:
             xq = seen_q[g].reshape(-1, seen_q[g].shape[-1])
             if g not in accs:
