@@ -284,8 +284,8 @@ def evaluate(qparams: Tree, qconsts: Tree, data: BlockData, cfg: MethodConfig, b
     """Token-weighted block MSE over all of ``data`` (the reported block loss)."""
     sums = _eval_sums(cfg, bcfg, quantize)
     num = den = 0.0
-    for i in range(0, data.x.shape[0], batch_size):
-        n_, d_ = sums(qparams, qconsts, sharding.shard_batch(data.batch(i, batch_size)))
+    for b in sharding.batches(data, batch_size):
+        n_, d_ = sums(qparams, qconsts, b)
         num, den = num + float(n_), den + float(d_)
     return num / max(den, 1e-12)
 

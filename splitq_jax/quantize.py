@@ -266,7 +266,7 @@ def quantize_model(
     from splitq_jax.errors import SplitqError
     from splitq_jax.preflight import nearest_existing
 
-    mesh = sharding.data_mesh(devices) if not isinstance(devices, sharding.Mesh) else devices
+    mesh = sharding.data_mesh(devices)  # an impossible device count fails before anything is written
     cfg = run_config(cfg)
     record = _run_record(handle, cfg, data_record, vision)
     existing = nearest_existing(Path(out_dir).parent)

@@ -41,12 +41,15 @@ class DeviceError(SplitqError):
     """A device request that the machine cannot serve (more devices than present, fewer than 1)."""
 
 
-def data_mesh(devices: int | Sequence[jax.Device] | None = None) -> Mesh:
-    """A 1-D ``("data",)`` mesh over the first ``devices`` devices (``None``: all of them).
+def data_mesh(devices: int | Mesh | Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D ``("data",)`` mesh over the first ``devices`` devices (``None``: all of them; a mesh
+    is returned as it is).
 
     Raises:
       DeviceError: ``devices`` < 1 or more than ``jax.device_count()``.
     """
+    if isinstance(devices, Mesh):
+        return devices
     present = jax.devices()
     if devices is None:
         chosen = list(present)
@@ -67,7 +70,7 @@ def data_mesh(devices: int | Sequence[jax.Device] | None = None) -> Mesh:
 @contextlib.contextmanager
 def data_parallel(devices: int | Mesh | Sequence[jax.Device] | None = None) -> Iterator[Mesh]:
     """Run the engine's batches on ``devices`` (a count, a mesh, devices, or ``None`` for all)."""
-    mesh = devices if isinstance(devices, Mesh) else data_mesh(devices)
+    mesh = data_mesh(devices)
     token = _MESH.set(mesh if mesh.size > 1 else None)
     try:
         yield mesh
@@ -122,6 +125,13 @@ def shard_batch(batch: Any) -> Any:
     return type(batch)(*(None if a is None else jax.device_put(a, spec) for a in batch))
 
 
+def batches(data: Any, size: int) -> Iterator[Any]:
+    """``data``'s consecutive batches of ``size`` samples (``data.batch(start, size)``, the last one
+    possibly shorter), each through :func:`shard_batch`."""
+    for start in range(0, data.x.shape[0], size):
+        yield shard_batch(data.batch(start, size))
+
+
 def replicate(tree: Any) -> Any:
     """Every array of ``tree`` on every device of the active mesh (unchanged without one)."""
     mesh = _MESH.get()
@@ -131,4 +141,4 @@ def replicate(tree: Any) -> Any:
 
 
 __all__ = ["AXIS", "DeviceError", "data_mesh", "data_parallel", "current_mesh", "device_count", "shard_batch",
-           "replicate"]
+           "batches", "replicate"]

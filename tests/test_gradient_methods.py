@@ -124,7 +124,7 @@ def test_whole_model_run_records_ratios_and_resumes_the_pass(tiny, tmp_path, mon
     with pytest.raises(RuntimeError, match="injected failure"):
         qz.quantize_model(handle, stream, cfg, tmp_path / "ckpt", data_record={"source": "synthetic"},
                           fail_after_block=0)
-    assert (tmp_path / "ckpt.work" / mbq.GRADIENTS_FILE).exists()
+    assert (tmp_path / "ckpt.work" / gr.GRADIENTS_FILE).exists()
 
     def refuse(*a, **kw):
         raise AssertionError("the resumed run recomputed the gradient pass")

@@ -124,12 +124,14 @@ def test_device_count_errors(n, message):
         sharding.data_mesh(n)
 
 
-def test_cli_refuses_more_devices_than_present(tmp_path):
+@pytest.mark.parametrize("extra,message", [(1, "only 1"), (None, "at least 1")])
+def test_cli_refuses_a_device_count_it_cannot_serve(tmp_path, capsys, extra, message):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("calibrate_cli_sharding", ROOT / "scripts" / "calibrate.py")
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     out = tmp_path / "ckpt"
-    rc = cli.main(["--devices", str(jax.device_count() + 1), "--out", str(out)])
-    assert rc == 2 and list(tmp_path.iterdir()) == []
+    n = 0 if extra is None else jax.device_count() + extra
+    rc = cli.main(["--devices", str(n), "--out", str(out)])
+    assert rc == 2 and message in capsys.readouterr().err and list(tmp_path.iterdir()) == []

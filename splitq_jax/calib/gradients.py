@@ -251,5 +251,5 @@ def token_importance(result: GradientResult) -> np.ndarray:
     return result.magnitudes.mean(axis=2)
 
 
-__all__ = ["DEFAULT_TAPS", "GRADIENTS_FILE", "cached_gradient_pass", "GradientResult", "answer_mask", "gradient_pass", "layer_ratios", "modality_ratios",
-           "token_importance"]
+__all__ = ["DEFAULT_TAPS", "GRADIENTS_FILE", "GradientResult", "answer_mask", "cached_gradient_pass", "gradient_pass",
+           "layer_ratios", "modality_ratios", "token_importance"]

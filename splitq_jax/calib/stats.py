@@ -90,8 +90,7 @@ def collect_group_stats(block_params: Tree, data, bcfg: BlockConfig, wanted: dic
     # On a data mesh each batch is split over the devices (masked padding samples carry weight 0
     # and modality pad, so they count nowhere); the collectors' reductions are then global.
     block_params = sharding.replicate(block_params)
-    for i in range(0, data.x.shape[0], batch_size):
-        b = sharding.shard_batch(data.batch(i, batch_size))
+    for b in sharding.batches(data, batch_size):
         cap = group_inputs_jit(bcfg)(block_params, b.x, b.cos, b.sin, b.mask)
         modality = jnp.asarray(b.modality).reshape(-1)
         w = token_weight(b).reshape(-1)

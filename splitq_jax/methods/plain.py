@@ -61,8 +61,7 @@ def block_loss(params: Tree, qweights: Tree, data: Any, cfg: Any, bcfg: Any) -> 
     run = capture_jit(bcfg, cfg.a_bits, cfg.a_symmetric)
     params, qweights = sharding.replicate((params, qweights))
     num = den = 0.0
-    for i in range(0, data.x.shape[0], cfg.batch_size):
-        b = sharding.shard_batch(data.batch(i, cfg.batch_size))  # split over the devices, if any
+    for b in sharding.batches(data, cfg.batch_size):  # split over the devices, if any
         _, y = run(params, qweights, b.x, b.cos, b.sin, b.mask)
         err = jnp.mean(jnp.square(y.astype(jnp.float32) - b.y.astype(jnp.float32)), axis=-1)
         w = token_weight(b)

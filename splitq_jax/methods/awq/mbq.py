@@ -36,7 +36,6 @@ from splitq_jax.methods.base import ModelPass
 from splitq_jax.modality import VISION
 
 ATTENTION_GROUPS = ("attn_in", "attn_out")
-GRADIENTS_FILE = gr.GRADIENTS_FILE
 
 
 @dataclass(frozen=True)
@@ -71,4 +70,4 @@ class BalancedScaleMethod(ScaleSearchMethod):
 MBQ = BalancedScaleMethod("mbq", MbqConfig, "AWQ's scale search weighted by modality from whole-model gradients",
                           default_bits="w3a16")
 
-__all__ = ["BalancedScaleMethod", "GRADIENTS_FILE", "MBQ"]
+__all__ = ["BalancedScaleMethod", "MBQ"]

@@ -89,8 +89,7 @@ def solve_block(result: cal.CalibResult, data: cal.BlockData, cfg: MethodConfig,
     solved: dict[str, dict[str, solver.Solution]] = {}
     for groups in rounds:
         accs: dict[str, col.Accumulator] = {}
-        for i in range(0, data.x.shape[0], gcfg.batch_size):
-            b = sharding.shard_batch(data.batch(i, gcfg.batch_size))
+        for b in sharding.batches(data, gcfg.batch_size):
             seen, _ = capture(qparams, qconsts, mains, b.x, b.cos, b.sin, b.mask, b.modality)
             modality = jnp.asarray(b.modality).reshape(-1)
             for g in groups:
@@ -111,8 +110,7 @@ def solve_block(result: cal.CalibResult, data: cal.BlockData, cfg: MethodConfig,
                 solved[g][name] = sol
                 mains[g][name] = sol.weight.astype(jnp.float32)
     num = den = 0.0
-    for i in range(0, data.x.shape[0], gcfg.batch_size):
-        b = sharding.shard_batch(data.batch(i, gcfg.batch_size))
+    for b in sharding.batches(data, gcfg.batch_size):
         _, y = capture(qparams, qconsts, mains, b.x, b.cos, b.sin, b.mask, b.modality)
         num += float(_weighted_sum(y, b, cfg))
         den += float(jnp.sum(cal.token_weights(b.modality, cfg, b.weight)))

@@ -59,8 +59,7 @@ def _statistics(params: Tree, data: cal.BlockData, cfg: GptqConfig, bcfg: Any, q
     params, qweights = sharding.replicate((params, qweights))
     accs: dict[str, col.Accumulator] = {}
     cross: dict[str, col.Accumulator] = {}
-    for i in range(0, data.x.shape[0], cfg.batch_size):
-        b = sharding.shard_batch(data.batch(i, cfg.batch_size))
+    for b in sharding.batches(data, cfg.batch_size):
         args = (b.cos, b.sin, b.mask)
         seen_q, _ = capture_q(params, qweights, b.x, *args)
         seen_fp = capture_fp(params, {}, b.x if b.x_fp is None else b.x_fp, *args)[0] if paired else None
